@@ -1,0 +1,203 @@
+"""SGD-G and Adam-G as complete optimizers: manifold leaves on G(1, n), the rest Nesterov SGD."""
+
+from typing import Any
+
+import jax
+import optax
+from jax.typing import ArrayLike
+
+from grassmann_optax._src import fused
+from grassmann_optax._src import labels as labels_lib
+
+
+def euclidean_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: ArrayLike = 0.9,
+  nesterov: bool = True,
+  weight_decay: ArrayLike | None = 5e-4,
+  weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+  """Coupled L2 decay then (Nesterov) momentum SGD: the Euclidean branch of SPEC §6 (N1-N3).
+
+  The decay ``λθ`` is added to the gradient before the momentum, as in both originals. By
+  default it applies to leaves with ``ndim >= 2`` (kernels), never to biases or BatchNorm
+  parameters, as in the paper's recipes.
+  """
+  if weight_decay_mask is None:
+    weight_decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  decay = (
+    optax.identity()
+    if weight_decay is None or (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    else optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
+  )
+  return optax.chain(decay, optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+
+
+def grassmann_partition(
+  grassmann: optax.GradientTransformation,
+  euclidean: optax.GradientTransformation,
+  param_labels: labels_lib.ParamLabels | None,
+) -> optax.GradientTransformation:
+  """``optax.partition`` over ``'grassmann'``/``'euclidean'`` labels, checked on init.
+
+  ``init`` raises a ValueError naming the leaf when the labels do not match the params, use an
+  unknown label, or put on the manifold a leaf with fan-in not larger than its outputs.
+  """
+  label_fn = lambda params: labels_lib.resolve_labels(params, param_labels)
+  inner = optax.partition(
+    {labels_lib.GRASSMANN: grassmann, labels_lib.EUCLIDEAN: euclidean}, label_fn
+  )
+
+  def init_fn(params):
+    labels_lib.check_labels(params, label_fn(params))
+    return inner.init(params)
+
+  return optax.GradientTransformation(init_fn, inner.update)
+
+
+def sgdg(
+  learning_rate: optax.ScalarOrSchedule,
+  grassmann_learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: ArrayLike = 0.9,
+  nesterov: bool = True,
+  grad_clip: ArrayLike | None = 0.1,
+  omega: ArrayLike = 0.1,
+  weight_decay: ArrayLike | None = 5e-4,
+  weight_decay_mask: Any = None,
+  param_labels: labels_lib.ParamLabels | None = None,
+) -> optax.GradientTransformation:
+  r"""SGD-G: Riemannian momentum SGD on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
+
+  For every column ``w`` of a manifold leaf, with ``y = unit(w)`` (SPEC S1-S7, Algorithm 1):
+
+  .. math::
+    h &= \mathrm{proj}_y(g + 2\omega(YY^\top Y - Y)), \quad \hat h = \mathrm{clip}(h, \nu), \\
+    b &\leftarrow \gamma\,\mathrm{pt}(b) + \hat h, \quad
+    w \leftarrow \exp_y(-\eta_G\, b).
+
+  All other leaves: ``θ ← θ − η (δ + γ b)``, ``b ← γ b + δ``, ``δ = g + λθ`` with ``λ`` only on
+  kernels (SPEC N1-N3). The manifold step is one fused update, equal to the chain
+  ``add_orthogonality_gradient → project_to_tangent → grassmann_clip → grassmann_momentum →
+  scale_by_learning_rate → exp_map_update``.
+
+  Args:
+    learning_rate: η for the Euclidean leaves (0.01 in the paper's CIFAR recipe), or a schedule.
+    grassmann_learning_rate: η_G for the manifold leaves (0.2), or a schedule.
+    momentum: γ for both parts (0.9).
+    nesterov: Nesterov momentum for the Euclidean leaves (True in the paper).
+    grad_clip: ν, the per-column clipping threshold (0.1), or ``None``.
+    omega: ω, the orthogonality strength (0.1); 0 skips the term.
+    weight_decay: coupled L2 λ for the Euclidean kernels (5e-4); never on manifold leaves.
+    weight_decay_mask: which Euclidean leaves get decay, as in :func:`optax.add_decayed_weights`;
+      default: leaves with ``ndim >= 2``.
+    param_labels: label tree or callable ``params -> labels``; default :func:`grassmann_labels`.
+      Under :func:`optax.inject_hyperparams`, name a callable in ``static_args``.
+
+  Returns:
+    An :class:`optax.GradientTransformation`; its ``update`` needs ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> params = {'conv': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8)),
+    ...           'bias': jnp.zeros(8)}
+    >>> tx = go.sgdg(0.01, 0.2)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  """
+  return grassmann_partition(
+    fused.sgdg_manifold_update(
+      grassmann_learning_rate, momentum=momentum, grad_clip=grad_clip, omega=omega
+    ),
+    euclidean_sgd(
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask,
+    ),
+    param_labels,
+  )
+
+
+def adamg(
+  learning_rate: optax.ScalarOrSchedule,
+  grassmann_learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: ArrayLike = 0.9,
+  b2: ArrayLike = 0.99,
+  eps: ArrayLike = 1e-8,
+  momentum: ArrayLike = 0.9,
+  nesterov: bool = True,
+  grad_clip: ArrayLike | None = 0.1,
+  omega: ArrayLike = 0.1,
+  weight_decay: ArrayLike | None = 5e-4,
+  weight_decay_mask: Any = None,
+  param_labels: labels_lib.ParamLabels | None = None,
+) -> optax.GradientTransformation:
+  r"""Adam-G: Riemannian Adam on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
+
+  For every column of a manifold leaf, with ``y = unit(w)`` and step ``t`` (SPEC A1-A11,
+  Algorithm 2):
+
+  .. math::
+    \hat h &= \mathrm{clip}(\mathrm{proj}_y(g + 2\omega(YY^\top Y - Y)), \nu), \\
+    m &\leftarrow \beta_1\,\mathrm{pt}(m) + (1-\beta_1)\hat h, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2)\lVert\hat h\rVert^2, \\
+    w &\leftarrow \exp_y\!\Big(-\eta_G \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+      \tfrac{m}{\sqrt{v+\epsilon}}\Big),
+
+  with one scalar ``v`` per column. The Euclidean leaves get Nesterov momentum SGD with coupled
+  decay, as in :func:`sgdg` (the paper uses Adam only on the manifold). The manifold step is one
+  fused update, equal to the chain ``add_orthogonality_gradient → project_to_tangent →
+  grassmann_clip → grassmann_adam_moments → scale_by_learning_rate → exp_map_update``.
+
+  Args:
+    learning_rate: η for the Euclidean leaves (0.01), or a schedule.
+    grassmann_learning_rate: η_G for the manifold leaves (0.05), or a schedule.
+    b1: β1 (the paper passes its momentum, 0.9).
+    b2: β2 (0.99).
+    eps: ε inside the square root (1e-8).
+    momentum: γ of the Euclidean Nesterov momentum (0.9).
+    nesterov: Nesterov momentum for the Euclidean leaves.
+    grad_clip: ν (0.1), or ``None``.
+    omega: ω (0.1); 0 skips the term.
+    weight_decay: coupled L2 λ for the Euclidean kernels (5e-4).
+    weight_decay_mask: which Euclidean leaves get decay; default: leaves with ``ndim >= 2``.
+    param_labels: label tree or callable ``params -> labels``; default :func:`grassmann_labels`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`; its ``update`` needs ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> params = {'conv': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8)),
+    ...           'bias': jnp.zeros(8)}
+    >>> tx = go.adamg(0.01, 0.05)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  """
+  return grassmann_partition(
+    fused.adamg_manifold_update(
+      grassmann_learning_rate, b1=b1, b2=b2, eps=eps, grad_clip=grad_clip, omega=omega
+    ),
+    euclidean_sgd(
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask,
+    ),
+    param_labels,
+  )

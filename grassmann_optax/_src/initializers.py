@@ -1,0 +1,40 @@
+"""Initialisation of manifold kernels (SPEC §1.2)."""
+
+import jax
+import jax.numpy as jnp
+
+from grassmann_optax._src import manifold
+
+
+def unit_initializer():
+  """A Flax initializer whose columns are random unit vectors.
+
+  Draws a truncated normal (−2, 2) of the full shape and divides each column of
+  ``reshape(-1, shape[-1])`` by ``‖column‖ + 1e-8``, as the original TensorFlow code's
+  ``unit_initializer`` does: each output unit starts at a uniformly random point of G(1, n).
+
+  Returns:
+    ``init(key, shape, dtype=jnp.float32) -> jax.Array``, usable as ``kernel_init`` of
+    ``flax.linen.Conv`` or ``flax.nnx.Conv``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, grassmann_optax as go
+    >>> w = go.unit_initializer()(jax.random.key(0), (3, 3, 16, 32))
+    >>> bool(jnp.allclose(jnp.linalg.norm(w.reshape(-1, 32), axis=0), 1.0, atol=1e-6))
+    True
+
+  References:
+    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  """
+
+  def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    shape = tuple(shape)
+    if len(shape) < 2:
+      raise ValueError(f'unit_initializer needs a shape with at least 2 axes; got {shape}.')
+    draw = jax.random.truncated_normal(
+      key, -2.0, 2.0, shape, manifold.compute_dtype(jnp.zeros((), dtype))
+    )
+    columns, _ = manifold.unit(draw)
+    return columns.astype(dtype)
+
+  return init
