@@ -29,6 +29,18 @@ def _flatten(tree):
   return jax.tree_util.tree_flatten_with_path(tree)
 
 
+def _unboxed_names(tree) -> list[str]:
+  """Leaf names with Flax NNX ``Variable`` boxes removed, so that labels taken from
+  ``nnx.state(model, nnx.Param)`` match the raw arrays that ``nnx.Optimizer`` passes on."""
+  try:
+    from flax import nnx
+  except ImportError:
+    return [checks.leaf_name(path) for path, _ in _flatten(tree)[0]]
+  is_box = lambda x: isinstance(x, nnx.Variable)
+  unboxed = jax.tree.map(lambda x: x.get_value() if is_box(x) else x, tree, is_leaf=is_box)
+  return [checks.leaf_name(path) for path, _ in _flatten(unboxed)[0]]
+
+
 def is_undercomplete_conv(path, leaf) -> bool:
   """The paper's rule (SPEC §1.1): a conv kernel whose fan-in exceeds its number of outputs.
 
@@ -141,15 +153,15 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
   """The label tree for ``params``: ``grassmann_labels``, a callable's result, or a given tree.
 
   A given tree may be a different container type with the same paths (``dict`` labels for
-  ``FrozenDict`` params); it is rebuilt in the structure of ``params``.
+  ``FrozenDict`` params, labels boxed in ``nnx.Param`` for raw arrays); it is rebuilt in the
+  structure of ``params``.
   """
   if param_labels is None:
     return grassmann_labels(params)
   labels = param_labels(params) if callable(param_labels) else param_labels
-  param_leaves, treedef = _flatten(params)
-  label_leaves, _ = _flatten(labels)
-  by_path = {checks.leaf_name(path): label for path, label in label_leaves}
-  names = [checks.leaf_name(path) for path, _ in param_leaves]
+  treedef = jax.tree.structure(params)
+  by_path = dict(zip(_unboxed_names(labels), jax.tree.leaves(labels), strict=True))
+  names = _unboxed_names(params)
   for name in names:
     if name not in by_path:
       raise ValueError(

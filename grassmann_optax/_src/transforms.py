@@ -21,10 +21,17 @@ from jax.typing import ArrayLike
 
 from grassmann_optax._src import checks, manifold
 
+# The message of optax's own transforms that need params (``optax._src.base.NO_PARAMS_MSG``,
+# no longer exported at the top level).
+NO_PARAMS_MSG = (
+  'You are using a transformation that requires the current value of parameters, but you are '
+  'not passing `params` when calling `update`.'
+)
+
 
 def _require_params(params):
   if params is None:
-    raise ValueError(optax.NO_PARAMS_MSG)
+    raise ValueError(NO_PARAMS_MSG)
 
 
 def _init_checked(name: str):

@@ -1,0 +1,206 @@
+"""Label trees, scale-invariance detection, the penalty and the initializer; bad input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.core import freeze
+
+import grassmann_optax as go
+from grassmann_optax._src.checks import leaf_name
+
+
+class SmallNet(nn.Module):
+  """conv_bn feeds a BatchNorm (scale-invariant); conv_plain and head do not."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(16, (3, 3), use_bias=False, name='conv_bn')(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=False, name='bn')(x))
+    x = nn.Conv(16, (3, 3), use_bias=False, name='conv_plain')(x)
+    x = nn.relu(x)
+    return nn.Dense(10, name='head')(x.mean((1, 2)))
+
+
+def small_net():
+  model = SmallNet()
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+  variables = model.init(jax.random.key(1), x)
+  return model, variables, x
+
+
+def test_grassmann_labels_follows_the_paper_rule():
+  params = {
+    'conv0': jnp.zeros((3, 3, 3, 16)),  # 27 > 16: manifold
+    'conv1': jnp.zeros((3, 3, 16, 160)),  # 144 <= 160: Euclidean
+    'conv2': jnp.zeros((3, 3, 160, 160)),  # manifold
+    'projection': jnp.zeros((1, 1, 16, 160)),  # Euclidean
+    'fc': jnp.zeros((640, 10)),  # dense kernels never
+    'bias': jnp.zeros(10),
+  }
+  assert go.grassmann_labels(params) == {
+    'conv0': 'grassmann',
+    'conv1': 'euclidean',
+    'conv2': 'grassmann',
+    'projection': 'euclidean',
+    'fc': 'euclidean',
+    'bias': 'euclidean',
+  }
+  custom = go.grassmann_labels(params, predicate=lambda path, leaf: leaf.ndim == 2)
+  assert custom['fc'] == 'grassmann' and custom['conv0'] == 'euclidean'
+
+
+def _train_one_step(tx, params):
+  grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return optax.apply_updates(params, updates)
+
+
+def test_labels_and_aliases_work_on_dict_and_frozendict():
+  _, variables, _ = small_net()
+  params = variables['params']
+  for tree in (dict(params), freeze(params)):
+    labels = go.grassmann_labels(tree)
+    assert jax.tree.structure(labels) == jax.tree.structure(jax.tree.map(lambda _: 0, tree)), type(
+      tree
+    )
+    assert labels['conv_bn']['kernel'] == 'grassmann'
+    assert labels['head']['kernel'] == 'euclidean'
+    new = _train_one_step(go.adamg(0.01, 0.05), tree)
+    np.testing.assert_allclose(
+      jnp.linalg.norm(new['conv_bn']['kernel'].reshape(-1, 16), axis=0), 1, atol=1e-6
+    )
+  # A plain-dict label tree for FrozenDict params is rebuilt in their structure.
+  new = _train_one_step(
+    go.sgdg(0.01, 0.2, param_labels=go.grassmann_labels(dict(params))), freeze(params)
+  )
+  assert float(jnp.abs(new['head']['kernel'] - params['head']['kernel']).max()) > 0
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.fc = nnx.Linear(8, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+
+def test_labels_and_optimizer_work_on_nnx_state():
+  model = NnxNet(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  labels = go.grassmann_labels(state)
+  unboxed = jax.tree.map(
+    lambda v: v.get_value(), labels, is_leaf=lambda v: isinstance(v, nnx.Variable)
+  )
+  flat = {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(unboxed)[0]}
+  assert flat == {
+    'bn/bias': 'euclidean',
+    'bn/scale': 'euclidean',
+    'conv/kernel': 'grassmann',
+    'fc/bias': 'euclidean',
+    'fc/kernel': 'euclidean',
+  }
+  optimizer = nnx.Optimizer(model, go.adamg(0.01, 0.05, param_labels=labels), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+  optimizer.update(model, grads)
+  norms = jnp.linalg.norm(model.conv.kernel[...].reshape(-1, 8), axis=0)
+  np.testing.assert_allclose(norms, 1, atol=1e-6)
+
+
+def test_find_scale_invariant_finds_the_kernels_that_feed_batchnorm():
+  model, variables, x = small_net()
+  labels_y = jax.random.randint(jax.random.key(2), (x.shape[0],), 0, 10)
+
+  def loss(params, x, y):
+    logits, _ = model.apply(
+      {'params': params, **{k: v for k, v in variables.items() if k != 'params'}},
+      x,
+      mutable=['batch_stats'],
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  labels = go.find_scale_invariant(loss, variables['params'], x, labels_y)
+  assert labels['conv_bn']['kernel'] == 'grassmann'
+  assert labels['conv_plain']['kernel'] == 'euclidean'
+  assert labels['head']['kernel'] == 'euclidean'
+  assert labels['bn']['scale'] == 'euclidean'
+
+
+def test_orthogonality_penalty_value():
+  w = go.unit_initializer()(jax.random.key(3), (3, 3, 4, 8))
+  cols = np.asarray(w).reshape(-1, 8)
+  expected = 0.05 * np.sum((cols.T @ cols - np.eye(8)) ** 2)
+  params = {'w': w, 'b': jnp.ones(3)}
+  got = go.orthogonality_penalty(params, go.grassmann_labels(params), 0.1)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(go.orthogonality_penalty(params, go.grassmann_labels, 0.1), got)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_unit_initializer_gives_unit_columns(dtype):
+  w = go.unit_initializer()(jax.random.key(4), (5, 5, 3, 12), dtype)
+  assert w.shape == (5, 5, 3, 12) and w.dtype == dtype
+  norms = jnp.linalg.norm(w.reshape(-1, 12).astype(jnp.float32), axis=0)
+  np.testing.assert_allclose(norms, 1, atol=1e-6 if dtype == jnp.float32 else 1e-2)
+  assert float(jnp.std(w.astype(jnp.float32))) > 0.05  # random directions, not a constant
+
+
+# --- bad input: a ValueError that names the offending leaf -------------------------------------
+
+PARAMS = {'conv': {'kernel': jnp.ones((3, 3, 4, 8))}, 'head': {'bias': jnp.ones(8)}}
+
+
+def test_label_tree_that_does_not_match_the_params():
+  with pytest.raises(ValueError, match=r"no label for the leaf 'head/bias'"):
+    go.sgdg(0.1, 0.1, param_labels={'conv': {'kernel': 'grassmann'}}).init(PARAMS)
+  extra = {'conv': {'kernel': 'grassmann', 'bias': 'euclidean'}, 'head': {'bias': 'euclidean'}}
+  with pytest.raises(ValueError, match=r"'conv/bias' names no parameter"):
+    go.adamg(0.1, 0.1, param_labels=extra).init(PARAMS)
+
+
+def test_unknown_label():
+  labels = {'conv': {'kernel': 'grassman'}, 'head': {'bias': 'euclidean'}}
+  with pytest.raises(ValueError, match=r"Unknown label 'grassman' for the leaf 'conv/kernel'"):
+    go.sgdg(0.1, 0.1, param_labels=labels).init(PARAMS)
+
+
+def test_grassmann_leaf_with_fewer_than_two_rows():
+  labels = {'conv': {'kernel': 'grassmann'}, 'head': {'bias': 'grassmann'}}
+  with pytest.raises(ValueError, match=r"'head/bias'.*needs n >= 2"):
+    go.adamg(0.1, 0.1, param_labels=labels).init(PARAMS)
+  for transform in (go.project_to_tangent(), go.grassmann_momentum(), go.exp_map_update()):
+    with pytest.raises(ValueError, match=r"leaf 'x'.*at least 2 rows"):
+      transform.init({'x': jnp.ones((1, 4))})
+
+
+def test_grassmann_leaf_whose_fan_in_is_not_larger_than_its_outputs():
+  params = {'wide': jnp.ones((3, 3, 16, 160))}
+  with pytest.raises(ValueError, match=r"'wide'.*fan-in 144 <= 160"):
+    go.sgdg(0.1, 0.1, param_labels={'wide': 'grassmann'}).init(params)
+
+
+@pytest.mark.parametrize(
+  'transform',
+  [
+    go.add_orthogonality_gradient(0.1),
+    go.project_to_tangent(),
+    go.grassmann_momentum(),
+    go.grassmann_adam_moments(),
+    go.exp_map_update(),
+    go.sgdg(0.1, 0.1),
+    go.adamg(0.1, 0.1),
+  ],
+)
+def test_transforms_that_need_params_say_so(transform):
+  params = (
+    PARAMS if transform.init.__qualname__.startswith('grassmann_partition') else PARAMS['conv']
+  )
+  state = transform.init(params)
+  with pytest.raises(ValueError, match='params'):
+    transform.update(params, state)
