@@ -1,0 +1,1 @@
+"""Flax training program for the Grassmann optimizers (SPEC section 7)."""
