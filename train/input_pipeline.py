@@ -25,23 +25,24 @@ class DatasetNotPreparedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the training program needs to know about a dataset (SPEC sections 7.1 and 7.3)."""
+  """What the training program needs to know about a dataset (SPEC section 7.3).
+
+  Schedules (epochs, decay epochs) are part of the recipes in ``train/config.py``, not of the data.
+  """
 
   name: str
   num_classes: int
   image_shape: tuple[int, int, int]
   num_train: int
   num_test: int
-  decay_epochs: tuple[int, ...]
-  max_epochs: int
 
 
 DATASETS = {
-  'cifar10': DatasetInfo('cifar10', 10, (32, 32, 3), 50_000, 10_000, (60, 120, 160), 200),
-  'cifar100': DatasetInfo('cifar100', 100, (32, 32, 3), 50_000, 10_000, (60, 120, 160), 200),
-  'svhn': DatasetInfo('svhn', 10, (32, 32, 3), 604_388, 26_032, (60, 120), 160),
+  'cifar10': DatasetInfo('cifar10', 10, (32, 32, 3), 50_000, 10_000),
+  'cifar100': DatasetInfo('cifar100', 100, (32, 32, 3), 50_000, 10_000),
+  'svhn': DatasetInfo('svhn', 10, (32, 32, 3), 604_388, 26_032),
   # Not in the paper: 1,797 8x8 scans shipped with scikit-learn, for runs that need no download.
-  'digits': DatasetInfo('digits', 10, (8, 8, 1), 1_497, 300, (20, 30), 40),
+  'digits': DatasetInfo('digits', 10, (8, 8, 1), 1_497, 300),
 }
 DATASET_NAMES = tuple(DATASETS)
 

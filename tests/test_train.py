@@ -1,0 +1,518 @@
+"""Tests of the training program: flags and recipes, schedule, end-to-end runs on 1 and 2
+devices, exact resume, checkpoints, and the command line's errors.
+
+Runs are kept tiny (WRN-10-1, batches of 8, a few steps) so that the file takes a few minutes on
+two CPU cores; ``conftest.py`` gives JAX two fake CPU devices.
+
+Reference: Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
+arXiv:1709.09603 (the TF program's flags, SPEC §8.1; recipes, SPEC §7.2; schedule, SPEC §7.1).
+"""
+
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grassmann_optax as go
+from train import config as config_lib
+from train import input_pipeline
+from train import train as train_lib
+from train.__main__ import main
+
+TINY = ['--depth=10', '--widen_factor=1', '--batch_size=8', '--vali_batch_size=150', '--verbose=0']
+FINAL_LINE = re.compile(r'^final: test_error=(\S+) test_loss=(\S+) steps=(\d+)$')
+
+README_COMMANDS = (  # the TF README's commands, flag for flag (SPEC §7.2)
+  '--model=resnet --depth=28 --widen_factor=10 --optimizer=sgdg --grassmann=True '
+  '--learnRate=0.01 --learnRateG=0.2 --omega=0.1 --grad_clip=0.1 --weightDecay=0.0005 '
+  '--keep_prob=0.7 --data=cifar10',
+  '--model=resnet --depth=28 --widen_factor=10 --optimizer=sgd --learnRate=0.1 '
+  '--weightDecay=0.0005 --biasDecay=0.0005 --gammaDecay=0.0005 --betaDecay=0.0005 '
+  '--keep_prob=0.7 --data=cifar100',
+  '--model=resnet --depth=22 --widen_factor=8 --optimizer=adamg --grassmann=True '
+  '--learnRate=0.001 --learnRateG=0.005 --omega=0.1 --grad_clip=0.1 --weightDecay=0.0005 '
+  '--keep_prob=0.6 --learnRateDecay=0.1 --data=svhn',
+  '--model=resnet --depth=40 --widen_factor=10 --optimizer=adamg --grassmann=True '
+  '--learnRate=0.01 --learnRateG=0.05 --omega=0.1 --grad_clip=0.1 --weightDecay=0.0005 '
+  '--keep_prob=0.7 --data=cifar100 --vali_batch_size=200 --num_gpus=2',
+  '--model=vgg19 --optimizer=adamg --grassmann=True --learnRate=0.01 --learnRateG=0.05 '
+  '--omega=0.1 --grad_clip=0.1 --weightDecay=0.0005 --data=cifar100',
+  '--model=resnet --depth=40 --widen_factor=10 --data=cifar100 --task=test --load=/some/checkpoint',
+)
+
+
+def run_main(argv, capsys=None):
+  """``main(argv)``; returns (exit code, stdout, stderr) when ``capsys`` is given."""
+  code = main([str(arg) for arg in argv])
+  if capsys is None:
+    return code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def assert_trees_close(actual, expected, *, rtol, atol):
+  actual_leaves, actual_tree = jax.tree.flatten(actual)
+  expected_leaves, expected_tree = jax.tree.flatten(expected)
+  assert actual_tree == expected_tree
+  for a, e in zip(actual_leaves, expected_leaves, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+
+
+def directory_snapshot(path):
+  return {
+    os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+    for root, _, names in os.walk(path)
+    for name in names
+  }
+
+
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  """Digits, Adam-G, WRN-10-1, 3 steps on one device, no dropout: the shared reference run."""
+  path = tmp_path_factory.mktemp('one_device')
+  code = run_main(
+    [*TINY, '--max_steps=3', '--num_devices=1', '--keep_prob=None', f'--train_path={path}']
+  )
+  assert code == 0
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and recipes.
+
+
+@pytest.mark.parametrize('command', README_COMMANDS)
+def test_readme_commands_parse(command):
+  config = config_lib.parse_flags(command.split())
+  given = dict(token[2:].split('=', 1) for token in command.split())
+  given = {config_lib.ALIASES.get(name, name): value for name, value in given.items()}
+  for name, text in given.items():
+    value = getattr(config, name)
+    expected = type(value)(text) if not isinstance(value, bool) else text == 'True'
+    assert value == expected, name
+  assert set(given) <= set(config.explicit)
+
+
+def test_readme_vgg_command_gets_no_dropout_and_the_cifar_schedule():
+  config = config_lib.parse_flags(README_COMMANDS[4].split())
+  assert config.keep_prob is None
+  assert (config.epochs, config.decay_epochs, config.learnRateDecay) == (200, (60, 120, 160), 0.2)
+  assert (config.batch_size, config.vali_batch_size) == (128, 250)
+
+
+@pytest.mark.parametrize(
+  ('data', 'optimizer', 'expected'),
+  [
+    (
+      'cifar10',
+      'sgd',
+      dict(
+        learnRate=0.1,
+        grassmann=False,
+        biasDecay=5e-4,
+        gammaDecay=5e-4,
+        betaDecay=5e-4,
+        weightDecay=5e-4,
+        keep_prob=0.7,
+        omega=None,
+      ),
+    ),
+    (
+      'cifar100',
+      'sgdg',
+      dict(
+        learnRate=0.01,
+        learnRateG=0.2,
+        grassmann=True,
+        omega=0.1,
+        grad_clip=0.1,
+        weightDecay=5e-4,
+        biasDecay=None,
+        keep_prob=0.7,
+      ),
+    ),
+    (
+      'svhn',
+      'adamg',
+      dict(
+        learnRate=0.001,
+        learnRateG=0.005,
+        learnRateDecay=0.1,
+        epochs=160,
+        decay_epochs=(60, 120),
+        keep_prob=0.6,
+        omega=0.1,
+      ),
+    ),
+    ('svhn', 'sgdg', dict(learnRate=0.001, learnRateG=0.02)),
+  ],
+)
+def test_recipes_fill_unspecified_flags(data, optimizer, expected):
+  config = config_lib.get_config(data=data, optimizer=optimizer)
+  assert {name: getattr(config, name) for name in expected} == expected
+
+
+def test_explicit_flags_override_recipes_and_defaults():
+  config = config_lib.parse_flags(
+    [
+      '--data=cifar10',
+      '--learnRateG=0.3',
+      '--grassmann=false',
+      '--keep_prob=None',
+      '--num_gpus',
+      '2',
+    ]
+  )
+  assert (config.learnRateG, config.grassmann, config.keep_prob) == (0.3, False, None)
+  assert config.num_devices == 2
+  assert config.learnRate == 0.01  # cifar10 / adamg recipe
+
+
+def test_program_defaults_are_adamg_on_digits():
+  config = config_lib.parse_flags([])
+  assert (config.data, config.model, config.optimizer, config.grassmann) == (
+    'digits',
+    'resnet',
+    'adamg',
+    True,
+  )
+  assert set(config_lib.DATASETS) == set(input_pipeline.DATASET_NAMES)
+
+
+@pytest.mark.parametrize('text', ['True', 'true', '1', 'False', 'false', '0'])
+def test_boolean_flags(text):
+  assert config_lib.parse_flags([f'--nesterov={text}']).nesterov == (text in ('True', 'true', '1'))
+
+
+def test_help_documents_every_flag(capsys):
+  assert main(['--help']) == 0
+  out = ' '.join(capsys.readouterr().out.split())
+  for name in (*config_lib.FLAG_NAMES, *config_lib.ALIASES):
+    assert f'--{name}' in out, name
+  assert '(default: 0.99)' in out  # adam_beta2
+  assert 'svhn/adamg: epochs=160 decay_epochs=(60, 120) learnRateDecay=0.1' in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and optimizer.
+
+
+def test_schedule_boundaries_match_tf_program():
+  """CIFAR, B=128: decays after steps 23437, 46875, 62500 (SPEC §7.1); 78125 steps."""
+  config = config_lib.get_config(data='cifar10', optimizer='sgd')
+  assert train_lib.decay_steps(config.decay_epochs, 50_000, 128) == [23437, 46875, 62500]
+  assert train_lib.num_train_steps(config, 50_000) == 78125
+  schedule = train_lib.create_learning_rate_fn(0.1, config, 50_000)
+  expected = {
+    0: 0.1,
+    23437: 0.1,
+    23438: 0.02,
+    46875: 0.02,
+    46876: 0.004,
+    62500: 0.004,
+    62501: 0.0008,
+    78124: 0.0008,
+  }
+  actual = {step: float(schedule(jnp.asarray(step))) for step in expected}
+  np.testing.assert_allclose(list(actual.values()), list(expected.values()), rtol=1e-6)
+
+
+def test_schedule_multiplies_coinciding_boundaries():
+  config = config_lib.get_config(decay_epochs=(1, 1), learnRateDecay=0.5, batch_size=10)
+  schedule = train_lib.create_learning_rate_fn(1.0, config, 10)
+  assert float(schedule(1)) == 1.0 and float(schedule(2)) == 0.25
+
+
+def _variables(model_name):
+  model = train_lib.create_model(
+    config_lib.get_config(model=model_name, depth=10, widen_factor=1), num_classes=10
+  )
+  return jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  )
+
+
+def test_decay_classes_tell_bias_from_beta():
+  resnet = train_lib.decay_classes(_variables('resnet')['params'])
+  assert resnet['fc'] == {'kernel': 'weight', 'bias': 'bias'}
+  assert resnet['bn_final'] == {'scale': 'gamma', 'bias': 'beta'}
+  vgg = train_lib.decay_classes(_variables('vgg11')['params'])
+  assert vgg['group0']['bn0'] == {'bias': 'beta'}  # VGG BatchNorm has no gamma
+  assert vgg['fc2']['bias'] == 'bias'
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adamg'])
+@pytest.mark.parametrize('kind', ['biasDecay', 'gammaDecay', 'betaDecay'])
+def test_class_decays_reach_only_their_class(optimizer, kind):
+  """With zero gradients only the chosen class moves, and nothing on the manifold."""
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), _variables('resnet')['params'])
+  decays = {'weightDecay': None, 'biasDecay': None, 'gammaDecay': None, 'betaDecay': None}
+  config = config_lib.get_config(optimizer=optimizer, **{**decays, kind: 0.1})
+  tx = train_lib.create_optimizer(config, num_train=100)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  target = {'biasDecay': 'bias', 'gammaDecay': 'gamma', 'betaDecay': 'beta'}[kind]
+  classes = train_lib.decay_classes(params)
+  labels = train_lib.parameter_labels(config)(params)
+  for update, cls, label in zip(
+    jax.tree.leaves(updates), jax.tree.leaves(classes), jax.tree.leaves(labels), strict=True
+  ):
+    if label == go.GRASSMANN:
+      continue  # moved by the orthogonality term, never by a decay
+    # Nesterov: b = λθ, update = -lr (λθ + γ b) = -1.9 lr λ.
+    expected = -1.9 * config.learnRate * 0.1 if cls == target else 0.0
+    np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6, atol=0)
+
+
+def test_grassmann_false_puts_nothing_on_the_manifold():
+  params = _variables('resnet')['params']
+  on = train_lib.parameter_labels(config_lib.get_config())(params)
+  off = train_lib.parameter_labels(config_lib.get_config(grassmann=False))(params)
+  assert go.GRASSMANN in jax.tree.leaves(on)
+  assert set(jax.tree.leaves(off)) == {go.EUCLIDEAN}
+
+
+def test_create_train_state_puts_manifold_kernels_on_the_sphere():
+  config = config_lib.get_config(depth=10, widen_factor=1)
+  model = train_lib.create_model(config, 10)
+  tx = train_lib.create_optimizer(config, 100)
+  state = train_lib.create_train_state(jax.random.key(0), config, model, (1, 8, 8, 1), tx)
+  labels = go.grassmann_labels(state.params)
+  kernels = [
+    w
+    for w, label in zip(jax.tree.leaves(state.params), jax.tree.leaves(labels), strict=True)
+    if label == go.GRASSMANN
+  ]
+  assert kernels
+  for w in kernels:
+    norms = np.linalg.norm(np.asarray(w).reshape(-1, w.shape[-1]), axis=0)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+  assert int(state.step) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end runs.
+
+
+def test_digits_default_end_to_end(tmp_path, capsys, monkeypatch):
+  """The default program, a few steps, into ``<train_dir>/<run name>`` given relative.
+
+  Also: the training step is traced once (no recompilation after the first step).
+  """
+  traces = []
+  step = train_lib.train_step
+  monkeypatch.setattr(train_lib, 'train_step', lambda *a, **k: traces.append(1) or step(*a, **k))
+  monkeypatch.chdir(tmp_path)
+  argv = [*TINY, '--max_steps=4', '--report_freq=2', '--vali_freq=2', '--train_dir=logs']
+  code, out, _ = run_main(argv, capsys)
+  assert len(traces) == 1
+  tmp_path = tmp_path / 'logs' / 'digits_wrn-10-1_adamg'
+  assert code == 0
+  match = FINAL_LINE.match(out.strip().splitlines()[-1])
+  assert match, out
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert summary['steps'] == int(match.group(3)) == 4
+  assert float(match.group(1)) == pytest.approx(summary['test_error'], rel=1e-5)
+  assert float(match.group(2)) == pytest.approx(summary['test_loss'], rel=1e-5)
+  assert 0.0 <= summary['test_error'] <= 1.0 and np.isfinite(summary['test_loss'])
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['split']) for r in records] == [
+    (2, 'train'),
+    (2, 'test'),
+    (4, 'train'),
+    (4, 'test'),
+  ]
+  assert {'loss', 'error', 'learning_rate', 'learning_rate_g', 'orthogonality'} <= set(records[0])
+  assert records[0]['learning_rate'] == pytest.approx(0.05)
+  assert records[-1]['error'] == pytest.approx(summary['test_error'])
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path))
+  assert train_lib.latest_checkpoint_step(str(tmp_path / 'checkpoints')) == 4
+
+
+@pytest.mark.parametrize(
+  ('data', 'model'),
+  [('cifar10', 'resnet'), ('cifar100', 'resnet'), ('svhn', 'resnet'), ('cifar10', 'vgg11')],
+)
+def test_tfds_datasets_and_models_run(tmp_path, data, model):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = config_lib.parse_flags(
+    [
+      *TINY,
+      f'--data={data}',
+      f'--model={model}',
+      '--max_steps=2',
+      '--vali_batch_size=8',
+      f'--train_path={tmp_path}',
+      f'--data_dir={tmp_path / "data"}',
+    ]
+  )
+  with tfds.testing.mock_data(num_examples=16):
+    result = train_lib.train_and_evaluate(config)
+  assert result['steps'] == 2
+  assert 0.0 <= result['test_error'] <= 1.0 and np.isfinite(result['test_loss'])
+  state, saved = train_lib.load_checkpoint(str(tmp_path))
+  classes = {'cifar100': 100}.get(data, 10)
+  assert saved['num_classes'] == classes
+  head = state['params']['fc' if model == 'resnet' else 'fc2']['kernel']
+  assert head.shape[-1] == classes
+
+
+def _final_state(path):
+  state, _ = train_lib.load_checkpoint(str(path))
+  return state
+
+
+@pytest.mark.parametrize('parallel', ['pmap', 'sharded'])
+def test_two_devices_match_one(tmp_path, one_device_run, parallel):
+  """Two devices with the same global batch give the one-device parameters and statistics.
+
+  BatchNorm moments are averaged over both devices (pmap axis name, or the global batch under
+  sharded jit) and gradients are averaged, so the step is the same function; only float32
+  reductions are reordered. After 3 steps the largest absolute difference is ~1.2e-7 (one ulp
+  at 1), so atol=1e-6 holds with margin; relative differences are only large on entries near 0,
+  hence the loose rtol. Without synchronised BatchNorm the parameters differ by ~3e-2. No
+  dropout, whose masks legitimately differ per device.
+  """
+  assert jax.device_count() == 2
+  code = run_main(
+    [
+      *TINY,
+      '--max_steps=3',
+      '--num_devices=2',
+      f'--parallel={parallel}',
+      '--keep_prob=None',
+      f'--train_path={tmp_path}',
+    ]
+  )
+  assert code == 0
+  reference, actual = _final_state(one_device_run), _final_state(tmp_path)
+  assert int(actual['step']) == int(reference['step']) == 3
+  for part in ('params', 'batch_stats', 'opt_state'):
+    assert_trees_close(actual[part], reference[part], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('parallel', ['pmap', 'sharded'])
+def test_resume_continues_exactly(tmp_path, parallel):
+  """3 steps, then a restart to 6 steps, equals 6 straight steps, dropout on.
+
+  The batch and the dropout key of step s are functions of (seed, s) and the checkpoint holds
+  the step, parameters, BN statistics and optimizer state, so both runs execute the same
+  compiled steps on the same values: bit-for-bit equal on CPU.
+  """
+  flags = [
+    *TINY,
+    '--keep_prob=0.5',
+    '--optimizer=sgdg',
+    '--report_freq=1',
+    f'--parallel={parallel}',
+  ]
+  assert run_main([*flags, '--max_steps=3', f'--train_path={tmp_path / "resumed"}']) == 0
+  assert train_lib.latest_checkpoint_step(str(tmp_path / 'resumed' / 'checkpoints')) == 3
+  # A run killed after its checkpoint had logged steps that the resumed run logs again.
+  with open(tmp_path / 'resumed' / 'metrics.jsonl', 'a') as log:
+    log.write(json.dumps({'step': 4, 'split': 'train', 'loss': 9.0}) + '\n')
+  assert run_main([*flags, '--max_steps=6', f'--train_path={tmp_path / "resumed"}']) == 0
+  assert run_main([*flags, '--max_steps=6', f'--train_path={tmp_path / "straight"}']) == 0
+  resumed, straight = _final_state(tmp_path / 'resumed'), _final_state(tmp_path / 'straight')
+  assert int(resumed['step']) == int(straight['step']) == 6
+  assert_trees_close(resumed, straight, rtol=0, atol=0)
+  records = (tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(r)['step'] for r in records if '"train"' in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_task_test_evaluates_a_checkpoint(one_device_run, capsys):
+  summary = json.loads((one_device_run / 'summary.json').read_text())
+  for load in (one_device_run, one_device_run / 'checkpoints' / '3'):
+    # Architecture flags left out are read from the checkpoint.
+    code, out, _ = run_main(['--task=test', f'--load={load}', '--verbose=0'], capsys)
+    assert code == 0
+    match = FINAL_LINE.match(out.strip().splitlines()[-1])
+    assert match and int(match.group(3)) == 3
+    assert float(match.group(1)) == pytest.approx(summary['test_error'], abs=1e-6)
+    assert float(match.group(2)) == pytest.approx(summary['test_loss'], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: clear, immediate, exit code 2, nothing overwritten.
+
+
+@pytest.mark.parametrize(
+  ('argv', 'message'),
+  [
+    (['--depth=27'], 'depth must be 6N+4'),
+    (['--batch_size=3', '--num_devices=2'], '--batch_size=3 does not split over 2 devices'),
+    (['--model=alexnet'], "unknown model 'alexnet'"),
+    (['--data=mnist'], "unknown dataset 'mnist'"),
+    (['--optimizer=adam'], "unknown optimizer 'adam'"),
+    (['--task=test'], '--task=test needs --load'),
+    (['--optimizer=sgd', '--grassmann=True'], '--grassmann=True needs a Riemannian optimizer'),
+    (['--num_devices=3'], 'this process sees 2 device(s)'),
+  ],
+)
+def test_usage_errors(tmp_path, capsys, argv, message):
+  started = time.perf_counter()
+  code, _, err = run_main([*argv, f'--train_path={tmp_path / "run"}'], capsys)
+  assert code == 2
+  assert err.startswith('error: ') and message in err, err
+  assert time.perf_counter() - started < 10
+  assert not (tmp_path / 'run').exists()
+
+
+def test_malformed_flag_is_a_usage_error(capsys):
+  code, _, err = run_main(['--grassmann=maybe'], capsys)
+  assert code == 2 and 'expected True/False' in err
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, one_device_run, capsys):
+  before = directory_snapshot(one_device_run)
+  code, _, err = run_main(
+    [*TINY, '--depth=16', '--widen_factor=2', '--max_steps=3', f'--train_path={one_device_run}'],
+    capsys,
+  )
+  assert code == 2
+  assert 'checkpoint was written for resnet depth=10 width=1' in err, err
+  assert 'this run is resnet depth=16 width=2' in err
+  code, _, err = run_main(
+    [*TINY, '--model=vgg11', f'--load={one_device_run}', f'--train_path={tmp_path / "new"}'], capsys
+  )
+  assert code == 2 and 'this run is vgg11' in err, err
+  assert directory_snapshot(one_device_run) == before
+  assert not (tmp_path / 'new').exists()
+
+
+def test_unprepared_tfds_dataset_fails_fast_offline(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(input_pipeline, '_host_reachable', lambda *args, **kwargs: False)
+  started = time.perf_counter()
+  code, _, err = run_main(
+    ['--data=cifar10', f'--data_dir={tmp_path}', *TINY, f'--train_path={tmp_path / "run"}'], capsys
+  )
+  assert code == 2
+  assert err.startswith('error: ') and 'not prepared' in err, err
+  assert time.perf_counter() - started < 30
+
+
+def test_learning_rate_schedule_is_what_the_optimizer_uses():
+  """The logged rate and the optimizer's rate are one schedule, counted from step 0."""
+  config = config_lib.get_config(
+    optimizer='sgd',
+    decay_epochs=(1,),
+    learnRateDecay=0.5,
+    batch_size=2,
+    weightDecay=None,
+    biasDecay=None,
+    gammaDecay=None,
+    betaDecay=None,
+    momentum=0.0,
+  )
+  tx = train_lib.create_optimizer(config, num_train=4)  # decay step 2: rates 0.1, 0.1, 0.1, 0.05
+  params = {'w': jnp.zeros(())}
+  state = tx.init(params)
+  steps = []
+  for _ in range(4):
+    updates, state = tx.update({'w': jnp.ones(())}, state, params)
+    steps.append(-float(updates['w']))
+  np.testing.assert_allclose(steps, [0.1, 0.1, 0.1, 0.05], rtol=1e-6)
