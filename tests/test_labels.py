@@ -204,3 +204,16 @@ def test_transforms_that_need_params_say_so(transform):
   state = transform.init(params)
   with pytest.raises(ValueError, match='params'):
     transform.update(params, state)
+
+
+def test_callable_labels_under_inject_hyperparams_need_static_args():
+  labels_fn = go.grassmann_labels
+  params = {'k': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8)), 'b': jnp.zeros(8)}
+  wrong = optax.inject_hyperparams(go.adamg)(0.01, 0.05, param_labels=labels_fn)
+  with pytest.raises(ValueError, match='static_args'):
+    wrong.init(params)
+  right = optax.inject_hyperparams(go.adamg, static_args=('param_labels',))(
+    0.01, 0.05, param_labels=labels_fn
+  )
+  new = _train_one_step(right, params)
+  np.testing.assert_allclose(jnp.linalg.norm(new['k'].reshape(-1, 8), axis=0), 1, atol=1e-6)
