@@ -99,6 +99,20 @@ def _geodesic_update(plane: _Plane, buffer_norm, sigma):
   return plane.a * jnp.cos(theta) - 1, along_buffer
 
 
+def _per_column(*coefficients):
+  """Materialises per-column coefficients before the element-wise passes that use them.
+
+  XLA:CPU otherwise fuses the per-column maths (cos, sin, clipping and transport factors) into
+  each consuming element loop and re-evaluates it for every element; it also copies donated
+  buffers whose last reader is not ordered before the in-place write. A (trivial) reduction is a
+  fusion boundary that survives compilation, unlike ``optimization_barrier``, and makes the
+  element passes depend on every column reduction. Measured on WRN-28-10 on CPU: 2.3x faster.
+  """
+  stacked = jnp.stack(jnp.broadcast_arrays(*coefficients))
+  summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
+  return tuple(summed)
+
+
 def _with_orthogonality(g, w, omega):
   if transforms._is_static_zero(omega):
     return g
@@ -156,9 +170,10 @@ def sgdg_manifold_update(
       plane = _plane(w, g, b32)
       clip_scale, _ = _clipped_gradient_scale(plane, grad_clip)
       c_b, c_g, c_w = _new_buffer(plane, momentum, 1.0, clip_scale)
-      new_buffer = c_b * b32 + c_g * g + c_w * w
       norm = _combination_norm(plane, c_b, c_g, c_w)
       on_w, on_buffer = _geodesic_update(plane, norm, lr)
+      c_b, c_g, c_w, on_w, on_buffer = _per_column(c_b, c_g, c_w, on_w, on_buffer)
+      new_buffer = c_b * b32 + c_g * g + c_w * w
       update = on_w * w + on_buffer * new_buffer
       return update.astype(w_stored.dtype), new_buffer.astype(b.dtype)
 
@@ -217,13 +232,14 @@ def adamg_manifold_update(
       plane = _plane(w, g, m32)
       clip_scale, h_sq = _clipped_gradient_scale(plane, grad_clip)
       c_m, c_g, c_w = _new_buffer(plane, b1, 1 - b1, clip_scale)
-      new_m = c_m * m32 + c_g * g + c_w * w
       v_new = b2 * v + (1 - b2) * (clip_scale**2 * h_sq).reshape(v.shape)
       t = count.astype(v_new.dtype)
       correction = jnp.sqrt(1 - b2**t) / (1 - b1**t)
       sigma = lr * correction / jnp.sqrt(v_new + eps).reshape(plane.a.shape)
       norm = _combination_norm(plane, c_m, c_g, c_w)
       on_w, on_m = _geodesic_update(plane, norm, sigma)
+      c_m, c_g, c_w, on_w, on_m = _per_column(c_m, c_g, c_w, on_w, on_m)
+      new_m = c_m * m32 + c_g * g + c_w * w
       update = on_w * w + on_m * new_m
       return update.astype(w_stored.dtype), new_m.astype(m.dtype), v_new
 
