@@ -1,0 +1,191 @@
+"""The benchmark's machinery on tiny trees, and the properties its timings rely on.
+
+The timings of ``python -m train.benchmark`` mean something only if the jitted steps compile
+once and never wait on the host, so both are checked here on the library's aliases.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from train import benchmark
+
+TINY_SHAPES = {
+  'conv': {'kernel': jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)},
+  'bn': {'bias': jax.ShapeDtypeStruct((8,), jnp.float32)},
+}
+
+
+ALL_UPDATE_CANDIDATES = benchmark.update_candidates()
+
+
+def tiny_candidates():
+  names = ('optax.sgd nesterov', 'optax.adam', 'sgdg ω=0', 'adamg ω=0')
+  return {name: ALL_UPDATE_CANDIDATES[name] for name in names}
+
+
+def aliases():
+  return {
+    'sgdg ω=0': benchmark.sgdg(0.0),
+    'sgdg ω=0.1': benchmark.sgdg(0.1),
+    'adamg ω=0': benchmark.adamg(0.0),
+    'adamg ω=0.1': benchmark.adamg(0.1),
+  }
+
+
+def test_update_benchmark_reports_times_and_ratios():
+  result = benchmark.benchmark_update(TINY_SHAPES, tiny_candidates(), repeats=1, min_sample_s=0)
+
+  assert (result['num_params'], result['num_manifold_params']) == (3 * 3 * 4 * 8 + 8, 288)
+  assert set(result['times']) == set(tiny_candidates())
+  for times in result['times'].values():
+    assert times['median_ms'] > 0 and times['compile_s'] > 0
+    assert len(times['samples_ms']) == 1
+  assert set(result['ratios']) == {'adamg(ω=0) / adam', 'sgdg(ω=0) / sgd-nesterov'}
+  for name, ratio in result['ratios'].items():
+    assert math.isfinite(ratio) and ratio > 0
+    assert result['targets'][name]['ratio'] == ratio
+    assert result['targets'][name]['met'] == (ratio <= result['targets'][name]['limit'])
+  json.dumps(result)
+
+
+def test_interleaving_rotates_the_order_of_candidates():
+  calls = []
+  runners = {name: (lambda n, name=name: calls.append(name) or 1e-3) for name in 'abc'}
+  times = benchmark.time_interleaved(runners, repeats=3, warmup=1, min_sample_s=0)
+
+  assert calls[3:] == list('abc') + list('bca') + list('cab')
+  assert all(t['median_ms'] == pytest.approx(1.0) for t in times.values())
+
+
+@pytest.mark.parametrize('depth,widen_factor', [(28, 10), (16, 4), (10, 1)])
+def test_fallback_tree_matches_the_model(depth, widen_factor):
+  model = benchmark.create_wide_resnet(depth, widen_factor)
+  from_model = benchmark.model_variable_shapes(model)['params']
+  built = benchmark.wide_resnet_param_shapes(depth, widen_factor)
+
+  assert benchmark.describe_tree(built) == benchmark.describe_tree(from_model)
+
+
+def test_wrn_28_10_has_the_size_of_the_issue():
+  shapes, source = benchmark.wide_resnet_shapes(28, 10)
+
+  assert source == 'train.models.WideResNet'
+  assert benchmark.count_parameters(shapes) == (36_479_194, 36_173_232)
+
+
+def test_state_bytes_of_the_manifold_optimizers():
+  shapes = benchmark.wide_resnet_param_shapes(16, 4)
+  result = benchmark.state_bytes(shapes)
+  state, params = result['state_bytes'], result['param_bytes']
+
+  assert state['optax.sgd nesterov'] == params
+  assert state['optax.adam'] == 2 * params + 4
+  # One buffer the size of the params (the manifold's and the Euclidean momentum), a step count.
+  assert state['sgdg'] == params + 4
+  # Adam-G: the same, plus one float32 second moment per manifold column.
+  assert state['adamg'] == params + 4 * result['manifold_columns'] + 4
+
+
+def random_step_inputs(tx):
+  params = benchmark.random_tree(0, TINY_SHAPES)
+  grads = benchmark.random_tree(1, TINY_SHAPES, scale=1e-2)
+  return params, tx.init(params), grads
+
+
+@pytest.mark.parametrize('name', list(aliases()))
+def test_jitted_alias_compiles_once(name):
+  tx = aliases()[name]
+  step = benchmark.make_update_step(tx)
+  params, state, grads = random_step_inputs(tx)
+  params, state = step(params, state, grads)
+  compilations = []
+
+  def listener(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compilations.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for _ in range(3):
+      params, state = step(params, state, grads)
+    jax.block_until_ready(params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+  assert compilations == []
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize('name', list(aliases()))
+def test_jitted_alias_step_stays_on_device(name):
+  tx = aliases()[name]
+  step = benchmark.make_update_step(tx)
+  params, state, grads = random_step_inputs(tx)
+  before = jax.tree.map(np.asarray, params)
+
+  with jax.transfer_guard('disallow'):
+    for _ in range(2):
+      params, state = step(params, state, grads)
+    jax.block_until_ready(params)
+
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), params, before)
+  assert moved['conv']['kernel'] > 0
+
+
+def test_main_writes_the_table_and_json(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(
+    benchmark.SETTINGS,
+    'quick',
+    dict(update_net=(10, 1), train_net=(10, 1, 2), repeats=1, sample_s=(0.0, 0.0)),
+  )
+  monkeypatch.setattr(benchmark, 'update_candidates', tiny_candidates)
+  monkeypatch.setattr(benchmark, 'train_step_candidates', lambda: {'sgd': benchmark.sgd_baseline})
+  path = tmp_path / 'bench.json'
+
+  report = benchmark.main(['--quick', '--json', str(path)])
+
+  written = json.loads(path.read_text())
+  assert written == json.loads(json.dumps(report, ensure_ascii=False))
+  assert set(written) >= {'machine', 'load_average', 'update', 'train_step', 'state'}
+  assert written['machine']['backend'] == jax.default_backend()
+  assert written['machine']['cpu_count'] > 0
+  assert written['train_step']['times']['sgd']['images_per_s'] > 0
+  if jax.default_backend() != 'gpu':
+    assert 'no GPU' in written['gpu_train_step']['skipped']
+  table = capsys.readouterr().out
+  assert 'adamg(ω=0) / adam' in table and 'load average' in table and 'WRN-10-1' in table
+
+
+def test_sgd_baseline_decays_every_parameter():
+  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}
+  tx = benchmark.sgd_baseline()
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+
+  lr_times_decay = benchmark.SGD_LEARNING_RATE * benchmark.WEIGHT_DECAY
+  for leaf in jax.tree.leaves(optax.apply_updates(params, updates)):
+    # Nesterov: the first step moves by lr·(1 + momentum)·λθ.
+    np.testing.assert_allclose(leaf, 1 - lr_times_decay * (1 + benchmark.MOMENTUM), rtol=1e-6)
+
+
+def test_chain_candidates_equal_the_fused_aliases():
+  shapes = {'conv': {'kernel': jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32)}}
+  grads = benchmark.random_tree(1, shapes)
+  for fused, chain in [
+    (benchmark.sgdg(0.1), benchmark.sgdg_chain(0.1)),
+    (benchmark.adamg(0.1), benchmark.adamg_chain(0.1)),
+  ]:
+    results = []
+    for tx in (fused, chain):
+      params = benchmark.random_tree(0, shapes)
+      state = tx.init(params)
+      step = benchmark.make_update_step(tx)
+      for _ in range(3):
+        params, state = step(params, state, grads)
+      results.append(params['conv']['kernel'])
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
