@@ -244,9 +244,8 @@ def test_schedules_drive_both_learning_rates(name):
 def test_omega_zero_costs_nothing():
   assert go.add_orthogonality_gradient(0) is not None
   w = random_columns(jax.random.key(11), (27, 8))
-  jaxpr = jax.make_jaxpr(go.sgdg(0.01, 0.2, omega=0, param_labels={'w': 'grassmann'}).update)(
-    {'w': w}, go.sgdg(0.01, 0.2, omega=0, param_labels={'w': 'grassmann'}).init({'w': w}), {'w': w}
-  )
+  tx = go.sgdg(0.01, 0.2, omega=0, param_labels={'w': 'grassmann'})
+  jaxpr = jax.make_jaxpr(tx.update)({'w': w}, tx.init({'w': w}), {'w': w})
   assert 'dot_general' not in str(jaxpr)
   identity = go.add_orthogonality_gradient(0.0)
   g, _ = identity.update(w, identity.init(w), w)

@@ -30,12 +30,17 @@ def fan_in_and_out(shape: tuple[int, ...]) -> tuple[int, int]:
   return math.prod(shape[:-1]), shape[-1]
 
 
+def has_manifold_rows(shape: tuple[int, ...]) -> bool:
+  """Whether the column view ``reshape(-1, shape[-1])`` has the >= 2 rows of a point of G(1, n)."""
+  return len(shape) >= 2 and fan_in_and_out(shape)[0] >= 2
+
+
 def check_manifold_leaves(tree: Any, transform_name: str) -> None:
   """Every leaf must have at least 2 rows in its column view to be a point set on G(1, n)."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     shape = tuple(getattr(leaf, 'shape', ()))
-    n, p = fan_in_and_out(shape)
-    if len(shape) < 2 or n < 2:
+    if not has_manifold_rows(shape):
+      n, p = fan_in_and_out(shape)
       raise ValueError(
         f'{transform_name}: leaf {leaf_name(path)!r} of shape {shape} cannot lie on G(1, n): '
         'a manifold leaf is viewed as reshape(-1, shape[-1]) and needs at least 2 rows '

@@ -31,9 +31,7 @@ def unit_initializer():
     shape = tuple(shape)
     if len(shape) < 2:
       raise ValueError(f'unit_initializer needs a shape with at least 2 axes; got {shape}.')
-    draw = jax.random.truncated_normal(
-      key, -2.0, 2.0, shape, manifold.compute_dtype(jnp.zeros((), dtype))
-    )
+    draw = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.promote_types(dtype, jnp.float32))
     columns, _ = manifold.unit(draw)
     return columns.astype(dtype)
 

@@ -140,7 +140,7 @@ def find_scale_invariant(
     del path
     shape = tuple(w.shape)
     n, p = checks.fan_in_and_out(shape)
-    if len(shape) < 2 or n < 2 or (undercomplete_only and n <= p):
+    if not checks.has_manifold_rows(shape) or (undercomplete_only and n <= p):
       return EUCLIDEAN
     w64, g64 = manifold.upcast(jnp.asarray(w)), manifold.upcast(jnp.asarray(g))
     inner = jnp.abs(manifold.column_dot(w64, g64))
@@ -196,7 +196,7 @@ def check_labels(params: Any, labels: Any, *, require_undercomplete: bool = True
       continue
     shape = tuple(leaf.shape)
     n, p = checks.fan_in_and_out(shape)
-    if len(shape) < 2 or n < 2:
+    if not checks.has_manifold_rows(shape):
       raise ValueError(
         f'The grassmann leaf {name!r} of shape {shape} has {n} row(s) in its column view '
         'reshape(-1, shape[-1]); a point of G(1, n) needs n >= 2. Label it euclidean.'
