@@ -43,8 +43,15 @@ def _init_checked(name: str):
 
 
 def unzip(tree_of_tuples, like, n: int) -> tuple:
-  """Splits a tree of ``n``-tuples (the result of mapping over ``like``) into ``n`` trees."""
-  return jax.tree.transpose(jax.tree.structure(like), jax.tree.structure((0,) * n), tree_of_tuples)
+  """Splits a tree of ``n``-tuples (the result of mapping over ``like``) into ``n`` trees.
+
+  A ``like`` without leaves (a branch of :func:`optax.partition` that holds no parameter) maps to
+  ``n`` copies of itself.
+  """
+  outer = jax.tree.structure(like)
+  if outer.num_leaves == 0:
+    return (like,) * n
+  return jax.tree.transpose(outer, jax.tree.structure((0,) * n), tree_of_tuples)
 
 
 def _is_static_zero(value) -> bool:
