@@ -260,3 +260,19 @@ def test_orthogonality_gradient_is_the_gradient_of_the_penalty():
   added, _ = tx.update(jnp.zeros_like(w), tx.init(w), w)
   np.testing.assert_allclose(added, auto, atol=1e-6)
   assert float(jnp.abs(added).max()) > 1e-3
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+@pytest.mark.parametrize(
+  'shapes', [{'dense': (6, 3)}, {'conv': (3, 3, 4, 6)}], ids=['no-manifold-leaf', 'only-manifold']
+)
+def test_an_empty_branch_of_the_partition_is_fine(name, shapes):
+  params = {key: random_columns(jax.random.key(0), shape) for key, shape in shapes.items()}
+  tx = getattr(go, name)(0.1, 0.2)
+  updates, state = jax.jit(tx.update)(params, tx.init(params), params)
+  new_params = optax.apply_updates(params, updates)
+  assert jax.tree.structure(new_params) == jax.tree.structure(params)
+  moved = jax.tree.leaves(
+    jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_params, params)
+  )
+  assert all(np.isfinite(moved)) and all(m > 0 for m in moved)
