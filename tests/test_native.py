@@ -1,0 +1,229 @@
+"""The CPU kernel for the column inner products: equal to XLA, used where it should be, optional."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import grassmann_optax as go
+from grassmann_optax._src import native
+
+REQUIRE = os.environ.get('GRASSMANN_REQUIRE_CPU_KERNEL') == '1'
+
+
+@pytest.fixture
+def kernel():
+  """Skips where no C++ compiler could build the kernel; fails instead under CI's flag."""
+  if not native.kernel_available():
+    message = 'the CPU kernel is unavailable (no C++ compiler, or the build failed)'
+    if REQUIRE:
+      pytest.fail(message + ' but GRASSMANN_REQUIRE_CPU_KERNEL=1')
+    pytest.skip(message)
+
+
+def random_arrays(shape, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(key, shape, jnp.float32) for key in keys)
+
+
+def reference_products(w, g, b):
+  """The six products in float64, and the sums of their absolute terms (the scale of rounding)."""
+  x = [np.asarray(a, np.float64).reshape(math.prod(a.shape[:-1]), a.shape[-1]) for a in (w, g, b)]
+  products = [np.sum(x[i] * x[j], axis=0) for i, j in native._PAIRS]
+  scales = [np.sum(np.abs(x[i] * x[j]), axis=0) for i, j in native._PAIRS]
+  return products, scales
+
+
+def hlo(fn, *args) -> str:
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize(
+  'shape', [(3, 3, 64, 128), (27, 16), (300, 1), (1, 7), (5,), (0, 5), (2, 3, 0)]
+)
+def test_kernel_equals_the_exact_products(kernel, shape):
+  w, g, b = random_arrays(shape)
+  products = jax.jit(native.column_products)(w, g, b)
+  if w.size:  # XLA drops a call on empty operands
+    assert 'grassmann_optax_column_gram' in hlo(native.column_products, w, g, b)
+  expected, scales = reference_products(w, g, b)
+  for got, want, scale in zip(products, expected, scales, strict=True):
+    assert got.shape == (1,) * (len(shape) - 1) + (shape[-1],)
+    assert got.dtype == jnp.float32
+    # float32 summation: an error of a few ulps of the sum of the absolute terms.
+    assert np.all(np.abs(np.ravel(got) - want) <= 1e-6 * scale + 1e-30)
+
+
+def test_kernel_is_not_used_for_other_dtypes_or_when_disabled(kernel):
+  w, g, b = random_arrays((9, 4))
+  assert 'custom-call' not in hlo(
+    lambda *x: native.column_products(*x), *(x.astype(jnp.float16) for x in (w, g, b))
+  )
+  assert 'custom-call' not in hlo(
+    lambda *x: native.column_products(*x, allow_kernel=False), w, g, b
+  )
+  with native.kernel_disabled():
+    assert 'custom-call' not in hlo(lambda *x: native.column_products(*x), w, g, b)
+  assert 'custom-call' in hlo(lambda *x: native.column_products(*x), w, g, b)
+
+
+def test_bfloat16_params_keep_the_fused_xla_reductions(kernel):
+  params = {'w': jax.random.normal(jax.random.key(0), (3, 3, 8, 16)).astype(jnp.bfloat16)}
+  tx = go.sgdg_manifold_update(0.1)
+  state = tx.init(params)
+  text = hlo(lambda g, s, p: tx.update(g, s, p), params, state, params)
+  assert 'grassmann_optax_column_gram' not in text
+
+
+def run_steps(tx, params, num_steps=12):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, key):
+    grads = jax.tree.map(lambda p: 0.3 * jax.random.normal(key, p.shape), params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for key in jax.random.split(jax.random.key(1), num_steps):
+    params, state = step(params, state, key)
+  return params, state
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_kernel_and_xla_updates_agree(kernel, name):
+  params = {
+    'conv': go.unit_initializer()(jax.random.key(0), (3, 3, 8, 16)),
+    'dense': go.unit_initializer()(jax.random.key(1), (40, 10)),
+  }
+  make = {
+    'sgdg': lambda: go.sgdg_manifold_update(0.2, omega=0.1),
+    'adamg': lambda: go.adamg_manifold_update(0.05, omega=0.1),
+  }[name]
+  tx = make()
+  assert 'grassmann_optax_column_gram' in hlo(
+    lambda g, s, p: tx.update(g, s, p), params, tx.init(params), params
+  )
+  with_kernel = run_steps(tx, params)
+  with native.kernel_disabled():
+    with_xla = run_steps(make(), params)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  jax.tree.map(close, with_kernel, with_xla)
+
+
+def test_update_is_differentiable_through_the_kernel(kernel):
+  params = {'w': go.unit_initializer()(jax.random.key(0), (12, 5))}
+  grads = {'w': 0.1 * jax.random.normal(jax.random.key(1), (12, 5))}
+
+  def loss(learning_rate, grads):
+    tx = go.sgdg_manifold_update(learning_rate)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return jnp.sum(jnp.sin(optax.apply_updates(params, updates)['w']))
+
+  with_kernel = jax.grad(loss, argnums=(0, 1))(0.3, grads)
+  with native.kernel_disabled():
+    with_xla = jax.grad(loss, argnums=(0, 1))(0.3, grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), with_kernel, with_xla
+  )
+  direction = {'w': jax.random.normal(jax.random.key(2), (12, 5))}
+  jvp = jax.jvp(lambda g: loss(0.3, g), (grads,), (direction,))[1]
+  np.testing.assert_allclose(jvp, jnp.vdot(with_xla[1]['w'], direction['w']), rtol=1e-4)
+  assert abs(float(jvp)) > 1e-3
+
+
+def test_vmap_over_an_ensemble_runs_the_kernel_per_member(kernel):
+  members = jax.vmap(lambda k: go.unit_initializer()(k, (10, 4)))(
+    jax.random.split(jax.random.key(0), 3)
+  )
+  grads = 0.2 * jax.random.normal(jax.random.key(1), members.shape)
+  tx = go.adamg_manifold_update(0.05)
+
+  def one(w, g):
+    updates, _ = tx.update({'w': g}, tx.init({'w': w}), {'w': w})
+    return updates['w']
+
+  batched = jax.jit(jax.vmap(one))(members, grads)
+  for i in range(3):
+    np.testing.assert_allclose(batched[i], one(members[i], grads[i]), rtol=0, atol=1e-7)
+
+
+def test_a_failed_build_raises_with_the_compiler_output(tmp_path, monkeypatch):
+  monkeypatch.setenv(native.ENV_CACHE_DIR, str(tmp_path))
+  with pytest.raises(native.BuildError, match='could not run'):
+    native.build(compiler=str(tmp_path / 'no-such-compiler'))
+  with pytest.raises(native.BuildError, match=r'failed \(1\)'):
+    native.build(compiler='false')
+  assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, '-W', 'always', '-c', textwrap.dedent(code)],
+    env={**os.environ, **env},
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+
+
+FALLBACK_SCRIPT = """
+  import jax, jax.numpy as jnp, optax
+  import grassmann_optax as go
+  from grassmann_optax._src import native
+  params = {'w': go.unit_initializer()(jax.random.key(0), (6, 3))}
+  tx = go.sgdg(0.1, 0.2)
+  updates, _ = tx.update(params, tx.init(params), params)
+  print('available', native.kernel_available())
+  print('finite', bool(jnp.isfinite(optax.apply_updates(params, updates)['w']).all()))
+"""
+
+
+def test_without_a_compiler_the_update_falls_back_to_xla_with_one_warning(tmp_path):
+  result = run_python(
+    FALLBACK_SCRIPT, CXX=str(tmp_path / 'no-such-compiler'), GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path)
+  )
+  assert result.returncode == 0, result.stderr
+  assert 'available False' in result.stdout and 'finite True' in result.stdout
+  assert result.stderr.count('CPU kernel for column inner products is unavailable') == 1
+  assert 'GRASSMANN_OPTAX_CPU_KERNEL=0' in result.stderr
+
+
+def test_the_switch_turns_the_kernel_off_without_building(tmp_path):
+  result = run_python(
+    FALLBACK_SCRIPT,
+    GRASSMANN_OPTAX_CPU_KERNEL='0',
+    CXX=str(tmp_path / 'no-such-compiler'),
+    GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path),
+  )
+  assert result.returncode == 0, result.stderr
+  assert 'available False' in result.stdout and 'finite True' in result.stdout
+  assert 'unavailable' not in result.stderr
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+  'spec, reduction', [(P(None, None, None, 'x'), False), (P(None, None, 'x', None), True)]
+)
+def test_sharded_jit_keeps_the_shards(kernel, spec, reduction):
+  """Columns sharded: each device sums its own columns. Rows sharded: partial sums, one psum."""
+  mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
+  sharding = NamedSharding(mesh, spec)
+  w, g, b = (jax.device_put(x, sharding) for x in random_arrays((3, 3, 8, 16)))
+  step = jax.jit(native.column_products)
+  text = step.lower(w, g, b).compile().as_text()
+  assert 'grassmann_optax_column_gram' in text
+  assert 'all-gather' not in text
+  assert ('all-reduce' in text) == reduction
+  expected, scales = reference_products(w, g, b)
+  for got, want, scale in zip(step(w, g, b), expected, scales, strict=True):
+    assert np.all(np.abs(np.ravel(got) - want) <= 1e-6 * scale + 1e-30)
