@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import grassmann_optax as go
 from train import benchmark
 
 TINY_SHAPES = {
@@ -42,15 +43,22 @@ def test_update_benchmark_reports_times_and_ratios():
   result = benchmark.benchmark_update(TINY_SHAPES, tiny_candidates(), repeats=1, min_sample_s=0)
 
   assert (result['num_params'], result['num_manifold_params']) == (3 * 3 * 4 * 8 + 8, 288)
-  assert set(result['times']) == set(tiny_candidates())
+  assert set(result['times']) == {*tiny_candidates(), benchmark.PRODUCTS_PASS}
   for times in result['times'].values():
     assert times['median_ms'] > 0 and times['compile_s'] > 0
     assert len(times['samples_ms']) == 1
-  assert set(result['ratios']) == {'adamg(ω=0) / adam', 'sgdg(ω=0) / sgd-nesterov'}
-  for name, ratio in result['ratios'].items():
+  assert set(result['ratios']) == {
+    'adamg(ω=0) / adam',
+    'sgdg(ω=0) / sgd-nesterov',
+    'inner products only / sgd-nesterov',
+    'inner products only / adam',
+  }
+  for ratio in result['ratios'].values():
     assert math.isfinite(ratio) and ratio > 0
-    assert result['targets'][name]['ratio'] == ratio
-    assert result['targets'][name]['met'] == (ratio <= result['targets'][name]['limit'])
+  for name, target in result['targets'].items():
+    ratio = result['ratios'][name]
+    assert target['ratio'] == ratio
+    assert target['met'] == (ratio <= target['limit'])
   json.dumps(result)
 
 
@@ -173,19 +181,43 @@ def test_sgd_baseline_decays_every_parameter():
     np.testing.assert_allclose(leaf, 1 - lr_times_decay * (1 + benchmark.MOMENTUM), rtol=1e-6)
 
 
-def test_chain_candidates_equal_the_fused_aliases():
+def test_chain_and_xla_candidates_equal_the_fused_aliases():
   shapes = {'conv': {'kernel': jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32)}}
   grads = benchmark.random_tree(1, shapes)
-  for fused, chain in [
-    (benchmark.sgdg(0.1), benchmark.sgdg_chain(0.1)),
-    (benchmark.adamg(0.1), benchmark.adamg_chain(0.1)),
+  for fused, *others in [
+    (
+      benchmark.sgdg(0.1),
+      benchmark.sgdg_chain(0.1),
+      benchmark.without_cpu_kernel(benchmark.sgdg(0.1)),
+    ),
+    (
+      benchmark.adamg(0.1),
+      benchmark.adamg_chain(0.1),
+      benchmark.without_cpu_kernel(benchmark.adamg(0.1)),
+    ),
   ]:
     results = []
-    for tx in (fused, chain):
+    for tx in (fused, *others):
       params = benchmark.random_tree(0, shapes)
       state = tx.init(params)
       step = benchmark.make_update_step(tx)
       for _ in range(3):
         params, state = step(params, state, grads)
       results.append(params['conv']['kernel'])
-    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+    for other in results[1:]:
+      np.testing.assert_allclose(results[0], other, atol=1e-5)
+
+
+def test_products_probe_reads_the_manifold_leaves_and_passes_params_through():
+  shapes = {
+    'conv': {'kernel': jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32)},
+    'dense': {'kernel': jax.ShapeDtypeStruct((4, 10), jnp.float32)},
+  }
+  params, grads = benchmark.random_tree(0, shapes), benchmark.random_tree(1, shapes)
+  step = benchmark.make_products_step(go.grassmann_labels(params))
+  expected = np.asarray(params['conv']['kernel'])
+  out, sums = step(benchmark.copy_tree(params), None, grads, grads)
+  np.testing.assert_array_equal(out['conv']['kernel'], expected)
+  assert len(sums) == 1 and len(sums[0]) == 6  # the conv only: the dense layer is Euclidean
+  w, g = (np.asarray(t['conv']['kernel']).reshape(-1, 4) for t in (params, grads))
+  np.testing.assert_allclose(np.ravel(sums[0][1]), np.sum(w * g, axis=0), rtol=1e-5)

@@ -6,8 +6,11 @@ Four measurements, all in one process so that every candidate sees the same mach
    state donated, on the parameter tree of WRN-28-10 (36.5M parameters, 36.2M of them on the
    manifold by :func:`grassmann_optax.grassmann_labels`). :func:`grassmann_optax.sgdg` and
    :func:`grassmann_optax.adamg` (ω = 0 and ω = 0.1) against ``optax.sgd`` (Nesterov) and
-   ``optax.adam``, and against the same optimizers hand-assembled from the public transforms,
-   which shows what the fused manifold update buys.
+   ``optax.adam``; against the same optimizers hand-assembled from the public transforms (what
+   the fused manifold update buys) and with the CPU kernel for the column inner products
+   switched off (what the kernel buys). A probe that only reads ``w``, ``g`` and the buffer once
+   for those inner products times the pass that no SGD-G/Adam-G update can skip: every column's
+   step depends on them, so each array is read once before any column moves.
 2. **Full training step** (forward, backward, update; jitted, donated) of WRN-16-4 at batch 32
    with the paper's hyper-parameters (SPEC §7.2): Nesterov SGD with weight decay on every
    parameter against SGD-G and Adam-G with ω = 0.1. With a GPU backend (or ``--gpu``) also
@@ -40,6 +43,7 @@ import numpy as np
 import optax
 
 import grassmann_optax as go
+from grassmann_optax._src import native
 
 CIFAR_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -64,8 +68,15 @@ TRAIN_STEP_TARGETS = {
   'sgdg(ω=0.1) / sgd': ('sgdg ω=0.1', 'sgd', 1.10),
   'adamg(ω=0.1) / sgd': ('adamg ω=0.1', 'sgd', 1.10),
 }
+# The probe that reads w, g and the buffer of every manifold leaf once for their six column inner
+# products and does nothing else: the pass that SGD-G and Adam-G add to an optax update.
+PRODUCTS_PASS = 'inner products only'
 UPDATE_RATIOS = {
   **{name: (num, den) for name, (num, den, _) in UPDATE_TARGETS.items()},
+  'inner products only / sgd-nesterov': (PRODUCTS_PASS, 'optax.sgd nesterov'),
+  'inner products only / adam': (PRODUCTS_PASS, 'optax.adam'),
+  'sgdg(ω=0) XLA reductions / kernel': ('sgdg ω=0 XLA reductions', 'sgdg ω=0'),
+  'adamg(ω=0) XLA reductions / kernel': ('adamg ω=0 XLA reductions', 'adamg ω=0'),
   'adamg(ω=0.1) / adam': ('adamg ω=0.1', 'optax.adam'),
   'sgdg(ω=0.1) / sgd-nesterov': ('sgdg ω=0.1', 'optax.sgd nesterov'),
   'adamg chain(ω=0) / adamg(ω=0)': ('adamg chain ω=0', 'adamg ω=0'),
@@ -246,6 +257,16 @@ def sgd_baseline() -> optax.GradientTransformation:
   return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), sgd_nesterov())
 
 
+def without_cpu_kernel(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` with its column inner products left to XLA (six reductions) instead of the kernel."""
+
+  def update_fn(updates, state, params=None):
+    with native.kernel_disabled():
+      return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(tx.init, update_fn)
+
+
 def update_candidates() -> dict[str, Callable[[], optax.GradientTransformation]]:
   """The optimizers whose update is timed, by the names the table uses."""
   return {
@@ -253,6 +274,8 @@ def update_candidates() -> dict[str, Callable[[], optax.GradientTransformation]]
     'optax.adam': lambda: optax.adam(ADAM_LEARNING_RATE),
     'sgdg ω=0': lambda: sgdg(0.0),
     'adamg ω=0': lambda: adamg(0.0),
+    'sgdg ω=0 XLA reductions': lambda: without_cpu_kernel(sgdg(0.0)),
+    'adamg ω=0 XLA reductions': lambda: without_cpu_kernel(adamg(0.0)),
     'sgdg ω=0.1': lambda: sgdg(OMEGA),
     'adamg ω=0.1': lambda: adamg(OMEGA),
     'sgdg chain ω=0': lambda: sgdg_chain(0.0),
@@ -284,6 +307,27 @@ def make_update_step(tx: optax.GradientTransformation) -> Callable:
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_products_step(labels: Any) -> Callable:
+  """``(params, sums, grads) -> (params, sums)``: the column inner products of every manifold leaf.
+
+  The buffer is a copy of the gradient, so the step reads three manifold-sized arrays as SGD-G
+  and Adam-G do, computes ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` per column the way the fused update
+  does (the CPU kernel where it is available), and passes ``params`` through.
+  """
+  is_manifold = [label == go.GRASSMANN for label in jax.tree.leaves(labels)]
+
+  def step(params, sums, grads, buffers):
+    leaves = zip(*map(jax.tree.leaves, (params, grads, buffers)), strict=True)
+    sums = [
+      native.column_products(w, g, b)
+      for (w, g, b), manifold in zip(leaves, is_manifold, strict=True)
+      if manifold
+    ]
+    return params, sums
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -413,8 +457,13 @@ def benchmark_update(
   repeats: int,
   min_sample_s: float = 0.2,
   seed: int = 0,
+  with_products_pass: bool = True,
 ) -> dict[str, Any]:
-  """Times ``update`` + ``apply_updates`` of each candidate on random params of ``shapes``."""
+  """Times ``update`` + ``apply_updates`` of each candidate on random params of ``shapes``.
+
+  With ``with_products_pass``, also times :func:`make_products_step`: the one extra read of
+  the manifold arrays that any SGD-G/Adam-G update needs before it can move a column.
+  """
   params = random_tree(seed, shapes)
   grads = random_tree(seed + 1, shapes, scale=1e-2)
   steps = {}
@@ -422,6 +471,13 @@ def benchmark_update(
     tx = make_tx()
     own_params = copy_tree(params)
     steps[name] = (make_update_step(tx), (own_params, tx.init(own_params)), (grads,))
+  if with_products_pass:
+    labels = go.grassmann_labels(params)
+    step = make_products_step(labels)
+    own_params = copy_tree(params)
+    sums = jax.eval_shape(step, own_params, None, grads, grads)[1]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums)
+    steps[PRODUCTS_PASS] = (step, (own_params, zeros), (grads, copy_tree(grads)))
   del params
   runners, compile_s = compile_runners(steps)
   del steps
