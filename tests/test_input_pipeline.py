@@ -2,6 +2,7 @@
 
 import dataclasses
 import socket
+import threading
 import time
 
 import numpy as np
@@ -288,10 +289,14 @@ def test_host_probe_has_a_short_timeout(monkeypatch):
   assert timeouts and 0 < timeouts[0] <= 5
 
   # A probe stuck in name resolution (which the socket timeout does not bound) is abandoned.
+  release = threading.Event()
+
   def hangs(address, timeout=None):
-    time.sleep(30)
+    release.wait(30)
+    raise OSError('name resolution gave up')
 
   monkeypatch.setattr(socket, 'create_connection', hangs)
   start = time.monotonic()
   assert not ip._host_reachable('example.invalid', 443, timeout=0.2)
   assert time.monotonic() - start < 2
+  release.set()  # let the abandoned probe thread finish
