@@ -180,7 +180,7 @@ FALLBACK_SCRIPT = """
   import jax, jax.numpy as jnp, optax
   import grassmann_optax as go
   from grassmann_optax._src import native
-  params = {'w': go.unit_initializer()(jax.random.key(0), (6, 3))}
+  params = {'w': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 6))}
   tx = go.sgdg(0.1, 0.2)
   updates, _ = tx.update(params, tx.init(params), params)
   print('available', native.kernel_available())
@@ -196,6 +196,25 @@ def test_without_a_compiler_the_update_falls_back_to_xla_with_one_warning(tmp_pa
   assert 'available False' in result.stdout and 'finite True' in result.stdout
   assert result.stderr.count('CPU kernel for column inner products is unavailable') == 1
   assert 'GRASSMANN_OPTAX_CPU_KERNEL=0' in result.stderr
+
+
+def test_other_backends_never_build_the_kernel(tmp_path):
+  script = """
+    import jax, jax.numpy as jnp, optax
+    jax.default_backend = lambda: 'gpu'  # what a GPU or TPU process reports
+    import grassmann_optax as go
+    params = {'w': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 6))}
+    tx = go.sgdg(0.1, 0.2)
+    updates, _ = tx.update(params, tx.init(params), params)
+    print('finite', bool(jnp.isfinite(optax.apply_updates(params, updates)['w']).all()))
+  """
+  result = run_python(
+    script, CXX=str(tmp_path / 'no-such-compiler'), GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path)
+  )
+  assert result.returncode == 0, result.stderr
+  assert 'finite True' in result.stdout
+  assert 'unavailable' not in result.stderr
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_the_switch_turns_the_kernel_off_without_building(tmp_path):

@@ -291,6 +291,8 @@ def column_products(
     allow_kernel
     and w.ndim >= 1
     and all(x.dtype == jnp.float32 and x.shape == w.shape for x in arrays)
+    # Only a CPU process builds the kernel: GPU and TPU users need no compiler and get no warning.
+    and jax.default_backend() == 'cpu'
     and kernel_available()
   )
   if not usable:
