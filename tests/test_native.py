@@ -246,3 +246,28 @@ def test_sharded_jit_keeps_the_shards(kernel, spec, reduction):
   expected, scales = reference_products(w, g, b)
   for got, want, scale in zip(step(w, g, b), expected, scales, strict=True):
     assert np.all(np.abs(np.ravel(got) - want) <= 1e-6 * scale + 1e-30)
+
+
+def test_inside_shard_map_data_parallel(kernel):
+  """The usual data-parallel step: gradients averaged over devices, the update run on each."""
+  mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
+  params = {'conv': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8))}
+  grads = {'conv': 0.1 * jax.random.normal(jax.random.key(1), (2, 3, 3, 4, 8))}
+  tx = go.sgdg(0.1, 0.2)
+  state = tx.init(params)
+
+  def step(params, state, grads):
+    grads = jax.lax.pmean(jax.tree.map(lambda g: g[0], grads), 'data')
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  sharded = jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data')), out_specs=(P(), P()))
+  )
+  assert 'grassmann_optax_column_gram' in sharded.lower(params, state, grads).as_text('hlo')
+  got, _ = sharded(params, state, grads)
+  mean = {'conv': grads['conv'].mean(0)}
+  updates, _ = tx.update(mean, state, params)
+  np.testing.assert_allclose(
+    got['conv'], optax.apply_updates(params, updates)['conv'], rtol=0, atol=1e-6
+  )
