@@ -43,7 +43,11 @@ def test_update_benchmark_reports_times_and_ratios():
   result = benchmark.benchmark_update(TINY_SHAPES, tiny_candidates(), repeats=1, min_sample_s=0)
 
   assert (result['num_params'], result['num_manifold_params']) == (3 * 3 * 4 * 8 + 8, 288)
-  assert set(result['times']) == {*tiny_candidates(), benchmark.PRODUCTS_PASS}
+  assert set(result['times']) == {
+    *tiny_candidates(),
+    benchmark.PRODUCTS_PASS,
+    benchmark.READ_PASS,
+  }
   for times in result['times'].values():
     assert times['median_ms'] > 0 and times['compile_s'] > 0
     assert len(times['samples_ms']) == 1
@@ -52,6 +56,8 @@ def test_update_benchmark_reports_times_and_ratios():
     'sgdg(ω=0) / sgd-nesterov',
     'inner products only / sgd-nesterov',
     'inner products only / adam',
+    'inner products only / read only',
+    'read only / sgd-nesterov',
   }
   for ratio in result['ratios'].values():
     assert math.isfinite(ratio) and ratio > 0
@@ -221,3 +227,9 @@ def test_products_probe_reads_the_manifold_leaves_and_passes_params_through():
   assert len(sums) == 1 and len(sums[0]) == 6  # the conv only: the dense layer is Euclidean
   w, g = (np.asarray(t['conv']['kernel']).reshape(-1, 4) for t in (params, grads))
   np.testing.assert_allclose(np.ravel(sums[0][1]), np.sum(w * g, axis=0), rtol=1e-5)
+
+  read = benchmark.make_products_step(go.grassmann_labels(params), read_only=True)
+  out, sums = read(benchmark.copy_tree(params), None, grads, grads)
+  np.testing.assert_array_equal(out['conv']['kernel'], expected)
+  assert len(sums) == 1 and len(sums[0]) == 1
+  np.testing.assert_allclose(np.ravel(sums[0][0]), np.sum(w + 2 * g, axis=0), rtol=1e-5)

@@ -2,6 +2,7 @@
 
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -271,3 +272,41 @@ def test_inside_shard_map_data_parallel(kernel):
   np.testing.assert_allclose(
     got['conv'], optax.apply_updates(params, updates)['conv'], rtol=0, atol=1e-6
   )
+
+
+VARIANT_SCRIPT = """
+  import hashlib, jax, numpy as np
+  from grassmann_optax._src import native
+  print('variant', native.kernel_variant())
+  digest = hashlib.sha256()
+  for seed, shape in enumerate([(3, 3, 64, 128), (130, 13), (1, 640), (5, 3, 7)]):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    w, g, b = (jax.random.normal(key, shape) for key in keys)
+    for product in jax.jit(native.column_products)(w, g, b):
+      digest.update(np.asarray(product).tobytes())
+  print('digest', digest.hexdigest())
+"""
+
+
+def test_the_instruction_set_variants_return_the_same_bits(kernel, tmp_path):
+  """The AVX2 loop (where the processor has it) and the portable loop agree bit for bit."""
+  runs = {
+    name: run_python(VARIANT_SCRIPT, GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path), **env)
+    for name, env in {'auto': {}, 'baseline': {native.ENV_VARIANT: 'baseline'}}.items()
+  }
+  for result in runs.values():
+    assert result.returncode == 0, result.stderr
+  lines = {name: dict(line.split() for line in r.stdout.splitlines()) for name, r in runs.items()}
+  assert lines['baseline']['variant'] == 'baseline'
+  assert lines['auto']['variant'] in ('avx2', 'baseline')
+  if REQUIRE and platform.machine() in ('x86_64', 'AMD64') and 'avx2' in cpu_flags():
+    assert lines['auto']['variant'] == 'avx2'
+  assert lines['auto']['digest'] == lines['baseline']['digest']
+
+
+def cpu_flags() -> str:
+  try:
+    with open('/proc/cpuinfo') as cpuinfo:
+      return next((line for line in cpuinfo if line.startswith('flags')), '')
+  except OSError:
+    return ''

@@ -71,10 +71,15 @@ TRAIN_STEP_TARGETS = {
 # The probe that reads w, g and the buffer of every manifold leaf once for their six column inner
 # products and does nothing else: the pass that SGD-G and Adam-G add to an optax update.
 PRODUCTS_PASS = 'inner products only'
+# The same three arrays read once by XLA and summed, nothing else: what reading them costs on this
+# machine, the floor for the products pass.
+READ_PASS = 'read w, g, b only'
 UPDATE_RATIOS = {
   **{name: (num, den) for name, (num, den, _) in UPDATE_TARGETS.items()},
   'inner products only / sgd-nesterov': (PRODUCTS_PASS, 'optax.sgd nesterov'),
   'inner products only / adam': (PRODUCTS_PASS, 'optax.adam'),
+  'inner products only / read only': (PRODUCTS_PASS, READ_PASS),
+  'read only / sgd-nesterov': (READ_PASS, 'optax.sgd nesterov'),
   'sgdg(ω=0) XLA reductions / kernel': ('sgdg ω=0 XLA reductions', 'sgdg ω=0'),
   'adamg(ω=0) XLA reductions / kernel': ('adamg ω=0 XLA reductions', 'adamg ω=0'),
   'adamg(ω=0.1) / adam': ('adamg ω=0.1', 'optax.adam'),
@@ -311,21 +316,26 @@ def make_update_step(tx: optax.GradientTransformation) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_products_step(labels: Any) -> Callable:
-  """``(params, sums, grads) -> (params, sums)``: the column inner products of every manifold leaf.
+def make_products_step(labels: Any, *, read_only: bool = False) -> Callable:
+  """``(params, sums, grads, buffers) -> (params, sums)``: a pass over every manifold leaf.
 
   The buffer is a copy of the gradient, so the step reads three manifold-sized arrays as SGD-G
   and Adam-G do, computes ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` per column the way the fused update
-  does (the CPU kernel where it is available), and passes ``params`` through.
+  does (the CPU kernel where it is available), and passes ``params`` through. With
+  ``read_only`` it only sums ``w + g + b`` per column in one XLA reduction: the same reads with
+  as little arithmetic as possible, for the memory system's share of the time.
   """
   is_manifold = [label == go.GRASSMANN for label in jax.tree.leaves(labels)]
+
+  def read(w, g, b):
+    return (jnp.sum(w + g + b, axis=tuple(range(w.ndim - 1))),)
+
+  reduce = read if read_only else native.column_products
 
   def step(params, sums, grads, buffers):
     leaves = zip(*map(jax.tree.leaves, (params, grads, buffers)), strict=True)
     sums = [
-      native.column_products(w, g, b)
-      for (w, g, b), manifold in zip(leaves, is_manifold, strict=True)
-      if manifold
+      reduce(w, g, b) for (w, g, b), manifold in zip(leaves, is_manifold, strict=True) if manifold
     ]
     return params, sums
 
@@ -462,7 +472,8 @@ def benchmark_update(
   """Times ``update`` + ``apply_updates`` of each candidate on random params of ``shapes``.
 
   With ``with_products_pass``, also times :func:`make_products_step`: the one extra read of
-  the manifold arrays that any SGD-G/Adam-G update needs before it can move a column.
+  the manifold arrays that any SGD-G/Adam-G update needs before it can move a column, and the
+  same reads done by XLA with nothing computed (the floor of that pass on this machine).
   """
   params = random_tree(seed, shapes)
   grads = random_tree(seed + 1, shapes, scale=1e-2)
@@ -473,11 +484,12 @@ def benchmark_update(
     steps[name] = (make_update_step(tx), (own_params, tx.init(own_params)), (grads,))
   if with_products_pass:
     labels = go.grassmann_labels(params)
-    step = make_products_step(labels)
-    own_params = copy_tree(params)
-    sums = jax.eval_shape(step, own_params, None, grads, grads)[1]
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums)
-    steps[PRODUCTS_PASS] = (step, (own_params, zeros), (grads, copy_tree(grads)))
+    for name, read_only in ((PRODUCTS_PASS, False), (READ_PASS, True)):
+      step = make_products_step(labels, read_only=read_only)
+      own_params = copy_tree(params)
+      sums = jax.eval_shape(step, own_params, None, grads, grads)[1]
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums)
+      steps[name] = (step, (own_params, zeros), (grads, copy_tree(grads)))
   del params
   runners, compile_s = compile_runners(steps)
   del steps
@@ -596,6 +608,7 @@ def machine_info() -> dict[str, Any]:
     'backend': jax.default_backend(),
     'devices': [str(device) for device in jax.devices()],
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'cpu_kernel': native.kernel_variant() if jax.default_backend() == 'cpu' else None,
   }
 
 
@@ -631,7 +644,7 @@ def format_header(report: Mapping[str, Any]) -> list[str]:
     f'grassmann_optax benchmark{mode}',
     f'machine: {machine["processor"] or "?"} ({machine["machine"]}), {machine["cpu_count"]} CPUs, '
     f'backend {machine["backend"]}, jax {machine["jax"]}, optax {machine["optax"]}, '
-    f'python {machine["python"]}',
+    f'python {machine["python"]}, CPU kernel {machine["cpu_kernel"] or "off"}',
     f'load average (1, 5, 15 min): start {report["load_average"]["start"]}, '
     f'end {report["load_average"]["end"]}',
   ]

@@ -11,6 +11,11 @@ The kernel is compiled on first use with the system's C++ compiler (``$CXX``, el
 or the build fails, a warning says so once and the same products are computed by XLA, which is
 slower on CPU and otherwise identical. ``GRASSMANN_OPTAX_CPU_KERNEL=0`` turns the kernel off.
 
+On x86-64 processors with AVX2 the kernel runs an AVX2 build of its loop, chosen when it is
+loaded (:func:`kernel_variant` says which); ``GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline`` forces the
+portable loop. Each column is summed in row order in one vector lane and nothing is contracted
+into a fused multiply-add, so both return the same bits.
+
 Other backends, and storage dtypes other than float32, always use the XLA reductions. The
 kernel has a JVP rule (the products are bilinear), so the update stays differentiable; under
 ``vmap`` it runs once per batch member; under ``jit`` with sharded arrays each device reduces its
@@ -43,11 +48,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from grassmann_optax._src import manifold
 
 ENV_SWITCH = 'GRASSMANN_OPTAX_CPU_KERNEL'
+# Read by the kernel when it is loaded: 'baseline' forces the portable loop instead of AVX2.
+ENV_VARIANT = 'GRASSMANN_OPTAX_CPU_KERNEL_ISA'
 ENV_CACHE_DIR = 'GRASSMANN_OPTAX_CACHE_DIR'
 SOURCE = Path(__file__).with_name('column_gram.cc')
 TARGET = 'grassmann_optax_column_gram'
 SYMBOL = 'GrassmannColumnGram'
-FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC')
+VARIANT_SYMBOL = 'GrassmannColumnGramVariant'
+FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-ffp-contract=off')
 COMPILE_TIMEOUT_S = 300
 
 _lock = threading.Lock()
@@ -136,6 +144,7 @@ def _load_and_register() -> bool:
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
     handler = getattr(library, SYMBOL)
+    variant = getattr(library, VARIANT_SYMBOL)
   except (BuildError, OSError, AttributeError) as error:
     warnings.warn(
       f'grassmann_optax: the CPU kernel for column inner products is unavailable, so XLA '
@@ -146,10 +155,13 @@ def _load_and_register() -> bool:
     )
     return False
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform='cpu')
+  variant.restype = ctypes.c_char_p
+  _variant.append(variant().decode())
   return True
 
 
 _registration: list[bool] = []
+_variant: list[str] = []
 
 
 def _registered() -> bool:
@@ -164,6 +176,14 @@ def _registered() -> bool:
 def kernel_available() -> bool:
   """True when the CPU kernel is built and registered and not switched off in this thread."""
   return not getattr(_disabled_here, 'value', False) and _registered()
+
+
+def kernel_variant() -> str | None:
+  """The kernel's instruction-set variant in this process (``'avx2'`` or ``'baseline'``).
+
+  ``None`` where the kernel is unavailable or switched off. Both variants return the same bits.
+  """
+  return _variant[0] if _registered() else None
 
 
 @contextlib.contextmanager
