@@ -55,12 +55,33 @@ constexpr int64_t kLanes = 8;
 // Each column is summed in row order in one vector lane, so the vector width changes no
 // rounding, and the build passes -ffp-contract=off so that no variant fuses a multiply into an
 // add: every instruction-set variant below returns the same bits.
+// Adds one row's products to the accumulators of one group of `lanes` columns, laid out
+// [product][lane] at `acc`.
+[[gnu::always_inline]] inline void AccumulateGroup(const float* __restrict x_row,
+                                                   const float* __restrict y_row,
+                                                   const float* __restrict z_row, int64_t lanes,
+                                                   float* __restrict acc) {
+#pragma GCC unroll 8
+#pragma GCC ivdep
+  for (int64_t l = 0; l < lanes; ++l) {
+    const float x = x_row[l], y = y_row[l], z = z_row[l];
+    acc[l] += x * x;
+    acc[lanes + l] += x * y;
+    acc[2 * lanes + l] += y * y;
+    acc[3 * lanes + l] += x * z;
+    acc[4 * lanes + l] += y * z;
+    acc[5 * lanes + l] += z * z;
+  }
+}
+
 [[gnu::always_inline]] inline void AccumulateRowsBody(const float* __restrict w,
                                                       const float* __restrict g,
                                                       const float* __restrict b, int64_t p,
                                                       int64_t row_begin, int64_t row_end,
                                                       float* __restrict sums,
                                                       float* __restrict block) {
+  // Whole groups of kLanes columns (a constant width the compiler vectorizes), then the last
+  // p - vec columns as one narrower group; group j0 starts at block + j0 * kProducts.
   const int64_t vec = p / kLanes * kLanes;
   for (int64_t start = row_begin; start < row_end; start += kBlockRows) {
     std::fill(block, block + kProducts * p, 0.0f);
@@ -70,39 +91,16 @@ constexpr int64_t kLanes = 8;
       const float* __restrict gi = g + i * p;
       const float* __restrict bi = b + i * p;
       for (int64_t j0 = 0; j0 < vec; j0 += kLanes) {
-        float* __restrict acc = block + j0 * kProducts;
-#pragma GCC unroll 8
-#pragma GCC ivdep
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const float x = wi[j0 + l], y = gi[j0 + l], z = bi[j0 + l];
-          acc[l] += x * x;
-          acc[kLanes + l] += x * y;
-          acc[2 * kLanes + l] += y * y;
-          acc[3 * kLanes + l] += x * z;
-          acc[4 * kLanes + l] += y * z;
-          acc[5 * kLanes + l] += z * z;
-        }
+        AccumulateGroup(wi + j0, gi + j0, bi + j0, kLanes, block + j0 * kProducts);
       }
-      for (int64_t j = vec; j < p; ++j) {
-        float* __restrict acc = block + j * kProducts;
-        const float x = wi[j], y = gi[j], z = bi[j];
-        acc[0] += x * x;
-        acc[1] += x * y;
-        acc[2] += y * y;
-        acc[3] += x * z;
-        acc[4] += y * z;
-        acc[5] += z * z;
-      }
+      if (vec < p) AccumulateGroup(wi + vec, gi + vec, bi + vec, p - vec, block + vec * kProducts);
     }
-    for (int64_t j0 = 0; j0 < vec; j0 += kLanes) {
+    for (int64_t j0 = 0; j0 < p; j0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, p - j0);
+      const float* group = block + j0 * kProducts;
       for (int k = 0; k < kProducts; ++k) {
-        for (int64_t l = 0; l < kLanes; ++l) {
-          sums[k * p + j0 + l] += block[j0 * kProducts + k * kLanes + l];
-        }
+        for (int64_t l = 0; l < lanes; ++l) sums[k * p + j0 + l] += group[k * lanes + l];
       }
-    }
-    for (int64_t j = vec; j < p; ++j) {
-      for (int k = 0; k < kProducts; ++k) sums[k * p + j] += block[j * kProducts + k];
     }
   }
 }
