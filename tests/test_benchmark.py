@@ -47,6 +47,7 @@ def test_update_benchmark_reports_times_and_ratios():
     *tiny_candidates(),
     benchmark.PRODUCTS_PASS,
     benchmark.READ_PASS,
+    benchmark.COMBINE_PASS,
   }
   for times in result['times'].values():
     assert times['median_ms'] > 0 and times['compile_s'] > 0
@@ -58,9 +59,15 @@ def test_update_benchmark_reports_times_and_ratios():
     'inner products only / adam',
     'inner products only / read only',
     'read only / sgd-nesterov',
+    'new buffer and w only / sgd-nesterov',
+    'read + new buffer and w / sgd-nesterov',
+    'read + new buffer and w / adam',
   }
   for ratio in result['ratios'].values():
     assert math.isfinite(ratio) and ratio > 0
+  times = {name: t['median_ms'] for name, t in result['times'].items()}
+  floor = (times[benchmark.READ_PASS] + times[benchmark.COMBINE_PASS]) / times['optax.adam']
+  assert result['ratios']['read + new buffer and w / adam'] == pytest.approx(floor)
   for name, target in result['targets'].items():
     ratio = result['ratios'][name]
     assert target['ratio'] == ratio
@@ -233,3 +240,32 @@ def test_products_probe_reads_the_manifold_leaves_and_passes_params_through():
   np.testing.assert_array_equal(out['conv']['kernel'], expected)
   assert len(sums) == 1 and len(sums[0]) == 1
   np.testing.assert_allclose(np.ravel(sums[0][0]), np.sum(w + 2 * g, axis=0), rtol=1e-5)
+
+
+def test_combination_probe_writes_the_new_buffer_and_weight_of_manifold_leaves_only():
+  shapes = {
+    'conv': {'kernel': jax.ShapeDtypeStruct((3, 3, 8, 4), jnp.float32)},
+    'dense': {'kernel': jax.ShapeDtypeStruct((4, 10), jnp.float32)},
+  }
+  params, grads = benchmark.random_tree(0, shapes), benchmark.random_tree(1, shapes)
+  buffers = benchmark.random_tree(2, shapes)
+  labels = go.grassmann_labels(params)
+  coefficients = benchmark.combination_coefficients(params, labels)
+  assert [c.shape for c in coefficients] == [(5, 4)]
+  c = np.asarray(coefficients[0])[:, None]
+  w, g, b = (np.asarray(t['conv']['kernel']).reshape(-1, 4) for t in (params, grads, buffers))
+  dense = (np.asarray(params['dense']['kernel']), np.asarray(buffers['dense']['kernel']))
+
+  step = benchmark.make_combination_step(labels)
+  out, new_buffers = step(
+    benchmark.copy_tree(params), benchmark.copy_tree(buffers), grads, coefficients
+  )
+
+  new_b = c[0] * b + c[1] * g + c[2] * w
+  close = {'rtol': 1e-5, 'atol': 1e-7}
+  np.testing.assert_allclose(new_buffers['conv']['kernel'].reshape(-1, 4), new_b, **close)
+  np.testing.assert_allclose(
+    out['conv']['kernel'].reshape(-1, 4), w + c[3] * w + c[4] * new_b, **close
+  )
+  np.testing.assert_array_equal(out['dense']['kernel'], dense[0])
+  np.testing.assert_array_equal(new_buffers['dense']['kernel'], dense[1])

@@ -10,7 +10,9 @@ Four measurements, all in one process so that every candidate sees the same mach
    the fused manifold update buys) and with the CPU kernel for the column inner products
    switched off (what the kernel buys). A probe that only reads ``w``, ``g`` and the buffer once
    for those inner products times the pass that no SGD-G/Adam-G update can skip: every column's
-   step depends on them, so each array is read once before any column moves.
+   step depends on them, so each array is read once before any column moves. A second probe
+   times the passes that follow it (new buffer, new weight) with the coefficients given, so that
+   the update's time splits into its two parts.
 2. **Full training step** (forward, backward, update; jitted, donated) of WRN-16-4 at batch 32
    with the paper's hyper-parameters (SPEC §7.2): Nesterov SGD with weight decay on every
    parameter against SGD-G and Adam-G with ω = 0.1. With a GPU backend (or ``--gpu``) also
@@ -74,18 +76,30 @@ PRODUCTS_PASS = 'inner products only'
 # The same three arrays read once by XLA and summed, nothing else: what reading them costs on this
 # machine, the floor for the products pass.
 READ_PASS = 'read w, g, b only'
+# The passes that follow the inner products in the fused update, alone: with per-column
+# coefficients given, the new buffer c0·b + c1·g + c2·w and the new weight w + c3·w + c4·(new
+# buffer), as XLA:CPU compiles them (one loop per output).
+COMBINE_PASS = 'new buffer and w only'
 UPDATE_RATIOS = {
   **{name: (num, den) for name, (num, den, _) in UPDATE_TARGETS.items()},
   'inner products only / sgd-nesterov': (PRODUCTS_PASS, 'optax.sgd nesterov'),
   'inner products only / adam': (PRODUCTS_PASS, 'optax.adam'),
   'inner products only / read only': (PRODUCTS_PASS, READ_PASS),
   'read only / sgd-nesterov': (READ_PASS, 'optax.sgd nesterov'),
+  'new buffer and w only / sgd-nesterov': (COMBINE_PASS, 'optax.sgd nesterov'),
   'sgdg(ω=0) XLA reductions / kernel': ('sgdg ω=0 XLA reductions', 'sgdg ω=0'),
   'adamg(ω=0) XLA reductions / kernel': ('adamg ω=0 XLA reductions', 'adamg ω=0'),
   'adamg(ω=0.1) / adam': ('adamg ω=0.1', 'optax.adam'),
   'sgdg(ω=0.1) / sgd-nesterov': ('sgdg ω=0.1', 'optax.sgd nesterov'),
   'adamg chain(ω=0) / adamg(ω=0)': ('adamg chain ω=0', 'adamg ω=0'),
   'sgdg chain(ω=0) / sgdg(ω=0)': ('sgdg chain ω=0', 'sgdg ω=0'),
+}
+# Sums of two probes over one candidate: (probes, denominator). The read plus the combination is
+# what a fused update with this pass structure costs if its inner products ran at XLA's read
+# speed and nothing overlapped.
+FLOOR_RATIOS = {
+  'read + new buffer and w / sgd-nesterov': ((READ_PASS, COMBINE_PASS), 'optax.sgd nesterov'),
+  'read + new buffer and w / adam': ((READ_PASS, COMBINE_PASS), 'optax.adam'),
 }
 
 
@@ -342,6 +356,45 @@ def make_products_step(labels: Any, *, read_only: bool = False) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_combination_step(labels: Any) -> Callable:
+  """``(params, buffers, grads, coefficients) -> (params, buffers)``: the update's last passes.
+
+  For each manifold leaf, with its per-column coefficients ``c`` (shape ``(5, p)``, in the order
+  of the manifold leaves) given as an input, writes the new buffer ``b' = c0·b + c1·g + c2·w`` and
+  the new weight ``w + c3·w + c4·b'``: what :func:`grassmann_optax.sgdg` and
+  :func:`grassmann_optax.adamg` write once the inner products are known (SPEC §10), without the
+  inner products and the per-column maths. Euclidean leaves pass through. Params and buffers are
+  donated, as in the update.
+  """
+  is_manifold = [label == go.GRASSMANN for label in jax.tree.leaves(labels)]
+
+  def step(params, buffers, grads, coefficients):
+    treedef = jax.tree.structure(params)
+    leaves = zip(*map(jax.tree.leaves, (params, buffers, grads)), strict=True)
+    column = iter(coefficients)
+    new_params, new_buffers = [], []
+    for (w, b, g), manifold in zip(leaves, is_manifold, strict=True):
+      if manifold:
+        c = next(column)
+        b = c[0] * b + c[1] * g + c[2] * w
+        w = w + c[3] * w + c[4] * b
+      new_params.append(w)
+      new_buffers.append(b)
+    return jax.tree.unflatten(treedef, new_params), jax.tree.unflatten(treedef, new_buffers)
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def combination_coefficients(params: Any, labels: Any) -> list[jax.Array]:
+  """Per-column coefficients for :func:`make_combination_step` that keep the values bounded."""
+  values = jnp.asarray([0.9, 1.0, -1e-3, -1e-4, -1e-2], jnp.float32)[:, None]
+  return [
+    jnp.broadcast_to(values, (5, w.shape[-1]))
+    for w, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels), strict=True)
+    if label == go.GRASSMANN
+  ]
+
+
 def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
   """``(params, batch_stats, state, images, labels, rng) -> (params, batch_stats, state)``.
 
@@ -448,6 +501,15 @@ def ratios(times: Mapping[str, Mapping[str, float]], pairs: Mapping[str, Sequenc
   }
 
 
+def floor_ratios(times: Mapping[str, Mapping[str, float]], sums: Mapping[str, Sequence]):
+  """``{name: sum(median(probe) for probe in probes) / median(den)}`` where all were timed."""
+  return {
+    name: sum(times[probe]['median_ms'] for probe in probes) / times[den]['median_ms']
+    for name, (probes, den) in sums.items()
+    if den in times and all(probe in times for probe in probes)
+  }
+
+
 def target_results(measured: Mapping[str, float], targets: Mapping[str, Sequence]) -> dict:
   return {
     name: {'ratio': measured[name], 'limit': limit, 'met': bool(measured[name] <= limit)}
@@ -472,8 +534,9 @@ def benchmark_update(
   """Times ``update`` + ``apply_updates`` of each candidate on random params of ``shapes``.
 
   With ``with_products_pass``, also times :func:`make_products_step`: the one extra read of
-  the manifold arrays that any SGD-G/Adam-G update needs before it can move a column, and the
-  same reads done by XLA with nothing computed (the floor of that pass on this machine).
+  the manifold arrays that any SGD-G/Adam-G update needs before it can move a column, the
+  same reads done by XLA with nothing computed (the floor of that pass on this machine), and
+  :func:`make_combination_step`, the passes that write the new buffer and weight.
   """
   params = random_tree(seed, shapes)
   grads = random_tree(seed + 1, shapes, scale=1e-2)
@@ -490,6 +553,11 @@ def benchmark_update(
       sums = jax.eval_shape(step, own_params, None, grads, grads)[1]
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums)
       steps[name] = (step, (own_params, zeros), (grads, copy_tree(grads)))
+    steps[COMBINE_PASS] = (
+      make_combination_step(labels),
+      (copy_tree(params), copy_tree(grads)),
+      (grads, combination_coefficients(params, labels)),
+    )
   del params
   runners, compile_s = compile_runners(steps)
   del steps
@@ -497,6 +565,7 @@ def benchmark_update(
   for name, seconds in compile_s.items():
     times[name]['compile_s'] = seconds
   measured = ratios(times, UPDATE_RATIOS)
+  measured.update(floor_ratios(times, FLOOR_RATIOS))
   num_params, num_manifold = count_parameters(shapes)
   return {
     'num_params': num_params,
