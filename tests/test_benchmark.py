@@ -65,6 +65,10 @@ def test_update_benchmark_reports_times_and_ratios():
   }
   for ratio in result['ratios'].values():
     assert math.isfinite(ratio) and ratio > 0
+  # One repeat: each range is that repeat's ratio; the floors have none (sums of two probes).
+  assert set(result['ratio_ranges']) == set(result['ratios']) - set(benchmark.FLOOR_RATIOS)
+  for name, (low, high) in result['ratio_ranges'].items():
+    assert low == high == pytest.approx(result['ratios'][name])
   times = {name: t['median_ms'] for name, t in result['times'].items()}
   floor = (times[benchmark.READ_PASS] + times[benchmark.COMBINE_PASS]) / times['optax.adam']
   assert result['ratios']['read + new buffer and w / adam'] == pytest.approx(floor)
@@ -269,3 +273,30 @@ def test_combination_probe_writes_the_new_buffer_and_weight_of_manifold_leaves_o
   )
   np.testing.assert_array_equal(out['dense']['kernel'], dense[0])
   np.testing.assert_array_equal(new_buffers['dense']['kernel'], dense[1])
+
+
+def test_gpu_section_times_the_three_optimizers_in_images_per_second(monkeypatch):
+  # No GPU here: the section's own code runs on CPU with a tiny network in place of WRN-28-10.
+  monkeypatch.setattr(benchmark.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(benchmark, 'GPU_TRAIN_NET', (10, 1, 2))
+
+  section = benchmark.timed(lambda: benchmark.gpu_section(requested=True, repeats=1))
+
+  assert 'skipped' not in section
+  assert section['title'].startswith('2b. training step') and 'WRN-10-1' in section['title']
+  assert set(section['times']) == {'sgd', 'sgdg ω=0.1', 'adamg ω=0.1'}
+  for times in section['times'].values():
+    assert times['images_per_s'] == pytest.approx(2e3 / times['median_ms'])
+  assert set(section['targets']) == set(benchmark.TRAIN_STEP_TARGETS)
+  table = '\n'.join(benchmark.format_train_step(section))
+  assert table.count('img/s') == 3 and table.count('(repeats ') == 2
+
+
+def test_repeat_ratio_ranges_pair_the_samples_of_each_repeat():
+  times = {
+    'a': {'samples_ms': [2.0, 3.0, 8.0]},
+    'b': {'samples_ms': [1.0, 3.0, 4.0]},
+  }
+  ranges = benchmark.repeat_ratio_ranges(times, {'a / b': ('a', 'b'), 'a / c': ('a', 'c')})
+
+  assert ranges == {'a / b': [1.0, 2.0]}

@@ -21,7 +21,9 @@ Four measurements, all in one process so that every candidate sees the same mach
 4. A table on stdout and the same figures as JSON (``--json``, default ``benchmark.json``).
 
 Every time is the median over repeats; each repeat runs the candidates in a rotated order, so
-that slow phases of a shared machine fall on all of them alike. ``--quick`` measures smaller
+that slow phases of a shared machine fall on all of them alike. Next to each ratio of medians the
+table gives the lowest and highest ratio within one repeat, where the two candidates ran close
+together in time. ``--quick`` measures smaller
 networks with fewer repeats (under a minute on two CPU cores), and says so in the table.
 
 References:
@@ -501,6 +503,24 @@ def ratios(times: Mapping[str, Mapping[str, float]], pairs: Mapping[str, Sequenc
   }
 
 
+def repeat_ratio_ranges(
+  times: Mapping[str, Mapping[str, Any]], pairs: Mapping[str, Sequence]
+) -> dict[str, list[float]]:
+  """``{name: [lowest, highest]}`` of ``num / den`` sample by sample, one ratio per repeat.
+
+  A repeat times every candidate once, one right after the other, so each of its ratios compares
+  samples taken close together; the range shows how far a shared machine's drift moves a ratio.
+  """
+  ranges = {}
+  for name, (num, den, *_) in pairs.items():
+    if num in times and den in times:
+      per_repeat = [
+        a / b for a, b in zip(times[num]['samples_ms'], times[den]['samples_ms'], strict=True)
+      ]
+      ranges[name] = [min(per_repeat), max(per_repeat)]
+  return ranges
+
+
 def floor_ratios(times: Mapping[str, Mapping[str, float]], sums: Mapping[str, Sequence]):
   """``{name: sum(median(probe) for probe in probes) / median(den)}`` where all were timed."""
   return {
@@ -572,6 +592,7 @@ def benchmark_update(
     'num_manifold_params': num_manifold,
     'times': times,
     'ratios': measured,
+    'ratio_ranges': repeat_ratio_ranges(times, UPDATE_RATIOS),
     'targets': target_results(measured, UPDATE_TARGETS),
   }
 
@@ -623,6 +644,7 @@ def benchmark_train_step(
     'num_params': count_parameters(shapes['params'])[0],
     'times': times,
     'ratios': measured,
+    'ratio_ranges': repeat_ratio_ranges(times, TRAIN_STEP_TARGETS),
     'targets': target_results(measured, TRAIN_STEP_TARGETS),
   }
 
@@ -702,7 +724,9 @@ def format_times(title: str, result: Mapping[str, Any], unit: str = 'ms') -> lis
       if target
       else ''
     )
-    lines.append(f'  {name:40s} {value:6.2f}×{verdict}')
+    spread = result.get('ratio_ranges', {}).get(name)
+    spread = f'  (repeats {spread[0]:.2f}-{spread[1]:.2f})' if spread else ''
+    lines.append(f'  {name:40s} {value:6.2f}×{spread}{verdict}')
   return lines
 
 
