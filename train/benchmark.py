@@ -193,15 +193,22 @@ def describe_tree(shapes: Any) -> list[tuple[str, tuple[int, ...], str]]:
   ]
 
 
+def manifold_flags(labels: Any) -> list[bool]:
+  """Per leaf of ``labels``, in leaf order: whether it is on the manifold."""
+  return [label == go.GRASSMANN for label in jax.tree.leaves(labels)]
+
+
+def manifold_leaves(tree: Any, labels: Any) -> list[Any]:
+  """The leaves of ``tree`` that ``labels`` puts on the manifold, in leaf order."""
+  leaves = zip(jax.tree.leaves(tree), manifold_flags(labels), strict=True)
+  return [leaf for leaf, manifold in leaves if manifold]
+
+
 def count_parameters(shapes: Any) -> tuple[int, int]:
   """``(all parameters, those on the manifold)`` by :func:`grassmann_optax.grassmann_labels`."""
-  leaves = jax.tree.leaves(shapes)
-  labels = jax.tree.leaves(go.grassmann_labels(shapes))
-  total = sum(int(np.prod(leaf.shape)) for leaf in leaves)
+  total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
   manifold = sum(
-    int(np.prod(leaf.shape))
-    for leaf, label in zip(leaves, labels, strict=True)
-    if label == go.GRASSMANN
+    int(np.prod(leaf.shape)) for leaf in manifold_leaves(shapes, go.grassmann_labels(shapes))
   )
   return total, manifold
 
@@ -341,7 +348,7 @@ def make_products_step(labels: Any, *, read_only: bool = False) -> Callable:
   ``read_only`` it only sums ``w + g + b`` per column in one XLA reduction: the same reads with
   as little arithmetic as possible, for the memory system's share of the time.
   """
-  is_manifold = [label == go.GRASSMANN for label in jax.tree.leaves(labels)]
+  is_manifold = manifold_flags(labels)
 
   def read(w, g, b):
     return (jnp.sum(w + g + b, axis=tuple(range(w.ndim - 1))),)
@@ -368,7 +375,7 @@ def make_combination_step(labels: Any) -> Callable:
   inner products and the per-column maths. Euclidean leaves pass through. Params and buffers are
   donated, as in the update.
   """
-  is_manifold = [label == go.GRASSMANN for label in jax.tree.leaves(labels)]
+  is_manifold = manifold_flags(labels)
 
   def step(params, buffers, grads, coefficients):
     treedef = jax.tree.structure(params)
@@ -390,11 +397,7 @@ def make_combination_step(labels: Any) -> Callable:
 def combination_coefficients(params: Any, labels: Any) -> list[jax.Array]:
   """Per-column coefficients for :func:`make_combination_step` that keep the values bounded."""
   values = jnp.asarray([0.9, 1.0, -1e-3, -1e-4, -1e-2], jnp.float32)[:, None]
-  return [
-    jnp.broadcast_to(values, (5, w.shape[-1]))
-    for w, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels), strict=True)
-    if label == go.GRASSMANN
-  ]
+  return [jnp.broadcast_to(values, (5, w.shape[-1])) for w in manifold_leaves(params, labels)]
 
 
 def make_train_step(model, tx: optax.GradientTransformation) -> Callable:
@@ -663,12 +666,7 @@ def state_bytes(shapes: Any) -> dict[str, Any]:
     'sgdg': sgdg(OMEGA),
     'adamg': adamg(OMEGA),
   }
-  labels = jax.tree.leaves(go.grassmann_labels(shapes))
-  manifold = [
-    leaf
-    for leaf, label in zip(jax.tree.leaves(shapes), labels, strict=True)
-    if label == go.GRASSMANN
-  ]
+  manifold = manifold_leaves(shapes, go.grassmann_labels(shapes))
   return {
     'param_bytes': tree_nbytes(shapes),
     'manifold_param_bytes': tree_nbytes(manifold),
@@ -724,8 +722,8 @@ def format_times(title: str, result: Mapping[str, Any], unit: str = 'ms') -> lis
       if target
       else ''
     )
-    spread = result.get('ratio_ranges', {}).get(name)
-    spread = f'  (repeats {spread[0]:.2f}-{spread[1]:.2f})' if spread else ''
+    low_high = result.get('ratio_ranges', {}).get(name)
+    spread = f'  (repeats {low_high[0]:.2f}-{low_high[1]:.2f})' if low_high else ''
     lines.append(f'  {name:40s} {value:6.2f}×{spread}{verdict}')
   return lines
 
