@@ -41,6 +41,25 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kPrefetchRows = 2;
 constexpr int64_t kLineFloats = 16;
 
+// Adds one row's products to the accumulators of one group of `lanes` columns, laid out
+// [product][lane] at `acc`.
+[[gnu::always_inline]] inline void AccumulateGroup(const float* __restrict x_row,
+                                                   const float* __restrict y_row,
+                                                   const float* __restrict z_row, int64_t lanes,
+                                                   float* __restrict acc) {
+#pragma GCC unroll 8
+#pragma GCC ivdep
+  for (int64_t l = 0; l < lanes; ++l) {
+    const float x = x_row[l], y = y_row[l], z = z_row[l];
+    acc[l] += x * x;
+    acc[lanes + l] += x * y;
+    acc[2 * lanes + l] += y * y;
+    acc[3 * lanes + l] += x * z;
+    acc[4 * lanes + l] += y * z;
+    acc[5 * lanes + l] += z * z;
+  }
+}
+
 // Adds rows [row_begin, row_end) to the six accumulator rows of `sums` (layout [6][p]), in
 // blocks of kBlockRows rows summed in `block` first, so that float32 rounding grows with
 // kBlockRows + rows / kBlockRows instead of with the number of rows. One row at a time keeps
@@ -67,25 +86,6 @@ constexpr int64_t kLineFloats = 16;
 // Each column is summed in row order in one vector lane, so the vector width changes no
 // rounding, and the build passes -ffp-contract=off so that no variant fuses a multiply into an
 // add: every instruction-set variant below returns the same bits.
-// Adds one row's products to the accumulators of one group of `lanes` columns, laid out
-// [product][lane] at `acc`.
-[[gnu::always_inline]] inline void AccumulateGroup(const float* __restrict x_row,
-                                                   const float* __restrict y_row,
-                                                   const float* __restrict z_row, int64_t lanes,
-                                                   float* __restrict acc) {
-#pragma GCC unroll 8
-#pragma GCC ivdep
-  for (int64_t l = 0; l < lanes; ++l) {
-    const float x = x_row[l], y = y_row[l], z = z_row[l];
-    acc[l] += x * x;
-    acc[lanes + l] += x * y;
-    acc[2 * lanes + l] += y * y;
-    acc[3 * lanes + l] += x * z;
-    acc[4 * lanes + l] += y * z;
-    acc[5 * lanes + l] += z * z;
-  }
-}
-
 [[gnu::always_inline]] inline void AccumulateRowsBody(const float* __restrict w,
                                                       const float* __restrict g,
                                                       const float* __restrict b, int64_t p,
@@ -184,7 +184,7 @@ struct Work {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       block.resize(kProducts * p);
       kVariant.accumulate(w, g, b, p, rows * c / chunks, rows * (c + 1) / chunks,
-                     sums.data() + c * kProducts * p, block.data());
+                          sums.data() + c * kProducts * p, block.data());
       done.fetch_add(1, std::memory_order_release);
     }
   }
