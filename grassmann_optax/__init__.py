@@ -5,6 +5,7 @@ Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (arXiv:170
 
 from grassmann_optax._src.alias import adamg, euclidean_sgd, grassmann_partition, sgdg
 from grassmann_optax._src.fused import (
+  AdamgManifoldState,
   SgdgManifoldState,
   adamg_manifold_update,
   sgdg_manifold_update,
@@ -32,6 +33,7 @@ from grassmann_optax._src.transforms import (
 __version__ = '0.1.0'
 
 __all__ = (
+  'AdamgManifoldState',
   'EUCLIDEAN',
   'GRASSMANN',
   'GrassmannAdamMomentsState',

@@ -111,10 +111,12 @@ def test_state_bytes_of_the_manifold_optimizers():
 
   assert state['optax.sgd nesterov'] == params
   assert state['optax.adam'] == 2 * params + 4
-  # One buffer the size of the params (the manifold's and the Euclidean momentum), a step count.
-  assert state['sgdg'] == params + 4
+  # One buffer the size of the params (the manifold's and the Euclidean momentum), a step count,
+  # and two float32 per manifold column: the basis of the stored buffer.
+  columns = result['manifold_columns']
+  assert state['sgdg'] == params + 8 * columns + 4
   # Adam-G: the same, plus one float32 second moment per manifold column.
-  assert state['adamg'] == params + 4 * result['manifold_columns'] + 4
+  assert state['adamg'] == params + 12 * columns + 4
 
 
 def random_step_inputs(tx):

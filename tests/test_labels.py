@@ -1,5 +1,7 @@
 """Label trees, scale-invariance detection, the penalty and the initializer; bad input."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -172,17 +174,128 @@ def test_unknown_label():
 
 def test_grassmann_leaf_with_fewer_than_two_rows():
   labels = {'conv': {'kernel': 'grassmann'}, 'head': {'bias': 'grassmann'}}
-  with pytest.raises(ValueError, match=r"'head/bias'.*needs n >= 2"):
+  with pytest.raises(ValueError, match=r"'head/bias'.*at least 2 rows"):
     go.adamg(0.1, 0.1, param_labels=labels).init(PARAMS)
   for transform in (go.project_to_tangent(), go.grassmann_momentum(), go.exp_map_update()):
     with pytest.raises(ValueError, match=r"leaf 'x'.*at least 2 rows"):
       transform.init({'x': jnp.ones((1, 4))})
 
 
-def test_grassmann_leaf_whose_fan_in_is_not_larger_than_its_outputs():
-  params = {'wide': jnp.ones((3, 3, 16, 160))}
-  with pytest.raises(ValueError, match=r"'wide'.*fan-in 144 <= 160"):
+@pytest.mark.parametrize('outputs', [144, 160])
+def test_grassmann_leaf_whose_fan_in_is_not_larger_than_its_outputs(outputs):
+  params = {'wide': jnp.ones((3, 3, 16, outputs))}
+  assert go.grassmann_labels(params) == {'wide': 'euclidean'}
+  with pytest.raises(ValueError, match=rf"'wide'.*fan-in 144 <= {outputs}"):
     go.sgdg(0.1, 0.1, param_labels={'wide': 'grassmann'}).init(params)
+  # One row fewer per output and the same kernel is a manifold leaf.
+  narrower = {'wide': jnp.ones((3, 3, 16, 143))}
+  assert go.grassmann_labels(narrower) == {'wide': 'grassmann'}
+  go.sgdg(0.1, 0.1, param_labels={'wide': 'grassmann'}).init(narrower)
+
+
+@pytest.mark.parametrize(
+  'dtype, kind',
+  [
+    (jnp.int32, 'not floating-point'),
+    (jnp.bool_, 'not floating-point'),
+    (jnp.complex64, 'complex'),
+  ],
+)
+def test_manifold_leaves_must_be_real_floating_point(dtype, kind):
+  params = {'conv': {'kernel': jnp.ones((3, 3, 4, 8), dtype)}, 'head': {'bias': jnp.ones(8)}}
+  labels = {'conv': {'kernel': 'grassmann'}, 'head': {'bias': 'euclidean'}}
+  for factory in (go.sgdg, go.adamg):
+    with pytest.raises(ValueError, match=rf"'conv/kernel'.*{kind}"):
+      factory(0.1, 0.1, param_labels=labels).init(params)
+  transforms = [
+    go.add_orthogonality_gradient(0.1),
+    go.project_to_tangent(),
+    go.grassmann_momentum(),
+    go.grassmann_adam_moments(),
+    go.exp_map_update(),
+    go.sgdg_manifold_update(0.1),
+    go.adamg_manifold_update(0.1),
+  ]
+  for transform in transforms:
+    with pytest.raises(ValueError, match=rf"leaf 'kernel'.*{kind}"):
+      transform.init(params['conv'])
+
+
+@pytest.mark.parametrize('factory', [go.sgdg, go.adamg])
+def test_a_tree_with_no_manifold_leaf_warns_and_says_what_to_do(factory):
+  params = {'dense': {'kernel': jnp.ones((32, 10))}, 'bias': jnp.zeros(10)}
+  with pytest.warns(UserWarning, match='no leaf of the params') as caught:
+    factory(0.1, 0.1).init(params)
+  (warning,) = caught
+  for remedy in ('param_labels', 'grassmann_labels', 'predicate', 'find_scale_invariant'):
+    assert remedy in str(warning.message)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    factory(0.1, 0.1).init({'conv': jnp.ones((3, 3, 4, 8)), 'bias': jnp.zeros(8)})
+
+
+def _update_with(tx, init_params, params, grads):
+  return tx.update(grads, tx.init(init_params), params)
+
+
+@pytest.mark.parametrize(
+  'make, labelled',
+  [
+    (
+      lambda: go.sgdg(0.1, 0.1, param_labels=lambda p: {'conv': 'grassmann', 'bias': 'euclidean'}),
+      1,
+    ),
+    (
+      lambda: go.adamg(0.1, 0.1, param_labels=lambda p: {'conv': 'grassmann', 'bias': 'euclidean'}),
+      1,
+    ),
+    (lambda: go.sgdg_manifold_update(0.1), 0),
+    (lambda: go.adamg_manifold_update(0.1), 0),
+    (lambda: go.grassmann_momentum(), 0),
+    (lambda: go.grassmann_adam_moments(), 0),
+    (lambda: go.project_to_tangent(), 0),
+    (lambda: go.exp_map_update(), 0),
+    (lambda: go.euclidean_sgd(0.1), 0),
+  ],
+)
+def test_update_on_other_trees_than_at_init_names_the_leaf(make, labelled):
+  tx = make()
+  kernel = go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8))
+  params = {'conv': kernel, 'bias': jnp.zeros(8)} if labelled else {'conv': kernel}
+  # Gradients of another shape than the params.
+  grads = {**params, 'conv': jnp.ones((3, 3, 4, 9))}
+  with pytest.raises(ValueError, match=r"leaf 'conv' has shape \(3, 3, 4, 9\)"):
+    _update_with(tx, params, params, grads)
+  # Params and gradients of another shape than at init (not checked by transforms without state).
+  if make().init(params) == optax.EmptyState():
+    return
+  other = {**params, 'conv': go.unit_initializer()(jax.random.key(1), (3, 3, 4, 6))}
+  with pytest.raises(ValueError, match=r"leaf 'conv' has shape \(3, 3, 4, 6\)"):
+    _update_with(tx, params, other, other)
+  # A leaf missing.
+  fewer = {key: value for key, value in params.items() if key != 'conv'} or {'x': kernel}
+  with pytest.raises(ValueError, match="'conv'"):
+    _update_with(tx, params, fewer, fewer)
+
+
+@pytest.mark.parametrize(
+  'make, message',
+  [
+    (lambda: go.sgdg(0.1, 0.1, grad_clip=-1.0), 'grad_clip=-1.0'),
+    (lambda: go.sgdg(0.1, 0.1, grad_clip=0.0), 'grad_clip=0.0'),
+    (lambda: go.adamg(0.1, 0.1, b1=1.0), 'b1=1.0'),
+    (lambda: go.adamg(0.1, 0.1, b2=1.5), 'b2=1.5'),
+    (lambda: go.adamg(0.1, 0.1, eps=-1e-8), 'eps=-1e-08'),
+    (lambda: go.sgdg(0.1, 0.1, omega=-0.1), 'omega=-0.1'),
+    (lambda: go.sgdg(0.1, 0.1, momentum=1.0), 'momentum=1.0'),
+    (lambda: go.sgdg(0.1, 0.1, weight_decay=float('nan')), 'weight_decay=nan'),
+    (lambda: go.grassmann_clip(-0.1), 'grad_clip=-0.1'),
+    (lambda: go.grassmann_adam_moments(b2=1.0), 'b2=1.0'),
+  ],
+)
+def test_hyperparameters_outside_their_range_are_refused(make, message):
+  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+    make()
 
 
 @pytest.mark.parametrize(

@@ -269,7 +269,12 @@ def test_orthogonality_gradient_is_the_gradient_of_the_penalty():
 def test_an_empty_branch_of_the_partition_is_fine(name, shapes):
   params = {key: random_columns(jax.random.key(0), shape) for key, shape in shapes.items()}
   tx = getattr(go, name)(0.1, 0.2)
-  updates, state = jax.jit(tx.update)(params, tx.init(params), params)
+  if 'conv' in params:
+    state = tx.init(params)
+  else:
+    with pytest.warns(UserWarning, match='no leaf of the params'):
+      state = tx.init(params)
+  updates, state = jax.jit(tx.update)(params, state, params)
   new_params = optax.apply_updates(params, updates)
   assert jax.tree.structure(new_params) == jax.tree.structure(params)
   moved = jax.tree.leaves(

@@ -1,13 +1,43 @@
 """SGD-G and Adam-G as complete optimizers: manifold leaves on G(1, n), the rest Nesterov SGD."""
 
+import warnings
 from typing import Any
 
 import jax
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import fused
+from grassmann_optax._src import checks, fused
 from grassmann_optax._src import labels as labels_lib
+
+_NO_MANIFOLD_LEAF = (
+  '{name}: no leaf of the params is labelled {grassmann!r}, so every parameter gets Nesterov '
+  'SGD and nothing moves on G(1, n). The default labels (grassmann_labels) take only conv '
+  'kernels (ndim == 4) whose fan-in exceeds their outputs. Pass param_labels: a label tree, '
+  'a rule such as lambda p: go.grassmann_labels(p, predicate=...), or the labels that '
+  'go.find_scale_invariant(loss_fn, params, batch) finds.'
+)
+
+
+def _traces(state) -> list:
+  is_trace = lambda node: isinstance(node, optax.TraceState)
+  return [node for node in jax.tree.leaves(state, is_leaf=is_trace) if is_trace(node)]
+
+
+def _checked_against_init(
+  tx: optax.GradientTransformation, name: str
+) -> optax.GradientTransformation:
+  """``tx``, whose ``update`` names the leaf where the updates differ from the params at init.
+
+  The momentum buffers (``optax.TraceState``) have the shape of the params at ``init``.
+  """
+
+  def update_fn(updates, state, params=None):
+    for trace in _traces(state):
+      checks.check_same_tree(updates, trace.trace, 'the updates', 'the params given to init', name)
+    return tx.update(updates, state, params)
+
+  return optax.GradientTransformation(tx.init, update_fn)
 
 
 def euclidean_sgd(
@@ -31,18 +61,26 @@ def euclidean_sgd(
     if weight_decay is None or (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     else optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
   )
-  return optax.chain(decay, optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+  checks.check_hyperparameters(momentum=momentum, weight_decay=weight_decay)
+  return _checked_against_init(
+    optax.chain(decay, optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)),
+    'euclidean_sgd',
+  )
 
 
 def grassmann_partition(
   grassmann: optax.GradientTransformation,
   euclidean: optax.GradientTransformation,
   param_labels: labels_lib.ParamLabels | None,
+  *,
+  name: str = 'grassmann_partition',
 ) -> optax.GradientTransformation:
-  """``optax.partition`` over ``'grassmann'``/``'euclidean'`` labels, checked on init.
+  """``optax.partition`` over ``'grassmann'``/``'euclidean'`` labels, checked.
 
   ``init`` raises a ValueError naming the leaf when the labels do not match the params, use an
-  unknown label, or put on the manifold a leaf with fan-in not larger than its outputs.
+  unknown label, or put on the manifold a leaf that is not real floating-point, has fewer than
+  two rows, or has fan-in not larger than its outputs; it warns when no leaf is on the manifold.
+  ``update`` raises a ValueError naming the leaf where the updates and params differ.
   """
   label_fn = lambda params: labels_lib.resolve_labels(params, param_labels)
   inner = optax.partition(
@@ -50,10 +88,19 @@ def grassmann_partition(
   )
 
   def init_fn(params):
-    labels_lib.check_labels(params, label_fn(params))
+    labels = label_fn(params)
+    labels_lib.check_labels(params, labels)
+    if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
+      message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
+      warnings.warn(message, UserWarning, stacklevel=2)
     return inner.init(params)
 
-  return optax.GradientTransformation(init_fn, inner.update)
+  def update_fn(updates, state, params=None):
+    if params is not None:
+      checks.check_same_tree(updates, params, 'the updates', 'the params', name)
+    return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def sgdg(
@@ -123,6 +170,7 @@ def sgdg(
       weight_decay_mask=weight_decay_mask,
     ),
     param_labels,
+    name='sgdg',
   )
 
 
@@ -200,4 +248,5 @@ def adamg(
       weight_decay_mask=weight_decay_mask,
     ),
     param_labels,
+    name='adamg',
   )

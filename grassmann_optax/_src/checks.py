@@ -1,13 +1,16 @@
 """Input checks shared by the transforms, the aliases and the label functions.
 
-They run when a transform is initialised (on concrete shapes, outside any trace), so a bad
-parameter tree fails before the first step with a message that names the offending leaf.
+They run on concrete shapes, dtypes and Python numbers, outside any trace (at construction, at
+``init``, and when ``update`` is traced), so a bad parameter tree or hyper-parameter fails before
+the first step with a message that names the offending leaf or argument.
 """
 
 import math
+import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def leaf_name(path) -> str:
@@ -23,6 +26,10 @@ def leaf_name(path) -> str:
   return '/'.join(parts) or '<root>'
 
 
+def named_leaves(tree: Any) -> list[tuple[str, Any]]:
+  return [(leaf_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def fan_in_and_out(shape: tuple[int, ...]) -> tuple[int, int]:
   """``(n, p)`` of the column view ``reshape(-1, shape[-1])``: rows (fan-in) and columns."""
   if not shape:
@@ -35,14 +42,102 @@ def has_manifold_rows(shape: tuple[int, ...]) -> bool:
   return len(shape) >= 2 and fan_in_and_out(shape)[0] >= 2
 
 
+def manifold_leaf_problem(shape: tuple[int, ...], dtype) -> str | None:
+  """Why a leaf of this shape and dtype cannot be a set of points of G(1, n), or None."""
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    kind = 'complex' if jnp.issubdtype(dtype, jnp.complexfloating) else 'not floating-point'
+    return (
+      f'has dtype {jnp.dtype(dtype).name} ({kind}); the manifold optimizers move real unit '
+      'vectors and need a real floating-point leaf (float32, bfloat16, float64, ...)'
+    )
+  if not has_manifold_rows(shape):
+    n, p = fan_in_and_out(shape)
+    return (
+      'is viewed as reshape(-1, shape[-1]) and a point of G(1, n) needs at least 2 rows '
+      f'(got n={n} rows, p={p} columns)'
+    )
+  return None
+
+
 def check_manifold_leaves(tree: Any, transform_name: str) -> None:
-  """Every leaf must have at least 2 rows in its column view to be a point set on G(1, n)."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  """Every leaf must be real floating-point with at least 2 rows in its column view."""
+  for name, leaf in named_leaves(tree):
     shape = tuple(getattr(leaf, 'shape', ()))
-    if not has_manifold_rows(shape):
-      n, p = fan_in_and_out(shape)
+    problem = manifold_leaf_problem(shape, getattr(leaf, 'dtype', None))
+    if problem:
       raise ValueError(
-        f'{transform_name}: leaf {leaf_name(path)!r} of shape {shape} cannot lie on G(1, n): '
-        'a manifold leaf is viewed as reshape(-1, shape[-1]) and needs at least 2 rows '
-        f'(got n={n} rows, p={p} columns). Label it as euclidean instead.'
+        f'{transform_name}: leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
+        'Label it as euclidean instead.'
       )
+
+
+def _describe(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {name: tuple(getattr(leaf, 'shape', ())) for name, leaf in named_leaves(tree)}
+
+
+def check_same_tree(tree: Any, reference: Any, what: str, reference_what: str, name: str) -> None:
+  """Raises a ValueError naming the first leaf where ``tree`` and ``reference`` differ.
+
+  Compares the leaf paths and their shapes (a stand-in for the params at ``init``, such as a
+  buffer of the same shape, serves as ``reference``).
+  """
+  got, expected = _describe(tree), _describe(reference)
+  if got == expected and jax.tree.structure(tree) == jax.tree.structure(reference):
+    return
+  for leaf, shape in expected.items():
+    if leaf not in got:
+      raise ValueError(f'{name}: {what} have no leaf {leaf!r}, which {reference_what} have.')
+    if got[leaf] != shape:
+      raise ValueError(
+        f'{name}: leaf {leaf!r} has shape {got[leaf]} in {what} but {shape} in {reference_what}.'
+      )
+  extra = next(iter(set(got) - set(expected)), None)
+  if extra is not None:
+    raise ValueError(f'{name}: {what} have a leaf {extra!r} that {reference_what} do not have.')
+  raise ValueError(f'{name}: {what} and {reference_what} are different trees.')
+
+
+def check_update_trees(updates: Any, params: Any, buffers: Any, name: str) -> None:
+  """``updates`` and ``params`` must have the leaves, and shapes, of the params at ``init``.
+
+  ``buffers`` is the transform's state tree that has the shape of the params at ``init``.
+  """
+  check_same_tree(updates, params, 'the updates', 'the params', name)
+  check_same_tree(params, buffers, 'the params', 'the params given to init', name)
+
+
+def _concrete(value) -> float | None:
+  """``value`` as a Python float if it is a concrete number (not traced, not a schedule)."""
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+    if value.shape == () and not jnp.issubdtype(value.dtype, jnp.complexfloating):
+      return float(value)
+  return None
+
+
+_RULES = {
+  'momentum': ('in [0, 1)', lambda v: 0 <= v < 1),
+  'b1': ('in [0, 1)', lambda v: 0 <= v < 1),
+  'b2': ('in [0, 1)', lambda v: 0 <= v < 1),
+  'eps': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
+  'grad_clip': ('finite and > 0, or None', lambda v: math.isfinite(v) and v > 0),
+  'omega': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
+  'weight_decay': ('finite and >= 0, or None', lambda v: math.isfinite(v) and v >= 0),
+}
+
+
+def check_hyperparameters(**values) -> None:
+  """Raises a ValueError for a concrete hyper-parameter outside its range.
+
+  Values that are traced (``optax.inject_hyperparams``) or ``None`` are not checked. Outside
+  these ranges the optimizers would not compute SGD-G/Adam-G: a negative ``grad_clip`` flips the
+  clipped gradient, ``b1 = 1`` divides by zero in the bias correction.
+  """
+  for name, value in values.items():
+    number = _concrete(value) if value is not None else None
+    if number is None:
+      continue
+    description, valid = _RULES[name]
+    if not valid(number):
+      raise ValueError(f'{name}={value!r} is out of range: it must be {description}.')

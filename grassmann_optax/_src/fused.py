@@ -1,16 +1,23 @@
 """Fused SGD-G and Adam-G manifold updates: the whole step of a column in one plane.
 
-Every quantity of one SGD-G/Adam-G step (SPEC S1-S7, A1-A11) is a combination ``α w + β g + γ b``
-of the column's stored weight ``w``, its gradient ``g`` and its buffer ``b``, with per-column
-scalar coefficients that follow from the six inner products ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb``
-(SPEC §10). So the update reads each array once to reduce the inner products and once more to
-write the new weight and buffer, where the composable chain of :mod:`transforms` reads them once
-per transform. On CPU the six reductions run in one pass of a C++ kernel
-(:mod:`native`), because XLA:CPU would read the operands once per reduction.
+Every quantity of one SGD-G/Adam-G step ((S1)-(S7), (A1)-(A11) of ``docs/algorithm.md``) is a
+combination ``α w + β g + γ b`` of the column's stored weight ``w``, its gradient ``g`` and its
+buffer ``b``, with per-column scalar coefficients that follow from the six inner products
+``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb``. So the update reads each array once to reduce the inner
+products, once to write the new buffer and once to write the new weight, where the composable
+chain of :mod:`transforms` reads them once per transform. On CPU the six reductions run in one
+pass of a C++ kernel (:mod:`native`), because XLA:CPU would read the operands once per reduction.
 
-The results equal the chain ``add_orthogonality_gradient → project_to_tangent → grassmann_clip →
-grassmann_momentum | grassmann_adam_moments → scale_by_learning_rate → exp_map_update`` up to
-float rounding; tests compare both against the original optimizers' golden trajectories.
+The buffer is transported *eagerly*, when it is written, exactly as the originals do (G6, G7):
+the updates equal the original algorithm for every learning rate and gradient size, including
+steps that turn a column by more than π/2. The stored buffer is kept in a basis that keeps both
+later passes well conditioned for every step angle (section 7 of ``docs/algorithm.md``): the
+buffer transported to the current point is ``mix[0]·trace + mix[1]·w`` per column, and ``mix``
+is ``(1, 0)``, the stored buffer itself, except after a step of about a right angle.
+
+Column sums that overflow are recomputed on the gradient divided by a power of two, so gradients
+up to the dtype's maximum give the clipped step of the same gradients scaled down. A column whose
+gradient is not finite keeps its point and buffer for that step, and the other columns move.
 """
 
 from typing import NamedTuple
@@ -22,83 +29,200 @@ from jax.typing import ArrayLike
 
 from grassmann_optax._src import checks, manifold, native, transforms
 
+# Columns whose step has |κ| below this (a step of about a right angle, see _transport) keep
+# their buffer in the mixed basis; above it, the stored buffer is the transported one.
+_MIXED_BELOW = 0.5
+
 
 class _Plane(NamedTuple):
-  """Per-column scalars of one step: inner products and the quantities derived from them."""
+  """Per-column scalars of one step, from the inner products of ``w``, ``ĝ = g/s`` and ``x``.
+
+  ``x`` is the stored buffer, ``b = mix[0]·x + mix[1]·w`` the buffer transported to ``w``. Every
+  field is a vector over the columns of all manifold leaves, one after the other.
+  """
 
   a: jax.Array  # 1 / (‖w‖ + ε): y = a·w
   s_ww: jax.Array
   s_wg: jax.Array
   s_gg: jax.Array
-  s_wb: jax.Array
-  s_gb: jax.Array
-  s_bb: jax.Array
+  s_wx: jax.Array
+  s_gx: jax.Array
+  s_xx: jax.Array
+  g_scale: jax.Array  # s: a power of two where ‖g‖² overflows, else 1
+  g_inverse: jax.Array  # 1/s
 
 
-def _plane(w, g, b, *, stored) -> _Plane:
-  """The plane of ``w, g, b`` (compute dtype); ``stored`` are the arrays as they are stored."""
-  one_pass = all(x.dtype == w.dtype for x in stored)
-  s_ww, s_wg, s_gg, s_wb, s_gb, s_bb = native.column_products(w, g, b, allow_kernel=one_pass)
+class _Leaf(NamedTuple):
+  """One manifold leaf in its compute dtype, and what it is stored as."""
+
+  w: jax.Array
+  g: jax.Array  # the gradient, orthogonality term included
+  x: jax.Array  # the stored buffer
+  allow_kernel: bool  # the three arrays are stored in the compute dtype
+
+
+def _leaf(g_stored, x_stored, w_stored, omega) -> _Leaf:
+  w, x = manifold.upcast(w_stored), manifold.upcast(x_stored)
+  g = manifold.upcast(g_stored)
+  if not transforms.is_static_zero(omega):
+    g = g + manifold.orthogonality_gradient(w, omega)
+  # The kernel reads arrays as stored: only where no upcast would have to be written out.
+  allow_kernel = all(a.dtype == w.dtype for a in (g_stored, x_stored, w_stored))
+  return _Leaf(w=w, g=g, x=x, allow_kernel=allow_kernel)
+
+
+def _products(leaf: _Leaf, g: jax.Array) -> jax.Array:
+  """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each column, shape ``(6, p)``."""
+  products = native.column_products(leaf.w, g, leaf.x, allow_kernel=leaf.allow_kernel)
+  return jnp.stack([s.reshape(-1) for s in products])
+
+
+def _plane(leaves: list[_Leaf]) -> _Plane:
+  """The inner products of every column of every leaf, in one vector per product.
+
+  The per-column maths that follows runs once for all leaves: XLA:CPU would split it into about
+  twenty small fusions per leaf (each a separate task at run time), which on a tree of many
+  leaves costs more than the passes of different leaves gain by overlapping. Where a gradient
+  column's sums overflow, all products are recomputed on gradients divided by a power of two
+  per column (a ``lax.cond``: finite sums cost one comparison).
+  """
+  sums = jnp.concatenate([_products(leaf, leaf.g) for leaf in leaves], axis=1)
+
+  def rescaled():
+    scales = [manifold.column_scale(leaf.g) for leaf in leaves]
+    products = [
+      _products(leaf, leaf.g * inv) for leaf, (_, inv) in zip(leaves, scales, strict=True)
+    ]
+    flat = lambda index: jnp.concatenate([pair[index].reshape(-1) for pair in scales])
+    return flat(0).astype(sums.dtype), flat(1).astype(sums.dtype), jnp.concatenate(products, 1)
+
+  one = jnp.ones(sums.shape[1:], sums.dtype)
+  scale, inverse, s = jax.lax.cond(jnp.any(jnp.isinf(sums)), rescaled, lambda: (one, one, sums))
   return _Plane(
-    a=1 / (jnp.sqrt(s_ww) + manifold.UNIT_EPS),
-    s_ww=s_ww,
-    s_wg=s_wg,
-    s_gg=s_gg,
-    s_wb=s_wb,
-    s_gb=s_gb,
-    s_bb=s_bb,
+    a=1 / (manifold.safe_sqrt(s[0]) + manifold.UNIT_EPS),
+    s_ww=s[0],
+    s_wg=s[1],
+    s_gg=s[2],
+    s_wx=s[3],
+    s_gx=s[4],
+    s_xx=s[5],
+    g_scale=scale,
+    g_inverse=inverse,
   )
 
 
-def _tangent_norm_sq(plane: _Plane, s_wx, s_xx):
-  """``‖x − (yᵀx) y‖²`` from inner products, ``y = a·w`` (not exactly unit: ``‖y‖ = a‖w‖``)."""
+def _columns(per_leaf: list[jax.Array], dtype) -> jax.Array:
+  """Per-leaf column vectors (shape ``(..., p)``) side by side: shape ``(..., P)``."""
+  return jnp.concatenate([c.astype(dtype) for c in per_leaf], axis=-1)
+
+
+def _split(columns: jax.Array, leaves: list[_Leaf], *, broadcast: bool) -> list[jax.Array]:
+  """The inverse of :func:`_columns`; with ``broadcast``, parts broadcast against their leaf."""
+  out, start = [], 0
+  for leaf in leaves:
+    p = leaf.w.shape[-1]
+    part = columns[..., start : start + p]
+    if broadcast:
+      part = part.reshape(*columns.shape[:-1], *(1,) * (leaf.w.ndim - 1), p)
+    out.append(part)
+    start += p
+  return out
+
+
+class _Combination(NamedTuple):
+  """Per-column coefficients of a vector ``c_x·x + c_g·ĝ + c_w·w``."""
+
+  x: jax.Array
+  g: jax.Array
+  w: jax.Array
+
+  def norm(self, plane: _Plane) -> jax.Array:
+    """``‖c_x x + c_g ĝ + c_w w‖`` from the Gram matrix of ``(x, ĝ, w)``."""
+    sq = (
+      self.x**2 * plane.s_xx
+      + self.g**2 * plane.s_gg
+      + self.w**2 * plane.s_ww
+      + 2 * self.x * self.g * plane.s_gx
+      + 2 * self.x * self.w * plane.s_wx
+      + 2 * self.g * self.w * plane.s_wg
+    )
+    return manifold.safe_sqrt(jnp.maximum(sq, 0))
+
+
+def _clipped_gradient(plane: _Plane, max_norm) -> tuple[jax.Array, jax.Array]:
+  """``ĥ = k·(ĝ − a² (wᵀĝ) w)``: (S3) then (S4). Returns ``k`` and ``‖ĥ‖²``."""
   a2 = plane.a**2
-  return jnp.maximum(s_xx - a2 * s_wx**2 * (2 - a2 * plane.s_ww), 0)
-
-
-def _clipped_gradient_scale(plane: _Plane, max_norm):
-  """``ĥ = c·h``: (E3) then (E4), returning ``c`` and ``‖h‖²``."""
-  h_sq = _tangent_norm_sq(plane, plane.s_wg, plane.s_gg)
+  h_sq = jnp.maximum(plane.s_gg - a2 * plane.s_wg**2 * (2 - a2 * plane.s_ww), 0)  # (‖h‖/s)²
   if max_norm is None:
-    return jnp.ones_like(h_sq), h_sq
-  h_norm = jnp.sqrt(h_sq)
-  scale = jnp.where(h_norm > max_norm, manifold.safe_divide(max_norm, h_norm), 1)
-  return scale, h_sq
+    return plane.g_scale, plane.g_scale**2 * h_sq
+  h_norm = manifold.safe_sqrt(h_sq)
+  clipped = h_norm * plane.g_scale > max_norm
+  k = jnp.where(clipped, manifold.safe_divide(max_norm, h_norm), plane.g_scale)
+  return k, k**2 * h_sq
 
 
-def _transport_scale(plane: _Plane):
-  """``pt(b) = k·P_y(b)`` with ``k = ‖b‖/‖P_y(b)‖`` (SPEC §10 lazy transport)."""
-  p_sq = _tangent_norm_sq(plane, plane.s_wb, plane.s_bb)
-  return manifold.safe_divide(jnp.sqrt(plane.s_bb), jnp.sqrt(p_sq))
-
-
-def _combination_norm(plane: _Plane, c_b, c_g, c_w):
-  """``‖c_b b + c_g g + c_w w‖`` from the Gram matrix of (b, g, w)."""
-  sq = (
-    c_b**2 * plane.s_bb
-    + c_g**2 * plane.s_gg
-    + c_w**2 * plane.s_ww
-    + 2 * c_b * c_g * plane.s_gb
-    + 2 * c_b * c_w * plane.s_wb
-    + 2 * c_g * c_w * plane.s_wg
+def _moved_buffer(plane: _Plane, mix, decay, grad_weight, k) -> _Combination:
+  """``decay·b + grad_weight·ĥ`` on ``(x, ĝ, w)``, with ``b = mix[0] x + mix[1] w``."""
+  c_g = grad_weight * k
+  return _Combination(
+    x=decay * mix[0],
+    g=c_g,
+    w=decay * mix[1] - c_g * plane.a**2 * plane.s_wg,
   )
-  return jnp.sqrt(jnp.maximum(sq, 0))
 
 
-def _new_buffer(plane: _Plane, decay, grad_weight, clip_scale):
-  """Coefficients of ``decay·pt(b) + grad_weight·ĥ`` on (b, g, w)."""
-  k = _transport_scale(plane)
-  c_b = decay * k
-  c_g = grad_weight * clip_scale
-  c_w = -(plane.a**2) * (c_b * plane.s_wb + c_g * plane.s_wg)
-  return c_b, c_g, c_w
+class _Step(NamedTuple):
+  """Per-column coefficients of the new stored buffer and of the update, and the new mix."""
+
+  buffer: _Combination  # the new stored buffer x' on (x, ĝ, w)
+  on_w: jax.Array  # update = on_w·w + on_buffer·x'
+  on_buffer: jax.Array
+  mix: jax.Array  # (2, 1, ..., 1, p): the new buffer at the new point is mix[0]·x' + mix[1]·w'
 
 
-def _geodesic_update(plane: _Plane, buffer_norm, sigma):
-  """Coefficient of ``w`` and of the new buffer in ``exp_y(−σ·buffer) − w`` (E5)."""
-  theta = sigma * buffer_norm
-  along_buffer = -sigma * jnp.sin(theta) / (theta + manifold.UNIT_EPS)
-  return plane.a * jnp.cos(theta) - 1, along_buffer
+def _transport(plane: _Plane, moved: _Combination, sigma, *, eager_e6: bool) -> _Step:
+  """The geodesic step along ``d = −σ·B`` and the transported buffer, ``B`` = ``moved``.
+
+  With ``n = ‖B‖``, ``θ = |σ| n``, ``r = θ/(θ + ε)`` and ``S = sign(σ)·r·sin θ``, the new point is
+  ``y' = cos θ·y − S·B/n`` (G5) and the transported buffer is ``n (κ B/n + λ y)``, with
+  ``κ = r cos θ, λ = sign(σ) sin θ`` for SGD-G's (G6) and ``κ = 1 − r²(1 − cos θ), λ = S`` for
+  Adam-G's (G7). Where ``|κ| ≥ 1/2`` the transported buffer is stored and the update is written
+  from it and ``w``; elsewhere (a step of about a right angle, where that would divide by
+  ``κ ≈ 0``) the stored buffer is ``B + sign(S)·n·y``, from which both the update and, at the
+  next step, the transported buffer follow with factors no larger than about 3.
+  """
+  n = moved.norm(plane)
+  theta = jnp.abs(sigma) * n
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  r = theta / (theta + manifold.UNIT_EPS)
+  q = sigma * sin / (theta + manifold.UNIT_EPS)  # S / n
+  s_big = q * n  # S
+  if eager_e6:
+    kappa, lam = r * cos, jnp.sign(sigma) * sin
+  else:
+    kappa, lam = 1 - r**2 * (1 - cos), s_big
+  a = plane.a
+  stored = jnp.abs(kappa) >= _MIXED_BELOW
+  kappa_safe = jnp.where(stored, kappa, 1)
+  # Stored transported buffer x' = κ B + n λ y; update = (a cos θ − 1 + S λ a/κ) w − (q/κ) x'.
+  sign_s = jnp.where(s_big < 0, -1.0, 1.0).astype(n.dtype)
+  # Mixed basis x' = B + sign(S) n y; update = (a cos θ − 1 + |S| a) w − q x'.
+  on_b = jnp.where(stored, kappa, 1)
+  on_y = jnp.where(stored, n * lam, sign_s * n)
+  on_w = a * cos - 1 + jnp.where(stored, s_big * lam * a / kappa_safe, jnp.abs(s_big) * a)
+  on_buffer = -q / jnp.where(stored, kappa_safe, 1)
+  # Next step: the transported buffer is mix[0]·x' + mix[1]·w' (docs/algorithm.md (F9)).
+  d = cos + jnp.abs(s_big)
+  d_safe = jnp.where(stored, 1, d)
+  rest = lam - kappa * sign_s
+  mix = jnp.stack(
+    [
+      jnp.where(stored, 1, kappa + rest * s_big / d_safe),
+      jnp.where(stored, 0, n * rest / d_safe),
+    ]
+  )
+  buffer = _Combination(x=on_b * moved.x, g=on_b * moved.g, w=on_b * moved.w + on_y * a)
+  return _Step(buffer=buffer, on_w=on_w, on_buffer=on_buffer, mix=mix)
 
 
 def _per_column(*coefficients):
@@ -111,21 +235,136 @@ def _per_column(*coefficients):
   element passes depend on every column reduction. Measured on WRN-28-10 on CPU: 2.3x faster.
   """
   stacked = jnp.stack(jnp.broadcast_arrays(*coefficients))
-  summed = jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
-  return tuple(summed)
+  return jnp.sum(jnp.stack([stacked, jnp.zeros_like(stacked)]), axis=0)
 
 
-def _with_orthogonality(g, w, omega):
-  if transforms._is_static_zero(omega):
-    return g
-  return g + manifold.orthogonality_gradient(w, omega)
+def _write(plane: _Plane, step: _Step, leaves: list[_Leaf], held=()):
+  """The element passes of every leaf: its new stored buffer, then its update.
+
+  Columns whose gradient is not finite keep their buffer and get a zero update; ``held`` are
+  pairs ``(new, old)`` of per-column state, of which such columns keep ``old``. Returns the
+  updates, the new buffers and the held per-column state.
+
+  The test is a select in the buffer pass only: the update pass reads the kept (finite) buffer
+  with zero coefficients, because a select there measured 17% slower updates on CPU.
+  """
+  finite = jnp.isfinite(plane.s_gg)
+  columns = _per_column(
+    step.buffer.x,
+    step.buffer.g,
+    step.buffer.w,
+    jnp.where(finite, step.on_w, 0),
+    jnp.where(finite, step.on_buffer, 0),
+    plane.g_inverse,
+    finite.astype(plane.a.dtype),
+    *(jnp.where(finite, new, old) for new, old in held),
+  )
+  updates, buffers = [], []
+  for leaf, (c_x, c_g, c_w, on_w, on_buffer, inverse, kept) in zip(
+    leaves, _split(columns[:7], leaves, broadcast=True), strict=True
+  ):
+    c_x, c_g, c_w, on_w, on_buffer, inverse = (
+      c.astype(leaf.w.dtype) for c in (c_x, c_g, c_w, on_w, on_buffer, inverse)
+    )
+    new_x = jnp.where(kept > 0, c_x * leaf.x + c_g * (leaf.g * inverse) + c_w * leaf.w, leaf.x)
+    updates.append(on_w * leaf.w + on_buffer * new_x)
+    buffers.append(new_x)
+  return updates, buffers, columns[7:]
+
+
+def _step_group(leaves, state_leaves, column_step):
+  """One fused step of a group of leaves: per-column maths once for all their columns."""
+  plane = _plane(leaves)
+  state_columns = [_columns(parts, plane.a.dtype) for parts in state_leaves]
+  step, held = column_step(plane, *state_columns)
+  updates, buffers, kept = _write(plane, step, leaves, held)
+  new_state, row = [], 0
+  for parts, columns in zip(state_leaves, state_columns, strict=True):
+    rows = columns.size // columns.shape[-1]
+    block = kept[row : row + rows].reshape(columns.shape)
+    row += rows
+    split = _split(block, leaves, broadcast=False)
+    new_state.append([new.astype(old.dtype) for new, old in zip(split, parts, strict=True)])
+  return updates, buffers, new_state
+
+
+def _fused_step(updates, buffers, params, per_column, omega, column_step):
+  """Runs one fused step over the manifold leaves of ``updates``.
+
+  ``per_column`` is a list of state trees with one vector (shape ``(..., p)``) per leaf, the
+  first of them ``mix``; ``column_step(plane, *per_column_columns)`` returns the :class:`_Step`
+  and the pairs ``(new, old)`` of per-column state, one per row of those vectors. Returns the
+  updates, the new buffers and the new per-column state trees.
+
+  Each leaf is a group of its own: its passes then start as soon as its own inner products are
+  done, and those of different leaves overlap. (One group for all leaves compiles to fewer,
+  larger per-column fusions, and measured slower on CPU.)
+  """
+  g_leaves, treedef = jax.tree.flatten(updates)
+  stored = [treedef.flatten_up_to(tree) for tree in (buffers, params)]
+  leaves = [_leaf(g, x, w, omega) for g, x, w in zip(g_leaves, *stored, strict=True)]
+  state_leaves = [treedef.flatten_up_to(tree) for tree in per_column]
+  new_updates, new_buffers = [], []
+  new_state = [[] for _ in per_column]
+  for index, leaf in enumerate(leaves):
+    state = [[parts[index]] for parts in state_leaves]
+    (update,), (buffer,), group_state = _step_group([leaf], state, column_step)
+    new_updates.append(update.astype(stored[1][index].dtype))
+    new_buffers.append(buffer.astype(stored[0][index].dtype))
+    for out, (value,) in zip(new_state, group_state, strict=True):
+      out.append(value)
+  return (
+    treedef.unflatten(new_updates),
+    treedef.unflatten(new_buffers),
+    [treedef.unflatten(values) for values in new_state],
+  )
+
+
+def _mix_init(params):
+  """``(1, 0)`` per column: the stored buffer is the transported one."""
+
+  def init(w):
+    dtype = manifold.compute_dtype(w)
+    return jnp.stack([jnp.ones(w.shape[-1:], dtype), jnp.zeros(w.shape[-1:], dtype)])
+
+  return jax.tree.map(init, params)
 
 
 class SgdgManifoldState(NamedTuple):
-  """State of :func:`sgdg_manifold_update`: step count (for schedules) and the momentum buffer."""
+  """State of :func:`sgdg_manifold_update`.
+
+  Attributes:
+    count: number of updates so far, int32 (drives a learning-rate schedule).
+    trace: the momentum buffer ``b`` (gradient units), transported to the current point, in the
+      shape of the params.
+    mix: per column, shape ``(2, p)``: the transported buffer is ``mix[0]·trace + mix[1]·w``.
+      ``(1, 0)`` except after a step of about a right angle (``docs/algorithm.md`` (F9)).
+  """
 
   count: jax.Array
   trace: optax.Params
+  mix: optax.Params
+
+
+class AdamgManifoldState(NamedTuple):
+  """State of :func:`adamg_manifold_update`.
+
+  Attributes:
+    count: number of updates so far (``t``), int32.
+    mu: first moment ``m``, transported to the current point, in the shape of the params.
+    nu: one scalar second moment per column, shape ``params.shape[-1:]``, float32 or wider.
+    mix: per column, shape ``(2, p)``: the transported first moment is
+      ``mix[0]·mu + mix[1]·w``; ``(1, 0)`` except after a step of about a right angle.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  mix: optax.Params
+
+
+def _learning_rate(learning_rate, count):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
 def sgdg_manifold_update(
@@ -135,53 +374,69 @@ def sgdg_manifold_update(
   grad_clip: ArrayLike | None = 0.1,
   omega: ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
-  r"""The SGD-G step of every column, fused (SPEC S1-S7 with §10's lazy transport).
+  r"""The SGD-G step of every column, fused and exact for every step size (Algorithm 1).
 
-  Equal to ``chain(add_orthogonality_gradient(omega), project_to_tangent(),
-  grassmann_clip(grad_clip), grassmann_momentum(momentum), scale_by_learning_rate(learning_rate),
-  exp_map_update())`` and returns the additive update ``exp_y(−η b) − w``, so it is the last
-  transform of a manifold branch.
+  For every column, with ``y = unit(w)`` and ``b`` the buffer transported to ``y``:
+
+  .. math::
+    \hat h = \mathrm{clip}(\mathrm{proj}_y(g + 2\omega(YY^\top Y - Y)), \nu), \quad
+    B = \gamma b + \hat h, \quad d = -\eta B, \\
+    w \leftarrow \exp_y(d), \qquad b \leftarrow -\mathrm{pt}_y(d; d)/\eta
+
+  ((S1)-(S7) of ``docs/algorithm.md``; paper Eqs. 6, 7, 9). The buffer is in gradient units, as
+  in :func:`optax.trace`; the originals store ``−η b`` (the same for a constant rate). Returns
+  the additive update ``exp_y(d) − w``, so it is the last transform of a manifold branch. It
+  equals the chain ``add_orthogonality_gradient → project_to_tangent → grassmann_clip →
+  grassmann_momentum → scale_by_learning_rate → exp_map_update`` while every step turns each
+  column by less than π/2, and stays exact beyond, where the chain does not.
 
   Args:
     learning_rate: η_G, or a schedule of the step count.
     momentum: γ.
-    grad_clip: ν, or ``None``.
+    grad_clip: ν > 0, or ``None``.
     omega: ω of the orthogonality gradient; a Python 0 skips it.
 
   Returns:
-    An :class:`optax.GradientTransformation` that needs ``params``.
+    An :class:`optax.GradientTransformation` that needs ``params``; its state is a
+    :class:`SgdgManifoldState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> w = go.unit_initializer()(jax.random.key(0), (27, 8))
+    >>> tx = go.sgdg_manifold_update(0.2, grad_clip=None)
+    >>> u, state = tx.update(jnp.ones_like(w), tx.init(w), w)
+    >>> bool(jnp.allclose(jnp.linalg.norm(w + u, axis=0), 1, atol=1e-6))
+    True
 
   References:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
+  checks.check_hyperparameters(momentum=momentum, grad_clip=grad_clip, omega=omega)
 
   def init_fn(params):
     checks.check_manifold_leaves(params, 'sgdg_manifold_update')
     return SgdgManifoldState(
-      count=jnp.zeros([], jnp.int32), trace=jax.tree.map(jnp.zeros_like, params)
+      count=jnp.zeros([], jnp.int32),
+      trace=jax.tree.map(jnp.zeros_like, params),
+      mix=_mix_init(params),
     )
 
   def update_fn(updates, state, params=None):
-    transforms._require_params(params)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    transforms.require_params(params)
+    checks.check_update_trees(updates, params, state.trace, 'sgdg_manifold_update')
+    lr = _learning_rate(learning_rate, state.count)
 
-    def step(g_stored, b, w_stored):
-      w = manifold.upcast(w_stored)
-      g = _with_orthogonality(manifold.upcast(g_stored), w, omega)
-      b32 = manifold.upcast(b)
-      plane = _plane(w, g, b32, stored=(w_stored, g_stored, b))
-      clip_scale, _ = _clipped_gradient_scale(plane, grad_clip)
-      c_b, c_g, c_w = _new_buffer(plane, momentum, 1.0, clip_scale)
-      norm = _combination_norm(plane, c_b, c_g, c_w)
-      on_w, on_buffer = _geodesic_update(plane, norm, lr)
-      c_b, c_g, c_w, on_w, on_buffer = _per_column(c_b, c_g, c_w, on_w, on_buffer)
-      new_buffer = c_b * b32 + c_g * g + c_w * w
-      update = on_w * w + on_buffer * new_buffer
-      return update.astype(w_stored.dtype), new_buffer.astype(b.dtype)
+    def column_step(plane, mix):
+      k, _ = _clipped_gradient(plane, grad_clip)
+      moved = _moved_buffer(plane, mix, momentum, 1.0, k)
+      result = _transport(plane, moved, jnp.asarray(lr, plane.a.dtype), eager_e6=True)
+      return result, list(zip(result.mix, mix, strict=True))
 
-    out = jax.tree.map(step, updates, state.trace, params)
-    new_updates, trace = transforms.unzip(out, updates, 2)
-    return new_updates, SgdgManifoldState(count=optax.safe_increment(state.count), trace=trace)
+    new_updates, trace, (mix,) = _fused_step(
+      updates, state.trace, params, [state.mix], omega, column_step
+    )
+    new_state = SgdgManifoldState(count=optax.safe_increment(state.count), trace=trace, mix=mix)
+    return new_updates, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -195,58 +450,75 @@ def adamg_manifold_update(
   grad_clip: ArrayLike | None = 0.1,
   omega: ArrayLike = 0.0,
 ) -> optax.GradientTransformation:
-  r"""The Adam-G step of every column, fused (SPEC A1-A11 with §10's lazy transport).
+  r"""The Adam-G step of every column, fused and exact for every step size (Algorithm 2).
 
-  Equal to ``chain(add_orthogonality_gradient(omega), project_to_tangent(),
-  grassmann_clip(grad_clip), grassmann_adam_moments(b1, b2, eps),
-  scale_by_learning_rate(learning_rate), exp_map_update())``; its state is a
-  :class:`GrassmannAdamMomentsState` whose ``count`` also drives the schedule.
+  For every column, with ``y = unit(w)``, ``m`` the first moment transported to ``y`` and step
+  ``t``:
+
+  .. math::
+    \tilde m = \beta_1 m + (1-\beta_1)\hat h, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2)\lVert\hat h\rVert^2, \quad
+    d = -\eta\,\tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\tfrac{\tilde m}{\sqrt{v+\epsilon}}, \\
+    w \leftarrow \exp_y(d), \qquad m \leftarrow \mathrm{pt}_y(\tilde m; d)
+
+  ((A1)-(A11) of ``docs/algorithm.md``; paper Eqs. 6-8), with one scalar ``v`` per column. It
+  equals the chain ``add_orthogonality_gradient → project_to_tangent → grassmann_clip →
+  grassmann_adam_moments → scale_by_learning_rate → exp_map_update`` while every step turns each
+  column by less than π/2, and stays exact beyond.
 
   Args:
     learning_rate: η_G, or a schedule of the step count.
-    b1: β1.
-    b2: β2.
+    b1: β1 in [0, 1).
+    b2: β2 in [0, 1).
     eps: ε inside the square root.
-    grad_clip: ν, or ``None``.
+    grad_clip: ν > 0, or ``None``.
     omega: ω of the orthogonality gradient; a Python 0 skips it.
 
   Returns:
-    An :class:`optax.GradientTransformation` that needs ``params``.
+    An :class:`optax.GradientTransformation` that needs ``params``; its state is an
+    :class:`AdamgManifoldState`, whose ``count`` also drives the schedule.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> w = go.unit_initializer()(jax.random.key(0), (27, 8))
+    >>> tx = go.adamg_manifold_update(0.05)
+    >>> u, state = tx.update(jnp.ones_like(w), tx.init(w), w)
+    >>> state.nu.shape
+    (8,)
 
   References:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
-  moments = transforms.grassmann_adam_moments(b1, b2, eps)
+  checks.check_hyperparameters(b1=b1, b2=b2, eps=eps, grad_clip=grad_clip, omega=omega)
 
   def init_fn(params):
     checks.check_manifold_leaves(params, 'adamg_manifold_update')
-    return moments.init(params)
+    return AdamgManifoldState(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(jnp.zeros_like, params),
+      nu=jax.tree.map(lambda w: jnp.zeros(w.shape[-1:], manifold.compute_dtype(w)), params),
+      mix=_mix_init(params),
+    )
 
   def update_fn(updates, state, params=None):
-    transforms._require_params(params)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    transforms.require_params(params)
+    checks.check_update_trees(updates, params, state.mu, 'adamg_manifold_update')
+    lr = _learning_rate(learning_rate, state.count)
     count = optax.safe_increment(state.count)
 
-    def step(g_stored, m, v, w_stored):
-      w = manifold.upcast(w_stored)
-      g = _with_orthogonality(manifold.upcast(g_stored), w, omega)
-      m32 = manifold.upcast(m)
-      plane = _plane(w, g, m32, stored=(w_stored, g_stored, m))
-      clip_scale, h_sq = _clipped_gradient_scale(plane, grad_clip)
-      c_m, c_g, c_w = _new_buffer(plane, b1, 1 - b1, clip_scale)
-      v_new = b2 * v + (1 - b2) * (clip_scale**2 * h_sq).reshape(v.shape)
+    def column_step(plane, mix, v):
+      k, h_sq = _clipped_gradient(plane, grad_clip)
+      moved = _moved_buffer(plane, mix, b1, 1 - b1, k)
+      v_new = b2 * v + (1 - b2) * h_sq
       t = count.astype(v_new.dtype)
       correction = jnp.sqrt(1 - b2**t) / (1 - b1**t)
-      sigma = lr * correction / jnp.sqrt(v_new + eps).reshape(plane.a.shape)
-      norm = _combination_norm(plane, c_m, c_g, c_w)
-      on_w, on_m = _geodesic_update(plane, norm, sigma)
-      c_m, c_g, c_w, on_w, on_m = _per_column(c_m, c_g, c_w, on_w, on_m)
-      new_m = c_m * m32 + c_g * g + c_w * w
-      update = on_w * w + on_m * new_m
-      return update.astype(w_stored.dtype), new_m.astype(m.dtype), v_new
+      sigma = lr * correction / jnp.sqrt(v_new + eps)
+      result = _transport(plane, moved, sigma, eager_e6=False)
+      return result, [*zip(result.mix, mix, strict=True), (v_new, v)]
 
-    out = jax.tree.map(step, updates, state.mu, state.nu, params)
-    new_updates, mu, nu = transforms.unzip(out, updates, 3)
-    return new_updates, transforms.GrassmannAdamMomentsState(count=count, mu=mu, nu=nu)
+    new_updates, mu, (mix, nu) = _fused_step(
+      updates, state.mu, params, [state.mix, state.nu], omega, column_step
+    )
+    return new_updates, AdamgManifoldState(count=count, mu=mu, nu=nu, mix=mix)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -196,14 +196,15 @@ def check_labels(params: Any, labels: Any, *, require_undercomplete: bool = True
       continue
     shape = tuple(leaf.shape)
     n, p = checks.fan_in_and_out(shape)
-    if not checks.has_manifold_rows(shape):
+    problem = checks.manifold_leaf_problem(shape, getattr(leaf, 'dtype', None))
+    if problem:
       raise ValueError(
-        f'The grassmann leaf {name!r} of shape {shape} has {n} row(s) in its column view '
-        'reshape(-1, shape[-1]); a point of G(1, n) needs n >= 2. Label it euclidean.'
+        f'The grassmann leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
+        'Label it euclidean.'
       )
     if require_undercomplete and n <= p:
       raise ValueError(
         f'The grassmann leaf {name!r} of shape {shape} has fan-in {n} <= {p} outputs: its '
         f'{p} unit columns cannot be mutually orthogonal in R^{n}, so the paper keeps such '
-        'kernels Euclidean (SPEC §1.1). Label it euclidean.'
+        'kernels Euclidean. Label it euclidean.'
       )

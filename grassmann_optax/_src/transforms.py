@@ -8,8 +8,10 @@ as
     -> grassmann_momentum | grassmann_adam_moments -> scale_by_learning_rate -> exp_map_update
 
 they compute SGD-G and Adam-G of Cho & Lee, "Riemannian approach to batch normalization",
-NeurIPS 2017 (arXiv:1709.09603), Algorithms 1 and 2. Apply them only to the manifold leaves,
-e.g. through :func:`optax.partition` as the aliases :func:`sgdg` and :func:`adamg` do.
+NeurIPS 2017 (arXiv:1709.09603), Algorithms 1 and 2, while every step turns each column by less
+than π/2 (the buffers are transported lazily, (T1) of ``docs/algorithm.md``). The fused updates
+:func:`sgdg_manifold_update` and :func:`adamg_manifold_update` are exact for every step. Apply
+the transforms only to the manifold leaves, e.g. through :func:`optax.partition`.
 """
 
 from typing import NamedTuple
@@ -29,9 +31,14 @@ NO_PARAMS_MSG = (
 )
 
 
-def _require_params(params):
+def require_params(params):
   if params is None:
     raise ValueError(NO_PARAMS_MSG)
+
+
+def _check_params(updates, params, name: str) -> None:
+  require_params(params)
+  checks.check_same_tree(updates, params, 'the updates', 'the params', name)
 
 
 def _init_checked(name: str):
@@ -54,7 +61,7 @@ def unzip(tree_of_tuples, like, n: int) -> tuple:
   return jax.tree.transpose(outer, jax.tree.structure((0,) * n), tree_of_tuples)
 
 
-def _is_static_zero(value) -> bool:
+def is_static_zero(value) -> bool:
   return isinstance(value, (int, float)) and value == 0
 
 
@@ -66,13 +73,13 @@ def add_orthogonality_gradient(omega: ArrayLike) -> optax.GradientTransformation
   .. math::
     g \leftarrow g + 2\omega\,(Y Y^\top Y - Y),
 
-  the gradient of :math:`\tfrac{\omega}{2}\lVert Y^\top Y - I_p\rVert_F^2` (SPEC R2). Adding it to
-  the gradient, as the original PyTorch optimizer does, leaves the loss untouched; use
-  :func:`orthogonality_penalty` to log the value. A Python ``omega == 0`` returns
-  :func:`optax.identity` and costs nothing.
+  the gradient of :math:`\tfrac{\omega}{2}\lVert Y^\top Y - I_p\rVert_F^2` ((R1), (R2) of
+  ``docs/algorithm.md``). Adding it to the gradient, as the original PyTorch optimizer does,
+  leaves the loss untouched; use :func:`orthogonality_penalty` to log the value. A Python
+  ``omega == 0`` returns :func:`optax.identity` and costs nothing.
 
   Args:
-    omega: penalty strength ω (0.1 in every recipe of the paper).
+    omega: penalty strength ω >= 0 (0.1 in every recipe of the paper).
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -88,11 +95,12 @@ def add_orthogonality_gradient(omega: ArrayLike) -> optax.GradientTransformation
   References:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
-  if _is_static_zero(omega):
+  checks.check_hyperparameters(omega=omega)
+  if is_static_zero(omega):
     return optax.identity()
 
   def update_fn(updates, state, params=None):
-    _require_params(params)
+    _check_params(updates, params, 'add_orthogonality_gradient')
 
     def add(g, w):
       term = manifold.orthogonality_gradient(manifold.upcast(w), omega)
@@ -109,8 +117,11 @@ def project_to_tangent() -> optax.GradientTransformation:
   .. math::
     h = g - (y^\top g)\, y, \qquad y = w / (\lVert w\rVert + 10^{-8}),
 
-  the Riemannian gradient on G(1, n) (paper Eq. 6; SPEC E3). ``g`` is the gradient at the stored
-  ``w``, not rescaled by ``‖w‖``, as in the original optimizers.
+  the Riemannian gradient on G(1, n) (paper Eq. 6; (G3) of ``docs/algorithm.md``). ``g`` is the
+  gradient at the stored ``w``, not rescaled by ``‖w‖``, as in the original optimizers. The inner
+  product does not overflow for gradients up to the dtype's maximum; ``h`` is stored in the
+  gradient's dtype, so an element of ``h`` beyond its range (possible only for gradients within
+  a factor of about 2 of that maximum) becomes infinite. The fused updates never store ``h``.
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -128,7 +139,7 @@ def project_to_tangent() -> optax.GradientTransformation:
   """
 
   def update_fn(updates, state, params=None):
-    _require_params(params)
+    _check_params(updates, params, 'project_to_tangent')
 
     def proj(g, w):
       y, _ = manifold.unit(manifold.upcast(w))
@@ -145,11 +156,13 @@ def grassmann_clip(max_norm: ArrayLike | None) -> optax.GradientTransformation:
   .. math::
     \hat h = h \cdot \min(1, \nu / \lVert h\rVert)
 
-  per column (SPEC E4). Applied to the projected gradient, before any learning rate, so a fresh
-  gradient turns a column by at most ``η·ν`` radians. ``None`` disables clipping.
+  per column ((G4) of ``docs/algorithm.md``). Applied to the projected gradient, before any
+  learning rate, so a fresh gradient turns a column by at most ``η·ν`` radians. Columns whose sum
+  of squares overflows are scaled by a power of two first, so a finite ``h`` of any size gets the
+  clipped column of the same ``h`` scaled down. ``None`` disables clipping.
 
   Args:
-    max_norm: the threshold ν (0.1 in every recipe of the paper), or ``None``.
+    max_norm: the threshold ν > 0 (0.1 in every recipe of the paper), or ``None``.
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -164,6 +177,7 @@ def grassmann_clip(max_norm: ArrayLike | None) -> optax.GradientTransformation:
   References:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
+  checks.check_hyperparameters(grad_clip=max_norm)
   if max_norm is None:
     return optax.identity()
 
@@ -189,7 +203,7 @@ class GrassmannMomentumState(NamedTuple):
 
 
 def grassmann_momentum(decay: ArrayLike = 0.9) -> optax.GradientTransformation:
-  r"""Heavy-ball momentum on G(1, n), with the buffer parallel-transported between steps.
+  r"""Heavy-ball momentum on G(1, n), with the buffer transported between steps.
 
   With ``b`` the buffer of the previous step and ``y`` the current point,
 
@@ -197,16 +211,22 @@ def grassmann_momentum(decay: ArrayLike = 0.9) -> optax.GradientTransformation:
     b \leftarrow \gamma\, \mathrm{pt}(b) + \hat h, \qquad
     \mathrm{pt}(b) = \lVert b\rVert\, P_y(b) / \lVert P_y(b)\rVert,
 
-  where :math:`P_y(b) = b - (y^\top b) y`. Because SGD-G steps along ``−b``, this is the
-  parallel transport of ``b`` along the last geodesic (paper Eq. 9; SPEC §10), done lazily at the
-  start of the update so the transform needs only the current params.
+  where :math:`P_y(b) = b - (y^\top b) y` ((S5), (T1) of ``docs/algorithm.md``; paper Eq. 9).
 
   The buffer is in gradient units and the learning rate is applied afterwards, as in
-  :func:`optax.trace`; the originals store ``−η b`` instead (SPEC S5). The two agree for a
-  constant rate; with a schedule, this transform applies the new rate to the whole buffer at once.
+  :func:`optax.trace`; the originals store ``−η b`` instead. The two agree for a constant rate;
+  with a schedule, this transform applies the new rate to the whole buffer at once.
+
+  **Limit: steps below π/2.** The transform sees only the new point, not the step that led
+  there, so it transports its buffer lazily, at the start of the next update, by (T1). That
+  equals the originals' parallel transport while every step turns each column by less than π/2,
+  up to their factor ``θ/(θ + 10⁻⁸)`` (a relative ``10⁻⁸/θ`` per step); for a step of π/2 or
+  more the transported buffer has the wrong sign. With clipping ``ν`` a step turns a column by
+  at most ``η ν/(1 − γ)``, far below π/2 in the paper's recipes. Without clipping, or with large
+  rates, use :func:`sgdg_manifold_update` (or :func:`sgdg`), which is exact for every step.
 
   Args:
-    decay: the momentum γ (0.9 in the paper).
+    decay: the momentum γ in [0, 1) (0.9 in the paper).
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``. It must be followed only by a
@@ -224,13 +244,15 @@ def grassmann_momentum(decay: ArrayLike = 0.9) -> optax.GradientTransformation:
   References:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
+  checks.check_hyperparameters(momentum=decay)
 
   def init_fn(params):
     checks.check_manifold_leaves(params, 'grassmann_momentum')
     return GrassmannMomentumState(trace=jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None):
-    _require_params(params)
+    require_params(params)
+    checks.check_update_trees(updates, params, state.trace, 'grassmann_momentum')
 
     def step(g, b, w):
       y, _ = manifold.unit(manifold.upcast(w))
@@ -272,14 +294,21 @@ def grassmann_adam_moments(
     v &\leftarrow \beta_2\, v + (1-\beta_2)\,\lVert \hat h\rVert^2, \\
     \text{out} &= \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\;\frac{m}{\sqrt{v + \epsilon}},
 
-  with ε inside the square root and the bias correction folded into the step (SPEC A5-A8).
-  ``pt`` transports ``m`` along the last step as in :func:`grassmann_momentum` (paper Eq. 8).
-  Follow it with a learning rate and :func:`exp_map_update`.
+  with ε inside the square root and the bias correction folded into the step ((A5)-(A8) of
+  ``docs/algorithm.md``). ``pt`` transports ``m`` along the last step as in
+  :func:`grassmann_momentum` (paper Eq. 8). Follow it with a learning rate and
+  :func:`exp_map_update`.
+
+  **Limit: steps below π/2.** As for :func:`grassmann_momentum`, ``m`` is transported lazily
+  by (T1): exact while every step turns each column by less than π/2 (up to about ``10⁻⁸`` per
+  step, from the originals' ε), wrong in sign beyond. A step of Adam-G turns a column by about
+  ``η`` times the bias correction, below π/2 unless the rate is large.
+  :func:`adamg_manifold_update` (and :func:`adamg`) are exact for every step.
 
   Args:
-    b1: β1 (the paper passes its momentum, 0.9).
-    b2: β2 (0.99 in both originals).
-    eps: ε, added to ``v`` under the square root.
+    b1: β1 in [0, 1) (the paper passes its momentum, 0.9).
+    b2: β2 in [0, 1) (0.99 in both originals).
+    eps: ε >= 0, added to ``v`` under the square root.
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -295,6 +324,7 @@ def grassmann_adam_moments(
   References:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
+  checks.check_hyperparameters(b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
     checks.check_manifold_leaves(params, 'grassmann_adam_moments')
@@ -308,7 +338,8 @@ def grassmann_adam_moments(
     )
 
   def update_fn(updates, state, params=None):
-    _require_params(params)
+    require_params(params)
+    checks.check_update_trees(updates, params, state.mu, 'grassmann_adam_moments')
     count = optax.safe_increment(state.count)
 
     def step(g, m, v, w):
@@ -335,9 +366,9 @@ def exp_map_update() -> optax.GradientTransformation:
     u = \exp_y(d) - w, \qquad \exp_y(d) = y\cos\theta + \frac{d}{\theta+10^{-8}}\sin\theta,
     \quad \theta = \lVert d\rVert,\ y = \mathrm{unit}(w),
 
-  per column (paper Eq. 7; SPEC E5), so that ``optax.apply_updates`` lands exactly on the
-  geodesic and re-normalises a stored ``w`` that was not unit (SPEC S1). It must be the last
-  transform of its chain.
+  per column (paper Eq. 7; (G5), (S1) of ``docs/algorithm.md``), so that
+  ``optax.apply_updates`` lands exactly on the geodesic and re-normalises a stored ``w`` that was
+  not unit. It must be the last transform of its chain.
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -355,7 +386,7 @@ def exp_map_update() -> optax.GradientTransformation:
   """
 
   def update_fn(updates, state, params=None):
-    _require_params(params)
+    _check_params(updates, params, 'exp_map_update')
 
     def move(d, w):
       w = manifold.upcast(w)
