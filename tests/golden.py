@@ -1,19 +1,15 @@
-"""Loading the golden trajectories of the original optimizers (``shared/golden``), in Flax layout.
+"""The golden trajectories of the original optimizers (``tests/data/golden``), in Flax layout.
 
 The files hold five steps of the original PyTorch ``SGDG``/``AdamG`` classes on a conv kernel
-(on G(1, 27)), a bias and a dense kernel; see ``shared/golden/README.md``. CI sets
-``GRASSMANN_REQUIRE_GOLDEN=1`` so that a missing directory fails instead of skipping.
+(on G(1, 27)), a bias and a dense kernel; ``tests/data/golden/README.md`` says how they were
+made. They are part of the repository: a missing file fails the tests that need it.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-GOLDEN_DIR = Path(
-  os.environ.get('GRASSMANN_GOLDEN_DIR', Path(__file__).resolve().parents[2] / 'shared' / 'golden')
-)
+GOLDEN_DIR = Path(__file__).resolve().parent / 'data' / 'golden'
 VARIANTS = ('base', 'omega', 'nonunit')
 STEPS = 5
 
@@ -30,13 +26,7 @@ def conv_rows_to_flax(rows):
 
 
 def load(name: str) -> dict:
-  path = GOLDEN_DIR / f'golden_{name}.npz'
-  if not path.exists():
-    message = f'golden file {path} not found (set GRASSMANN_GOLDEN_DIR)'
-    if os.environ.get('GRASSMANN_REQUIRE_GOLDEN'):
-      pytest.fail(message)
-    pytest.skip(message)
-  with np.load(path) as data:
+  with np.load(GOLDEN_DIR / f'golden_{name}.npz') as data:
     return dict(data)
 
 

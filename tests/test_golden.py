@@ -1,11 +1,13 @@
-"""The library reproduces the original SGDG/AdamG trajectories (shared/golden) to 1e-6 in float32.
+"""The library reproduces the original SGDG/AdamG trajectories (tests/data/golden) to 1e-6.
 
-Three routes, each over all six golden runs: the public aliases (fused manifold step), a chain
-assembled by hand from the public transforms, and the fused manifold transforms inside a
-hand-built partition. Parameters are compared at every step; buffers where they hold the same
-quantity (the transported manifold buffers are recovered from the lazily-stored ones).
+Three routes, each over all six golden runs, in float32: the public aliases (fused manifold
+step), a chain assembled by hand from the public transforms, and the fused manifold transforms
+inside a hand-built partition. Parameters are compared at every step, and so are the buffers:
+the Euclidean momentum as stored, the manifold buffers after transport (the fused state holds
+them transported; the chain's lazily-stored ones are transported here, independently).
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import optax
 import pytest
 
 import grassmann_optax as go
-from tests import golden
+from tests import golden, reference
 
 ATOL = 1e-6
 
@@ -104,33 +106,70 @@ def _states_of(state, cls):
   return found
 
 
-@pytest.mark.parametrize('variant', golden.VARIANTS)
-@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
-def test_buffers_match_golden(name, variant):
-  """Euclidean momentum is stored as in the originals; manifold buffers after transport."""
-  data = golden.load(name)
-  hp = golden.hyperparams(data, variant)
-  history = run(hand_chain(name, hp), data, variant)
-  for k, (params, state) in enumerate(history):
-    (trace,) = _states_of(state, optax.TraceState)
-    np.testing.assert_allclose(trace.trace['bias'], data[f'{variant}_bias_mom'][k], atol=ATOL)
-    np.testing.assert_allclose(trace.trace['fc'], data[f'{variant}_fc_mom'][k].T, atol=ATOL)
-    # Transport the stored buffer to the new point, as the originals do eagerly.
+def manifold_buffers(route: str, name: str, state, params) -> tuple[jax.Array, jax.Array | None]:
+  """The manifold buffer transported to the current point (gradient units), and Adam-G's ``v``."""
+  if route == 'chain':
     y, _ = go_unit(params['conv'])
     if name == 'sgdg':
       (momentum,) = _states_of(state, go.GrassmannMomentumState)
-      tau = -hp['grassmann_learning_rate'] * transport(y, momentum.trace['conv'])
+      return transport(y, momentum.trace['conv']), None
+    (moments,) = _states_of(state, go.GrassmannAdamMomentsState)
+    return transport(y, moments.mu['conv']), moments.nu['conv']
+  if name == 'sgdg':
+    (fused,) = _states_of(state, go.SgdgManifoldState)
+    buffer, mix = fused.trace['conv'], fused.mix['conv']
+    return mix[0] * buffer + mix[1] * params['conv'], None
+  (fused,) = _states_of(state, go.AdamgManifoldState)
+  buffer, mix = fused.mu['conv'], fused.mix['conv']
+  return mix[0] * buffer + mix[1] * params['conv'], fused.nu['conv']
+
+
+@pytest.mark.parametrize('route', sorted(ROUTES))
+@pytest.mark.parametrize('variant', golden.VARIANTS)
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_buffers_match_golden(name, variant, route):
+  """Euclidean momentum is stored as in the originals; manifold buffers after transport."""
+  data = golden.load(name)
+  hp = golden.hyperparams(data, variant)
+  history = run(ROUTES[route](name, hp), data, variant)
+  for k, (params, state) in enumerate(history):
+    (trace,) = _states_of(state, optax.TraceState)
+    chex.assert_trees_all_close(
+      {'bias': trace.trace['bias'], 'fc': trace.trace['fc']},
+      {'bias': data[f'{variant}_bias_mom'][k], 'fc': data[f'{variant}_fc_mom'][k].T},
+      atol=ATOL,
+      rtol=0,
+    )
+    buffer, v = manifold_buffers('chain' if route == 'chain' else 'fused', name, state, params)
+    if name == 'sgdg':  # the originals' buffer holds the learning rate: τ = −η_G b
       expected = golden.conv_rows_to_flax(data[f'{variant}_conv_mom'])[k]
-      np.testing.assert_allclose(tau, expected, atol=ATOL)
+      np.testing.assert_allclose(-hp['grassmann_learning_rate'] * buffer, expected, atol=ATOL)
     else:
-      (moments,) = _states_of(state, go.GrassmannAdamMomentsState)
-      m = transport(y, moments.mu['conv'])
-      np.testing.assert_allclose(
-        m, golden.conv_rows_to_flax(data[f'{variant}_conv_m'])[k], atol=ATOL
-      )
-      v = data[f'{variant}_conv_v'][k, :, 0]
-      np.testing.assert_allclose(moments.nu['conv'], v, rtol=1e-5, atol=1e-12)
-      assert int(moments.count) == k + 1
+      expected = golden.conv_rows_to_flax(data[f'{variant}_conv_m'])[k]
+      np.testing.assert_allclose(buffer, expected, atol=ATOL)
+      np.testing.assert_allclose(v, data[f'{variant}_conv_v'][k, :, 0], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize('variant', golden.VARIANTS)
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_the_reference_transcription_reproduces_the_original(name, variant):
+  """``tests/reference.py``, which the exactness tests trust far beyond five steps, is checked
+  here against the original code's own output."""
+  data = golden.load(name)
+  init = data['init_conv_nonunit'] if variant == 'nonunit' else data['init_conv']
+  rows = lambda x: x.reshape(x.shape[0], -1).T  # PyTorch rows are the points: use columns
+  grads = [rows(g) for g in data['grads_conv']]
+  hp = {'grad_clip': float(data['hp_grad_clip']), 'omega': float(data[f'hp_omega_{variant}'])}
+  lr = float(data['hp_lr_g'])
+  if name == 'sgdg':
+    out = reference.sgdg_trajectory(rows(init), grads, lr, **hp)
+    buffers = data[f'{variant}_conv_mom']
+  else:
+    out = reference.adamg_trajectory(rows(init), grads, lr, **hp)
+    buffers = data[f'{variant}_conv_m']
+  for k, (point, buffer, *_) in enumerate(out):
+    np.testing.assert_allclose(point, rows(data[f'{variant}_conv'][k]), atol=2e-7, rtol=0)
+    np.testing.assert_allclose(buffer, buffers[k].T, atol=2e-8, rtol=0)
 
 
 def go_unit(w):
