@@ -178,7 +178,7 @@ def go_unit(w):
 
 
 def transport(y_new, b):
-  """SPEC §10: ‖b‖ P(b)/‖P(b)‖ at the new point, computed independently of the library."""
+  """(T1): ‖b‖ P(b)/‖P(b)‖ at the new point, computed independently of the library."""
   cols_y, cols_b = y_new.reshape(-1, y_new.shape[-1]), b.reshape(-1, b.shape[-1])
   projected = cols_b - jnp.sum(cols_y * cols_b, axis=0) * cols_y
   p_norm = jnp.linalg.norm(projected, axis=0)

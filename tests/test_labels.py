@@ -134,6 +134,25 @@ def test_find_scale_invariant_finds_the_kernels_that_feed_batchnorm():
   assert labels['bn']['scale'] == 'euclidean'
 
 
+def test_find_scale_invariant_leaves_an_unused_kernel_euclidean():
+  """A zero gradient satisfies Euler's relation trivially and tells nothing."""
+  k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+  params = {
+    'used': jax.random.normal(k1, (8, 4)),
+    'unused': jax.random.normal(k2, (8, 4)),
+    'head': jax.random.normal(k3, (4, 2)),
+  }
+
+  def loss(p, x):
+    z = x @ p['used']
+    z = (z - z.mean(0)) / z.std(0)
+    return jnp.sum(jnp.sin(z @ p['head'])) + 0.0 * jnp.sum(p['unused'])
+
+  x = jax.random.normal(jax.random.key(5), (32, 8))
+  labels = go.find_scale_invariant(loss, params, x)
+  assert labels == {'used': 'grassmann', 'unused': 'euclidean', 'head': 'euclidean'}
+
+
 def test_orthogonality_penalty_value():
   w = go.unit_initializer()(jax.random.key(3), (3, 3, 4, 8))
   cols = np.asarray(w).reshape(-1, 8)

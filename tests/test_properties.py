@@ -1,5 +1,6 @@
 """Properties of the manifold transforms and aliases that hold for any input."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +101,7 @@ def test_buffer_stays_tangent_and_transport_preserves_norm(name):
 
 
 def test_lazy_transport_equals_parallel_transport_along_the_step():
-  """SPEC §10: for a step along −b, ‖b‖P(b)/‖P(b)‖ at the new point equals Eq. 8 (E7)."""
+  """(T1): for a step along −b below π/2, ‖b‖P(b)/‖P(b)‖ at the new point equals Eq. 8 (G7)."""
   key_y, key_b = jax.random.split(jax.random.key(3))
   y = random_columns(key_y, (20, 6))
   b = manifold.project(y, jax.random.normal(key_b, y.shape))
@@ -114,7 +115,7 @@ def test_lazy_transport_equals_parallel_transport_along_the_step():
 @pytest.mark.parametrize('scale', [1e-3, 0.5, 7.0, 1e3])
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
 def test_scaling_a_manifold_leaf_leaves_the_trajectory_of_unit_w_unchanged(name, scale):
-  """The optimizer works at unit(w) (SPEC S1): for the same gradients, c·w follows w.
+  """The optimizer works at unit(w) (S1): for the same gradients, c·w follows w.
 
   The first step lands on the unit sphere through ``w + (exp_y(d) − w)`` in float32, which rounds
   at ``ulp(c)``, so the tolerance grows with ``c`` for that reason alone.
@@ -241,13 +242,13 @@ def test_schedules_drive_both_learning_rates(name):
     np.testing.assert_allclose(history[3][key], history[1][key], atol=1e-6)
 
 
-def test_omega_zero_costs_nothing():
-  assert go.add_orthogonality_gradient(0) is not None
+@pytest.mark.parametrize('zero', [0, 0.0])
+def test_omega_zero_costs_nothing(zero):
   w = random_columns(jax.random.key(11), (27, 8))
   tx = go.sgdg(0.01, 0.2, omega=0, param_labels={'w': 'grassmann'})
   jaxpr = jax.make_jaxpr(tx.update)({'w': w}, tx.init({'w': w}), {'w': w})
   assert 'dot_general' not in str(jaxpr)
-  identity = go.add_orthogonality_gradient(0.0)
+  identity = go.add_orthogonality_gradient(zero)
   g, _ = identity.update(w, identity.init(w), w)
   assert g is w
 
@@ -281,3 +282,95 @@ def test_an_empty_branch_of_the_partition_is_fine(name, shapes):
     jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_params, params)
   )
   assert all(np.isfinite(moved)) and all(m > 0 for m in moved)
+
+
+# Clipping at the threshold: norms below, exactly at, and within (ν, 2ν] and beyond.
+CLIP = 0.25
+NORMS = (0.125, 0.25, 0.375, 0.5, 0.75)
+
+
+def tangent_columns():
+  """Unit columns ``w = e_0`` and tangent gradients ``h_j = NORMS[j]·e_{j+1}`` (exact norms)."""
+  n, p = 8, len(NORMS)
+  w = jnp.zeros((n, p)).at[0].set(1.0)
+  h = jnp.zeros((n, p)).at[jnp.arange(1, p + 1), jnp.arange(p)].set(jnp.asarray(NORMS))
+  return w, h
+
+
+@pytest.mark.parametrize('jit', [True, False], ids=['jit', 'eager'])
+def test_the_chain_clips_each_column_above_the_threshold_only(jit):
+  w, h = tangent_columns()
+  tx = go.grassmann_clip(CLIP)
+  update = jax.jit(tx.update) if jit else tx.update
+  clipped, _ = update(h, tx.init(w))
+  np.testing.assert_array_equal(column_norms(clipped), np.minimum(NORMS, CLIP))
+  np.testing.assert_array_equal(clipped[:, :2], h[:, :2])  # at or below ν: untouched
+  np.testing.assert_allclose(clipped * column_norms(h) / column_norms(clipped), h, rtol=1e-7)
+
+
+@pytest.mark.parametrize('jit', [True, False], ids=['jit', 'eager'])
+@pytest.mark.parametrize('route', ['fused', 'chain'])
+def test_the_first_sgdg_step_turns_each_column_by_the_clipped_norm(route, jit):
+  """Momentum 0 and rate 1: column j turns by min(‖h_j‖, ν) radians."""
+  w, h = tangent_columns()
+  if route == 'fused':
+    tx = go.sgdg_manifold_update(1.0, momentum=0.0, grad_clip=CLIP)
+  else:
+    tx = optax.chain(
+      go.project_to_tangent(),
+      go.grassmann_clip(CLIP),
+      go.grassmann_momentum(0.0),
+      optax.scale_by_learning_rate(1.0),
+      go.exp_map_update(),
+    )
+  update = jax.jit(tx.update) if jit else tx.update
+  updates, _ = update(h, tx.init(w), w)
+  angle = np.minimum(NORMS, CLIP)  # along −h_j: y' = cos(angle)·e_0 − sin(angle)·e_{j+1}
+  expected = np.cos(angle) * np.asarray(w) - np.sin(angle) * np.asarray(h) / np.asarray(NORMS)
+  np.testing.assert_allclose(w + updates, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize('route', ['fused', 'chain'])
+def test_adamg_second_moment_sees_the_clipped_gradient(route):
+  w, h = tangent_columns()
+  if route == 'fused':
+    tx = go.adamg_manifold_update(0.1, grad_clip=CLIP)
+    _, state = tx.update(h, tx.init(w), w)
+    nu = state.nu
+  else:
+    tx = optax.chain(go.grassmann_clip(CLIP), go.grassmann_adam_moments())
+    _, (_, state) = tx.update(h, tx.init(w), w)
+    nu = state.nu
+  np.testing.assert_allclose(nu, 0.01 * np.minimum(NORMS, CLIP) ** 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize('omega', [0.0, 0.1])
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_fused_updates_equal_the_chain_for_small_steps(name, omega):
+  """20 steps with ω, clipping, a schedule and columns that start off the sphere."""
+  key_w, key_g = jax.random.split(jax.random.key(13))
+  w = 2.5 * random_columns(key_w, (3, 3, 4, 8))
+  schedule = optax.piecewise_constant_schedule(0.2 if name == 'sgdg' else 0.05, {10: 0.5})
+  if name == 'sgdg':
+    fused = go.sgdg_manifold_update(schedule, momentum=0.9, grad_clip=0.1, omega=omega)
+    moments = go.grassmann_momentum(0.9)
+  else:
+    fused = go.adamg_manifold_update(schedule, grad_clip=0.1, omega=omega)
+    moments = go.grassmann_adam_moments()
+  chain = optax.chain(
+    go.add_orthogonality_gradient(omega),
+    go.project_to_tangent(),
+    go.grassmann_clip(0.1),
+    moments,
+    optax.scale_by_learning_rate(schedule),
+    go.exp_map_update(),
+  )
+  params = {'fused': w, 'chain': w}
+  states = {'fused': fused.init(w), 'chain': chain.init(w)}
+  for k in range(20):
+    g = 10 ** (k % 4 - 2) * jax.random.normal(jax.random.fold_in(key_g, k), w.shape)
+    for route, tx in (('fused', fused), ('chain', chain)):
+      updates, states[route] = jax.jit(tx.update)(g, states[route], params[route])
+      params[route] = optax.apply_updates(params[route], updates)
+  assert float(jnp.abs(params['fused'] - w).max()) > 0.1
+  chex.assert_trees_all_close(params['fused'], params['chain'], atol=2e-6, rtol=0)

@@ -48,7 +48,7 @@ def euclidean_sgd(
   weight_decay: ArrayLike | None = 5e-4,
   weight_decay_mask: Any = None,
 ) -> optax.GradientTransformation:
-  """Coupled L2 decay then (Nesterov) momentum SGD: the Euclidean branch of SPEC §6 (N1-N3).
+  """Coupled L2 decay then (Nesterov) momentum SGD: the Euclidean branch, (N1)-(N3).
 
   The decay ``λθ`` is added to the gradient before the momentum, as in both originals. By
   default it applies to leaves with ``ndim >= 2`` (kernels), never to biases or BatchNorm
@@ -117,7 +117,7 @@ def sgdg(
 ) -> optax.GradientTransformation:
   r"""SGD-G: Riemannian momentum SGD on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
-  For every column ``w`` of a manifold leaf, with ``y = unit(w)`` (SPEC S1-S7, Algorithm 1):
+  For every column ``w`` of a manifold leaf, with ``y = unit(w)`` ((S1)-(S7), Algorithm 1):
 
   .. math::
     h &= \mathrm{proj}_y(g + 2\omega(YY^\top Y - Y)), \quad \hat h = \mathrm{clip}(h, \nu), \\
@@ -125,7 +125,7 @@ def sgdg(
     w \leftarrow \exp_y(-\eta_G\, b).
 
   All other leaves: ``θ ← θ − η (δ + γ b)``, ``b ← γ b + δ``, ``δ = g + λθ`` with ``λ`` only on
-  kernels (SPEC N1-N3). The manifold step is one fused update, equal to the chain
+  kernels ((N1)-(N3)). The manifold step is one fused update, equal to the chain
   ``add_orthogonality_gradient → project_to_tangent → grassmann_clip → grassmann_momentum →
   scale_by_learning_rate → exp_map_update``.
 
@@ -191,7 +191,7 @@ def adamg(
 ) -> optax.GradientTransformation:
   r"""Adam-G: Riemannian Adam on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
-  For every column of a manifold leaf, with ``y = unit(w)`` and step ``t`` (SPEC A1-A11,
+  For every column of a manifold leaf, with ``y = unit(w)`` and step ``t`` ((A1)-(A11),
   Algorithm 2):
 
   .. math::

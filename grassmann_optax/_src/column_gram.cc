@@ -1,8 +1,8 @@
 // The six per-column inner products of one SGD-G/Adam-G step, in one pass over memory.
 //
 // For arrays w, g, b of shape (..., p), read as row-major (n, p) matrices, writes the (6, p)
-// array of column inner products [wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb] (SPEC §10, "everything stays
-// in one plane"). XLA:CPU evaluates sibling reductions as separate passes, reading w, g and b
+// array of column inner products [wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb] ((F1) of docs/algorithm.md).
+// XLA:CPU evaluates sibling reductions as separate passes, reading w, g and b
 // nine times; this kernel reads each of them once, sweeping rows in memory order and keeping
 // one float32 accumulator per column and product.
 //

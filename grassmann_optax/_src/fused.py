@@ -11,7 +11,7 @@ pass of a C++ kernel (:mod:`native`), because XLA:CPU would read the operands on
 The buffer is transported *eagerly*, when it is written, exactly as the originals do (G6, G7):
 the updates equal the original algorithm for every learning rate and gradient size, including
 steps that turn a column by more than π/2. The stored buffer is kept in a basis that keeps both
-later passes well conditioned for every step angle (section 7 of ``docs/algorithm.md``): the
+later passes well conditioned for every step angle ((F9) of ``docs/algorithm.md``): the
 buffer transported to the current point is ``mix[0]·trace + mix[1]·w`` per column, and ``mix``
 is ``(1, 0)``, the stored buffer itself, except after a step of about a right angle.
 

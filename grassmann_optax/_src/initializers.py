@@ -1,4 +1,4 @@
-"""Initialisation of manifold kernels (SPEC §1.2)."""
+"""Initialisation of manifold kernels ((L1) of ``docs/algorithm.md``)."""
 
 import jax
 import jax.numpy as jnp

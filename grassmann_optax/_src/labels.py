@@ -42,7 +42,7 @@ def _unboxed_names(tree) -> list[str]:
 
 
 def is_undercomplete_conv(path, leaf) -> bool:
-  """The paper's rule (SPEC §1.1): a conv kernel whose fan-in exceeds its number of outputs.
+  """The paper's rule ((L1) of ``docs/algorithm.md``): a conv kernel whose fan-in exceeds its number of outputs.
 
   ``leaf.ndim == 4`` (Flax ``[kh, kw, c_in, c_out]``) and ``kh·kw·c_in > c_out``: only then can
   the ``c_out`` unit columns be mutually orthogonal, the target of the orthogonality penalty.
@@ -56,7 +56,7 @@ def is_undercomplete_conv(path, leaf) -> bool:
 def grassmann_labels(params: Any, *, predicate: Predicate | None = None) -> Any:
   """Labels each leaf ``'grassmann'`` or ``'euclidean'``.
 
-  By default the rule of the paper's code (SPEC §1.1): conv kernels (``ndim == 4``) whose fan-in
+  By default the rule of the paper's code ((L1)): conv kernels (``ndim == 4``) whose fan-in
   ``prod(shape[:-1])`` is strictly larger than their number of output units ``shape[-1]``.
   Dense kernels, biases and BatchNorm parameters are Euclidean.
 
@@ -115,7 +115,7 @@ def find_scale_invariant(
     *args: further arguments of ``loss_fn`` (a batch, ...).
     tol: tolerance on the cosine between each column and its gradient (default 1e-3).
     undercomplete_only: also require fan-in > outputs, as :func:`grassmann_labels` does
-      (SPEC §1.1), so that the result can be given to :func:`sgdg` and :func:`adamg` as is.
+      ((L1)), so that the result can be given to :func:`sgdg` and :func:`adamg` as is.
 
   Returns:
     A label pytree with the structure of ``params``.

@@ -154,7 +154,7 @@ def transport_to(y_new: jax.Array, b: jax.Array) -> jax.Array:
   transport (G6, G7) **while θ < π/2**, up to the originals' factor ``θ/(θ + ε)``; past π/2 it
   has the wrong sign, and near π/2 it is ill-conditioned. It needs neither the old point nor the
   step, which is what lets a transform of a chain carry its own buffer (``docs/algorithm.md``,
-  section 6). Columns with ``P(b) = 0`` transport to zero.
+  section 7). Columns with ``P(b) = 0`` transport to zero.
   """
   projected = project(y_new, b)
   return projected * safe_divide(column_norm(b), column_norm(projected))

@@ -1,6 +1,6 @@
 """The six column inner products of a step in one pass on CPU: a C++ kernel behind ``jax.ffi``.
 
-A fused SGD-G/Adam-G step needs, per column, ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` (SPEC §10). On GPU
+A fused SGD-G/Adam-G step needs, per column, ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` ((F1) of ``docs/algorithm.md``). On GPU
 XLA computes sibling reductions of the same operands in one fused pass. XLA:CPU does not: it
 evaluates each reduction as its own loop and so reads ``w``, ``g`` and ``b`` nine times. On CPU
 :func:`column_products` therefore calls ``column_gram.cc``, which reads each array once.

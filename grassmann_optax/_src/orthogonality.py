@@ -1,4 +1,4 @@
-"""The orthogonality penalty on the manifold leaves (SPEC §5)."""
+"""The orthogonality penalty on the manifold leaves ((R1) of ``docs/algorithm.md``)."""
 
 from typing import Any
 
@@ -16,7 +16,7 @@ def orthogonality_penalty(params: Any, labels: Any, omega: ArrayLike) -> jax.Arr
   .. math::
     L_O = \sum_{W} \frac{\omega}{2}\,\lVert W^\top W - I_p\rVert_F^2
 
-  over the leaves labelled ``'grassmann'``, each viewed as ``W = w.reshape(-1, p)`` (SPEC R1; the
+  over the leaves labelled ``'grassmann'``, each viewed as ``W = w.reshape(-1, p)`` ((R1); the
   poster's "Regularization on G(1,n)"). Since the columns are unit, it penalises the squared
   cosines between the weight vectors of different output units. Its gradient
   ``2ω(WWᵀW − W)`` is what :func:`add_orthogonality_gradient` adds, so add this value to the loss
