@@ -42,7 +42,7 @@ def _unboxed_names(tree) -> list[str]:
 
 
 def is_undercomplete_conv(path, leaf) -> bool:
-  """The paper's rule ((L1) of ``docs/algorithm.md``): a conv kernel whose fan-in exceeds its number of outputs.
+  """The paper's rule ((L1) of ``docs/algorithm.md``): a conv kernel with fan-in > outputs.
 
   ``leaf.ndim == 4`` (Flax ``[kh, kw, c_in, c_out]``) and ``kh·kw·c_in > c_out``: only then can
   the ``c_out`` unit columns be mutually orthogonal, the target of the orthogonality penalty.

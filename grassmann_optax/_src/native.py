@@ -1,9 +1,10 @@
 """The six column inner products of a step in one pass on CPU: a C++ kernel behind ``jax.ffi``.
 
-A fused SGD-G/Adam-G step needs, per column, ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` ((F1) of ``docs/algorithm.md``). On GPU
-XLA computes sibling reductions of the same operands in one fused pass. XLA:CPU does not: it
-evaluates each reduction as its own loop and so reads ``w``, ``g`` and ``b`` nine times. On CPU
-:func:`column_products` therefore calls ``column_gram.cc``, which reads each array once.
+A fused SGD-G/Adam-G step needs, per column, ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` ((F1) of
+``docs/algorithm.md``). On GPU XLA computes sibling reductions of the same operands in one fused
+pass. XLA:CPU does not: it evaluates each reduction as its own loop and so reads ``w``, ``g`` and
+``b`` nine times. On CPU :func:`column_products` therefore calls ``column_gram.cc``, which reads
+each array once.
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) against the XLA FFI headers of the installed jaxlib, and cached in
