@@ -18,6 +18,9 @@ from grassmann_optax._src.labels import (
   grassmann_labels,
   is_undercomplete_conv,
 )
+from grassmann_optax._src.native import column_products
+from grassmann_optax._src.native import kernel_disabled as cpu_kernel_disabled
+from grassmann_optax._src.native import kernel_variant as cpu_kernel_variant
 from grassmann_optax._src.orthogonality import orthogonality_penalty
 from grassmann_optax._src.transforms import (
   GrassmannAdamMomentsState,
@@ -42,6 +45,9 @@ __all__ = (
   'add_orthogonality_gradient',
   'adamg',
   'adamg_manifold_update',
+  'column_products',
+  'cpu_kernel_disabled',
+  'cpu_kernel_variant',
   'euclidean_sgd',
   'exp_map_update',
   'find_scale_invariant',

@@ -48,11 +48,34 @@ def euclidean_sgd(
   weight_decay: ArrayLike | None = 5e-4,
   weight_decay_mask: Any = None,
 ) -> optax.GradientTransformation:
-  """Coupled L2 decay then (Nesterov) momentum SGD: the Euclidean branch, (N1)-(N3).
+  r"""Coupled L2 decay then (Nesterov) momentum SGD: the Euclidean branch of the aliases.
 
-  The decay ``λθ`` is added to the gradient before the momentum, as in both originals. By
-  default it applies to leaves with ``ndim >= 2`` (kernels), never to biases or BatchNorm
-  parameters, as in the paper's recipes.
+  .. math::
+    \delta = g + \lambda\theta, \quad b \leftarrow \gamma b + \delta, \quad
+    \theta \leftarrow \theta - \eta(\delta + \gamma b)
+
+  ((N1)-(N3) of ``docs/algorithm.md``; without Nesterov, ``θ ← θ − η b``). The decay is added to
+  the gradient before the momentum, as in both originals. By default it applies to leaves with
+  ``ndim >= 2`` (kernels), never to biases or BatchNorm parameters, as in the paper's recipes.
+
+  Args:
+    learning_rate: η, or a schedule.
+    momentum: γ in [0, 1).
+    nesterov: Nesterov momentum (True in the paper).
+    weight_decay: λ >= 0, or ``None``.
+    weight_decay_mask: which leaves get decay, as in :func:`optax.add_decayed_weights`.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, grassmann_optax as go
+    >>> params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}
+    >>> tx = go.euclidean_sgd(0.1, momentum=0.0, weight_decay=0.5)
+    >>> grads = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> round(updates['kernel'][0, 0].item(), 6), abs(updates['bias'][0].item())  # kernels only
+    (-0.05, 0.0)
   """
   if weight_decay_mask is None:
     weight_decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
@@ -81,6 +104,25 @@ def grassmann_partition(
   unknown label, or put on the manifold a leaf that is not real floating-point, has fewer than
   two rows, or has fan-in not larger than its outputs; it warns when no leaf is on the manifold.
   ``update`` raises a ValueError naming the leaf where the updates and params differ.
+
+  Args:
+    grassmann: the transformation of the manifold leaves (e.g. a chain of this library's
+      transforms, or :func:`sgdg_manifold_update`).
+    euclidean: the transformation of every other leaf.
+    param_labels: a label tree, a callable ``params -> labels``, or ``None`` for
+      :func:`grassmann_labels`.
+    name: how messages name the optimizer.
+
+  Returns:
+    An :class:`optax.GradientTransformation`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> params = {'conv': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8)),
+    ...           'bias': jnp.zeros(8)}
+    >>> tx = go.grassmann_partition(
+    ...     go.adamg_manifold_update(0.05, grad_clip=None), optax.adam(1e-3), None)
+    >>> state = tx.init(params)
   """
   label_fn = lambda params: labels_lib.resolve_labels(params, param_labels)
   inner = optax.partition(

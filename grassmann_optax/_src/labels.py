@@ -46,6 +46,12 @@ def is_undercomplete_conv(path, leaf) -> bool:
 
   ``leaf.ndim == 4`` (Flax ``[kh, kw, c_in, c_out]``) and ``kh·kw·c_in > c_out``: only then can
   the ``c_out`` unit columns be mutually orthogonal, the target of the orthogonality penalty.
+
+  Example:
+    >>> import jax.numpy as jnp, grassmann_optax as go
+    >>> go.is_undercomplete_conv((), jnp.zeros((3, 3, 16, 143))), go.is_undercomplete_conv(
+    ...     (), jnp.zeros((3, 3, 16, 144)))
+    (True, False)
   """
   del path
   shape = tuple(leaf.shape)

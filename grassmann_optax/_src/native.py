@@ -180,16 +180,35 @@ def kernel_available() -> bool:
 
 
 def kernel_variant() -> str | None:
-  """The kernel's instruction-set variant in this process (``'avx2'`` or ``'baseline'``).
+  """The CPU kernel's instruction-set variant in this process (``'avx2'`` or ``'baseline'``).
 
-  ``None`` where the kernel is unavailable or switched off. Both variants return the same bits.
+  ``None`` where the kernel is unavailable or switched off (``GRASSMANN_OPTAX_CPU_KERNEL=0``).
+  Both variants return the same bits. Public as ``grassmann_optax.cpu_kernel_variant``.
+
+  Example:
+    >>> import jax, grassmann_optax as go
+    >>> go.cpu_kernel_variant() in (None, 'avx2', 'baseline')
+    True
   """
   return _variant[0] if _registered() else None
 
 
 @contextlib.contextmanager
 def kernel_disabled() -> Iterator[None]:
-  """Traces inside this block use the XLA reductions (for tests and benchmarks)."""
+  """Functions traced inside this block use XLA's reductions instead of the CPU kernel.
+
+  For comparing or timing the two; the results are the same up to float rounding. Public as
+  ``grassmann_optax.cpu_kernel_disabled``. It applies to tracing in the current thread: jit a
+  function inside the block, and it keeps the XLA reductions wherever it is called.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, grassmann_optax as go
+    >>> w = go.unit_initializer()(jax.random.key(0), (27, 8))
+    >>> tx = go.sgdg_manifold_update(0.2)
+    >>> with go.cpu_kernel_disabled():
+    ...   update = jax.jit(tx.update)
+    ...   u, _ = update(jnp.ones_like(w), tx.init(w), w)
+  """
   before = getattr(_disabled_here, 'value', False)
   _disabled_here.value = True
   try:
@@ -302,10 +321,19 @@ def column_products(
 ) -> tuple[jax.Array, ...]:
   """``(wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb)`` per column, each of shape ``(1, ..., 1, p)``.
 
-  Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays are float32 of one shape
-  with at least one axis and the kernel is available; otherwise six XLA reductions. Callers pass
-  ``allow_kernel=False`` for arrays upcast from a narrower storage dtype, whose conversion XLA
-  fuses into its own reductions but would have to write out for the kernel.
+  The inner products of (F1) in ``docs/algorithm.md``, from which every per-column coefficient
+  of a fused step follows. Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays
+  are float32 of one shape with at least one axis and the kernel is available; otherwise six XLA
+  reductions. Callers pass ``allow_kernel=False`` for arrays upcast from a narrower storage
+  dtype, whose conversion XLA fuses into its own reductions but would have to write out for the
+  kernel. Differentiable; runs per member under ``vmap``; keeps ``jit`` shardings local.
+
+  Example:
+    >>> import jax.numpy as jnp, grassmann_optax as go
+    >>> w = jnp.eye(3)[:, :2]
+    >>> ww, wg, gg, wb, gb, bb = go.column_products(w, 2 * w, jnp.zeros_like(w))
+    >>> ww.tolist(), wg.tolist(), bb.tolist()
+    ([[1.0, 1.0]], [[2.0, 2.0]], [[0.0, 0.0]])
   """
   arrays = (w, g, b)
   usable = (
