@@ -14,6 +14,7 @@ from grassmann_optax._src.initializers import unit_initializer
 from grassmann_optax._src.labels import (
   EUCLIDEAN,
   GRASSMANN,
+  ScaleInvariance,
   find_scale_invariant,
   grassmann_labels,
   is_undercomplete_conv,
@@ -23,6 +24,7 @@ from grassmann_optax._src.native import kernel_disabled as cpu_kernel_disabled
 from grassmann_optax._src.native import kernel_variant as cpu_kernel_variant
 from grassmann_optax._src.orthogonality import orthogonality_penalty
 from grassmann_optax._src.transforms import (
+  ExpMapUpdateState,
   GrassmannAdamMomentsState,
   GrassmannMomentumState,
   add_orthogonality_gradient,
@@ -38,9 +40,11 @@ __version__ = '0.1.0'
 __all__ = (
   'AdamgManifoldState',
   'EUCLIDEAN',
+  'ExpMapUpdateState',
   'GRASSMANN',
   'GrassmannAdamMomentsState',
   'GrassmannMomentumState',
+  'ScaleInvariance',
   'SgdgManifoldState',
   'add_orthogonality_gradient',
   'adamg',

@@ -127,11 +127,13 @@ def test_find_scale_invariant_finds_the_kernels_that_feed_batchnorm():
     )
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  labels = go.find_scale_invariant(loss, variables['params'], x, labels_y)
+  found = go.find_scale_invariant(loss, variables['params'], x, labels_y)
+  labels = found.param_labels
   assert labels['conv_bn']['kernel'] == 'grassmann'
   assert labels['conv_plain']['kernel'] == 'euclidean'
   assert labels['head']['kernel'] == 'euclidean'
   assert labels['bn']['scale'] == 'euclidean'
+  assert found.point_axes['conv_bn']['kernel'] is None  # the columns
 
 
 def test_find_scale_invariant_leaves_an_unused_kernel_euclidean():
@@ -149,8 +151,8 @@ def test_find_scale_invariant_leaves_an_unused_kernel_euclidean():
     return jnp.sum(jnp.sin(z @ p['head'])) + 0.0 * jnp.sum(p['unused'])
 
   x = jax.random.normal(jax.random.key(5), (32, 8))
-  labels = go.find_scale_invariant(loss, params, x)
-  assert labels == {'used': 'grassmann', 'unused': 'euclidean', 'head': 'euclidean'}
+  found = go.find_scale_invariant(loss, params, x)
+  assert found.param_labels == {'used': 'grassmann', 'unused': 'euclidean', 'head': 'euclidean'}
 
 
 def test_orthogonality_penalty_value():

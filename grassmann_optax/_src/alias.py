@@ -7,7 +7,7 @@ import jax
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, fused
+from grassmann_optax._src import checks, fused, points
 from grassmann_optax._src import labels as labels_lib
 
 _NO_MANIFOLD_LEAF = (
@@ -96,13 +96,15 @@ def grassmann_partition(
   euclidean: optax.GradientTransformation,
   param_labels: labels_lib.ParamLabels | None,
   *,
+  point_axes: points.PointAxes = None,
   name: str = 'grassmann_partition',
 ) -> optax.GradientTransformation:
   """``optax.partition`` over ``'grassmann'``/``'euclidean'`` labels, checked.
 
   ``init`` raises a ValueError naming the leaf when the labels do not match the params, use an
-  unknown label, or put on the manifold a leaf that is not real floating-point, has fewer than
-  two rows, or has fan-in not larger than its outputs; it warns when no leaf is on the manifold.
+  unknown label, or put on the manifold a leaf that is not real floating-point, has points of
+  fewer than two elements, or points of no more elements than a group has points (a conv
+  kernel's fan-in not larger than its outputs); it warns when no leaf is on the manifold.
   ``update`` raises a ValueError naming the leaf where the updates and params differ.
 
   Args:
@@ -111,6 +113,7 @@ def grassmann_partition(
     euclidean: the transformation of every other leaf.
     param_labels: a label tree, a callable ``params -> labels``, or ``None`` for
       :func:`grassmann_labels`.
+    point_axes: the point axes the checks of ``init`` use (those ``grassmann`` uses).
     name: how messages name the optimizer.
 
   Returns:
@@ -131,7 +134,8 @@ def grassmann_partition(
 
   def init_fn(params):
     labels = label_fn(params)
-    labels_lib.check_labels(params, labels)
+    points.check_names(params, point_axes)
+    labels_lib.check_labels(params, labels, point_axes=point_axes)
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
       warnings.warn(message, UserWarning, stacklevel=2)
@@ -156,6 +160,8 @@ def sgdg(
   weight_decay: ArrayLike | None = 5e-4,
   weight_decay_mask: Any = None,
   param_labels: labels_lib.ParamLabels | None = None,
+  point_axes: points.PointAxes = None,
+  radius: ArrayLike | str | None = None,
 ) -> optax.GradientTransformation:
   r"""SGD-G: Riemannian momentum SGD on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
@@ -183,6 +189,11 @@ def sgdg(
       default: leaves with ``ndim >= 2``.
     param_labels: label tree or callable ``params -> labels``; default :func:`grassmann_labels`.
       Under :func:`optax.inject_hyperparams`, name a callable in ``static_args``.
+    point_axes: the axes of each manifold leaf that form one point: ``None`` (the columns, as
+      in the paper), an int or a tuple of ints, a pytree of those, or a callable
+      ``params -> pytree`` (section 10 of ``docs/algorithm.md``).
+    radius: ``None`` (unit points), a positive number, or ``'init'`` (each point keeps its norm
+      at ``init``).
 
   Returns:
     An :class:`optax.GradientTransformation`; its ``update`` needs ``params``.
@@ -202,7 +213,12 @@ def sgdg(
   """
   return grassmann_partition(
     fused.sgdg_manifold_update(
-      grassmann_learning_rate, momentum=momentum, grad_clip=grad_clip, omega=omega
+      grassmann_learning_rate,
+      momentum=momentum,
+      grad_clip=grad_clip,
+      omega=omega,
+      point_axes=point_axes,
+      radius=radius,
     ),
     euclidean_sgd(
       learning_rate,
@@ -212,6 +228,7 @@ def sgdg(
       weight_decay_mask=weight_decay_mask,
     ),
     param_labels,
+    point_axes=point_axes,
     name='sgdg',
   )
 
@@ -230,6 +247,8 @@ def adamg(
   weight_decay: ArrayLike | None = 5e-4,
   weight_decay_mask: Any = None,
   param_labels: labels_lib.ParamLabels | None = None,
+  point_axes: points.PointAxes = None,
+  radius: ArrayLike | str | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam-G: Riemannian Adam on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
@@ -261,6 +280,11 @@ def adamg(
     weight_decay: coupled L2 λ for the Euclidean kernels (5e-4).
     weight_decay_mask: which Euclidean leaves get decay; default: leaves with ``ndim >= 2``.
     param_labels: label tree or callable ``params -> labels``; default :func:`grassmann_labels`.
+    point_axes: the axes of each manifold leaf that form one point: ``None`` (the columns, as
+      in the paper), an int or a tuple of ints, a pytree of those, or a callable
+      ``params -> pytree`` (section 10 of ``docs/algorithm.md``).
+    radius: ``None`` (unit points), a positive number, or ``'init'`` (each point keeps its norm
+      at ``init``).
 
   Returns:
     An :class:`optax.GradientTransformation`; its ``update`` needs ``params``.
@@ -280,7 +304,14 @@ def adamg(
   """
   return grassmann_partition(
     fused.adamg_manifold_update(
-      grassmann_learning_rate, b1=b1, b2=b2, eps=eps, grad_clip=grad_clip, omega=omega
+      grassmann_learning_rate,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      grad_clip=grad_clip,
+      omega=omega,
+      point_axes=point_axes,
+      radius=radius,
     ),
     euclidean_sgd(
       learning_rate,
@@ -290,5 +321,6 @@ def adamg(
       weight_decay_mask=weight_decay_mask,
     ),
     param_labels,
+    point_axes=point_axes,
     name='adamg',
   )

@@ -42,28 +42,45 @@ def has_manifold_rows(shape: tuple[int, ...]) -> bool:
   return len(shape) >= 2 and fan_in_and_out(shape)[0] >= 2
 
 
-def manifold_leaf_problem(shape: tuple[int, ...], dtype) -> str | None:
-  """Why a leaf of this shape and dtype cannot be a set of points of G(1, n), or None."""
+def manifold_leaf_problem(
+  shape: tuple[int, ...], dtype, point_size: int | None = None
+) -> str | None:
+  """Why a leaf of this shape and dtype cannot be a set of points of G(1, n), or None.
+
+  ``point_size`` is the number of elements of one point; by default that of a column of
+  ``reshape(-1, shape[-1])``.
+  """
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     kind = 'complex' if jnp.issubdtype(dtype, jnp.complexfloating) else 'not floating-point'
     return (
       f'has dtype {jnp.dtype(dtype).name} ({kind}); the manifold optimizers move real unit '
       'vectors and need a real floating-point leaf (float32, bfloat16, float64, ...)'
     )
-  if not has_manifold_rows(shape):
-    n, p = fan_in_and_out(shape)
+  if point_size is None:
+    if not has_manifold_rows(shape):
+      n, p = fan_in_and_out(shape)
+      return (
+        'is viewed as reshape(-1, shape[-1]) and a point of G(1, n) needs at least 2 rows '
+        f'(got n={n} rows, p={p} columns)'
+      )
+  elif point_size < 2:
     return (
-      'is viewed as reshape(-1, shape[-1]) and a point of G(1, n) needs at least 2 rows '
-      f'(got n={n} rows, p={p} columns)'
+      f'has points of {point_size} element along its point axes, and a point of G(1, n) needs '
+      'at least 2 (with the default point axes, the columns of reshape(-1, shape[-1]) need at '
+      'least 2 rows)'
     )
   return None
 
 
-def check_manifold_leaves(tree: Any, transform_name: str) -> None:
-  """Every leaf must be real floating-point with at least 2 rows in its column view."""
-  for name, leaf in named_leaves(tree):
+def check_manifold_leaves(tree: Any, transform_name: str, layouts=None) -> None:
+  """Every leaf must be real floating-point, with points of at least 2 elements.
+
+  ``layouts``: the :class:`points.Layout` of each leaf, in order; default: columns.
+  """
+  for index, (name, leaf) in enumerate(named_leaves(tree)):
     shape = tuple(getattr(leaf, 'shape', ()))
-    problem = manifold_leaf_problem(shape, getattr(leaf, 'dtype', None))
+    size = None if layouts is None else layouts[index].point_size(shape)
+    problem = manifold_leaf_problem(shape, getattr(leaf, 'dtype', None), size)
     if problem:
       raise ValueError(
         f'{transform_name}: leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
@@ -141,3 +158,14 @@ def check_hyperparameters(**values) -> None:
     description, valid = _RULES[name]
     if not valid(number):
       raise ValueError(f'{name}={value!r} is out of range: it must be {description}.')
+
+
+def check_radius(radius) -> None:
+  """``radius`` is None, ``'init'``, or a positive finite number (or a traced value)."""
+  if radius is None or (isinstance(radius, str) and radius == 'init'):
+    return
+  if isinstance(radius, str):
+    raise ValueError(f"radius={radius!r}: expected None, 'init' or a positive number.")
+  number = _concrete(radius)
+  if number is not None and not (math.isfinite(number) and number > 0):
+    raise ValueError(f'radius={radius!r} is out of range: it must be finite and > 0.')

@@ -24,10 +24,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, manifold, native, transforms
+from grassmann_optax._src import checks, manifold, native, points, transforms
 
 # Columns whose step has |κ| below this (a step of about a right angle, see _transport) keep
 # their buffer in the mixed basis; above it, the stored buffer is the transported one.
@@ -58,22 +59,31 @@ class _Leaf(NamedTuple):
   w: jax.Array
   g: jax.Array  # the gradient, orthogonality term included
   x: jax.Array  # the stored buffer
+  layout: points.Layout
   allow_kernel: bool  # the three arrays are stored in the compute dtype
 
+  @property
+  def num_points(self) -> int:
+    return self.layout.num_points(self.w.shape)
 
-def _leaf(g_stored, x_stored, w_stored, omega) -> _Leaf:
+
+def _leaf(layout, g_stored, x_stored, w_stored, omega) -> _Leaf:
   w, x = manifold.upcast(w_stored), manifold.upcast(x_stored)
   g = manifold.upcast(g_stored)
   if not transforms.is_static_zero(omega):
-    g = g + manifold.orthogonality_gradient(w, omega)
+    g = g + manifold.orthogonality_gradient(w, omega, layout.point)
   # The kernel reads arrays as stored: only where no upcast would have to be written out.
   allow_kernel = all(a.dtype == w.dtype for a in (g_stored, x_stored, w_stored))
-  return _Leaf(w=w, g=g, x=x, allow_kernel=allow_kernel)
+  return _Leaf(w=w, g=g, x=x, layout=layout, allow_kernel=allow_kernel)
 
 
 def _products(leaf: _Leaf, g: jax.Array) -> jax.Array:
-  """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each column, shape ``(6, p)``."""
-  products = native.column_products(leaf.w, g, leaf.x, allow_kernel=leaf.allow_kernel)
+  """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point, shape ``(6, points)``."""
+  if leaf.layout.point == tuple(range(leaf.w.ndim - 1)):
+    products = native.column_products(leaf.w, g, leaf.x, allow_kernel=leaf.allow_kernel)
+  else:
+    pairs = ((leaf.w, leaf.w), (leaf.w, g), (g, g), (leaf.w, leaf.x), (g, leaf.x), (leaf.x, leaf.x))
+    products = [manifold.column_dot(a, b, leaf.layout.point) for a, b in pairs]
   return jnp.stack([s.reshape(-1) for s in products])
 
 
@@ -89,7 +99,7 @@ def _plane(leaves: list[_Leaf]) -> _Plane:
   sums = jnp.concatenate([_products(leaf, leaf.g) for leaf in leaves], axis=1)
 
   def rescaled():
-    scales = [manifold.column_scale(leaf.g) for leaf in leaves]
+    scales = [manifold.column_scale(leaf.g, leaf.layout.point) for leaf in leaves]
     products = [
       _products(leaf, leaf.g * inv) for leaf, (_, inv) in zip(leaves, scales, strict=True)
     ]
@@ -111,21 +121,26 @@ def _plane(leaves: list[_Leaf]) -> _Plane:
   )
 
 
-def _columns(per_leaf: list[jax.Array], dtype) -> jax.Array:
-  """Per-leaf column vectors (shape ``(..., p)``) side by side: shape ``(..., P)``."""
-  return jnp.concatenate([c.astype(dtype) for c in per_leaf], axis=-1)
+def _columns(per_leaf: list[jax.Array], leaves: list[_Leaf], dtype) -> jax.Array:
+  """Per-point state of each leaf (shape ``(..., *batch)``) side by side: ``(..., points)``."""
+  flat = []
+  for state, leaf in zip(per_leaf, leaves, strict=True):
+    lead = state.shape[: state.ndim - len(leaf.layout.batch)]
+    flat.append(state.reshape(*lead, leaf.num_points).astype(dtype))
+  return jnp.concatenate(flat, axis=-1)
 
 
 def _split(columns: jax.Array, leaves: list[_Leaf], *, broadcast: bool) -> list[jax.Array]:
   """The inverse of :func:`_columns`; with ``broadcast``, parts broadcast against their leaf."""
   out, start = [], 0
   for leaf in leaves:
-    p = leaf.w.shape[-1]
-    part = columns[..., start : start + p]
+    part = columns[..., start : start + leaf.num_points]
     if broadcast:
-      part = part.reshape(*columns.shape[:-1], *(1,) * (leaf.w.ndim - 1), p)
-    out.append(part)
-    start += p
+      shape = leaf.layout.per_point_shape(leaf.w.shape)
+    else:
+      shape = tuple(leaf.w.shape[a] for a in leaf.layout.batch)
+    out.append(part.reshape(*columns.shape[:-1], *shape))
+    start += leaf.num_points
   return out
 
 
@@ -180,7 +195,7 @@ class _Step(NamedTuple):
   mix: jax.Array  # (2, 1, ..., 1, p): the new buffer at the new point is mix[0]·x' + mix[1]·w'
 
 
-def _transport(plane: _Plane, moved: _Combination, sigma, *, eager_e6: bool) -> _Step:
+def _transport(plane: _Plane, moved: _Combination, sigma, radius, *, eager_e6: bool) -> _Step:
   """The geodesic step along ``d = −σ·B`` and the transported buffer, ``B`` = ``moved``.
 
   With ``n = ‖B‖``, ``θ = |σ| n``, ``r = θ/(θ + ε)`` and ``S = sign(σ)·r·sin θ``, the new point is
@@ -189,7 +204,8 @@ def _transport(plane: _Plane, moved: _Combination, sigma, *, eager_e6: bool) -> 
   Adam-G's (G7). Where ``|κ| ≥ 1/2`` the transported buffer is stored and the update is written
   from it and ``w``; elsewhere (a step of about a right angle, where that would divide by
   ``κ ≈ 0``) the stored buffer is ``B + sign(S)·n·y``, from which both the update and, at the
-  next step, the transported buffer follow with factors no larger than about 3.
+  next step, the transported buffer follow with factors no larger than about 3. With a
+  ``radius`` ``R`` (per point, or None for 1) the new point is stored as ``R·y'``.
   """
   n = moved.norm(plane)
   theta = jnp.abs(sigma) * n
@@ -216,14 +232,19 @@ def _transport(plane: _Plane, moved: _Combination, sigma, *, eager_e6: bool) -> 
   # Mixed basis x' = B + sign(S) n y; update = (a cos θ − 1 + |S| a) w − q x'.
   on_b = jnp.where(stored, kappa, 1)
   on_y = jnp.where(stored, n * lam, sign_s * n)
-  on_w = a * cos - 1 + jnp.where(stored, s_big * lam * a * inverse_kappa, jnp.abs(s_big) * a)
+  on_y_new = a * cos + jnp.where(stored, s_big * lam * a * inverse_kappa, jnp.abs(s_big) * a)
   on_buffer = -q * jnp.where(stored, inverse_kappa, 1)
-  # Next step: the transported buffer is mix[0]·x' + mix[1]·w' (docs/algorithm.md (F9)).
+  # Next step: the transported buffer is mix[0]·x' + mix[1]·y' (docs/algorithm.md (F9)), and
+  # the stored point is w' = R·y'.
   rest = lam - kappa * sign_s
+  to_point = n * rest * inverse_d
+  if radius is not None:
+    on_y_new, on_buffer, to_point = radius * on_y_new, radius * on_buffer, to_point / radius
+  on_w = on_y_new - 1
   mix = jnp.stack(
     [
       jnp.where(stored, 1, kappa + rest * s_big * inverse_d),
-      jnp.where(stored, 0, n * rest * inverse_d),
+      jnp.where(stored, 0, to_point),
     ]
   )
   buffer = _Combination(x=on_b * moved.x, g=on_b * moved.g, w=on_b * moved.w + on_y * a)
@@ -287,11 +308,13 @@ def _write(plane: _Plane, step: _Step, leaves: list[_Leaf], held=()):
   return updates, buffers, columns[7:]
 
 
-def _step_group(leaves, state_leaves, column_step):
-  """One fused step of a group of leaves: per-column maths once for all their columns."""
+def _step_group(leaves, state_leaves, radius, column_step):
+  """One fused step of a group of leaves: per-point maths once for all their points."""
   plane = _plane(leaves)
-  state_columns = [_columns(parts, plane.a.dtype) for parts in state_leaves]
-  step, held = column_step(plane, *state_columns)
+  state_columns = [_columns(parts, leaves, plane.a.dtype) for parts in state_leaves]
+  if not _is_scalar(radius):
+    radius = _columns(radius, leaves, plane.a.dtype)
+  step, held = column_step(plane, radius, *state_columns)
   updates, buffers, kept = _write(plane, step, leaves, held)
   new_state, row = [], 0
   for parts, columns in zip(state_leaves, state_columns, strict=True):
@@ -303,27 +326,34 @@ def _step_group(leaves, state_leaves, column_step):
   return updates, buffers, new_state
 
 
-def _fused_step(updates, buffers, params, per_column, omega, column_step):
+def _fused_step(updates, buffers, params, per_point, omega, point_axes, radius, column_step):
   """Runs one fused step over the manifold leaves of ``updates``.
 
-  ``per_column`` is a list of state trees with one vector (shape ``(..., p)``) per leaf, the
-  first of them ``mix``; ``column_step(plane, *per_column_columns)`` returns the :class:`_Step`
-  and the pairs ``(new, old)`` of per-column state, one per row of those vectors. Returns the
-  updates, the new buffers and the new per-column state trees.
+  ``per_point`` is a list of state trees with per-point values (shaped ``(..., *batch)``) for
+  each leaf, the first of them ``mix``; ``radius`` is None, a number, or a tree of per-point
+  radii. ``column_step(plane, radius, *per_point_vectors)`` returns the :class:`_Step` and the
+  pairs ``(new, old)`` of per-point state, one per row of those vectors. Returns the updates,
+  the new buffers and the new per-point state trees.
 
   Each leaf is a group of its own: its passes then start as soon as its own inner products are
   done, and those of different leaves overlap. One group for all leaves, or groups of four,
   compile to fewer per-column fusions but measured 5-10% slower on WRN-28-10 on CPU.
   """
   g_leaves, treedef = jax.tree.flatten(updates)
+  layouts = points.resolve(params, point_axes)
   stored = [treedef.flatten_up_to(tree) for tree in (buffers, params)]
-  leaves = [_leaf(g, x, w, omega) for g, x, w in zip(g_leaves, *stored, strict=True)]
-  state_leaves = [treedef.flatten_up_to(tree) for tree in per_column]
+  leaves = [
+    _leaf(layout, g, x, w, omega)
+    for layout, g, x, w in zip(layouts, g_leaves, *stored, strict=True)
+  ]
+  state_leaves = [treedef.flatten_up_to(tree) for tree in per_point]
+  radius_leaves = None if _is_scalar(radius) else treedef.flatten_up_to(radius)
   new_updates, new_buffers = [], []
-  new_state = [[] for _ in per_column]
+  new_state = [[] for _ in per_point]
   for index, leaf in enumerate(leaves):
     state = [[parts[index]] for parts in state_leaves]
-    (update,), (buffer,), group_state = _step_group([leaf], state, column_step)
+    leaf_radius = radius if radius_leaves is None else [radius_leaves[index]]
+    (update,), (buffer,), group_state = _step_group([leaf], state, leaf_radius, column_step)
     new_updates.append(update.astype(stored[1][index].dtype))
     new_buffers.append(buffer.astype(stored[0][index].dtype))
     for out, (value,) in zip(new_state, group_state, strict=True):
@@ -335,14 +365,33 @@ def _fused_step(updates, buffers, params, per_column, omega, column_step):
   )
 
 
-def _mix_init(params):
-  """``(1, 0)`` per column: the stored buffer is the transported one."""
+def _is_scalar(radius) -> bool:
+  """None, a number or a 0-d array (one radius for every point), not a tree of radii."""
+  if radius is None or isinstance(radius, int | float):
+    return True
+  return isinstance(radius, jax.Array | np.ndarray) and radius.ndim == 0
 
-  def init(w):
+
+def _mix_init(params, layouts):
+  """``(1, 0)`` per point: the stored buffer is the transported one."""
+
+  def init(layout, w):
+    shape = tuple(w.shape[a] for a in layout.batch)
     dtype = manifold.compute_dtype(w)
-    return jnp.stack([jnp.ones(w.shape[-1:], dtype), jnp.zeros(w.shape[-1:], dtype)])
+    return jnp.stack([jnp.ones(shape, dtype), jnp.zeros(shape, dtype)])
 
-  return jax.tree.map(init, params)
+  return transforms.map_leaves(init, layouts, params)
+
+
+def _radius_state(radius, params, layouts):
+  return transforms.initial_radius(params, layouts) if radius == 'init' else None
+
+
+def _radius_for_step(radius, state_radius):
+  """The radius the step uses: None (unit), a number, or the tree kept in the state."""
+  if radius == 'init':
+    return state_radius
+  return radius
 
 
 class SgdgManifoldState(NamedTuple):
@@ -352,13 +401,17 @@ class SgdgManifoldState(NamedTuple):
     count: number of updates so far, int32 (drives a learning-rate schedule).
     trace: the momentum buffer ``b`` (gradient units), transported to the current point, in the
       shape of the params.
-    mix: per column, shape ``(2, p)``: the transported buffer is ``mix[0]·trace + mix[1]·w``.
-      ``(1, 0)`` except after a step of about a right angle (``docs/algorithm.md`` (F9)).
+    mix: per point, shape ``(2, *batch)`` (``(2, p)`` for columns): the transported buffer is
+      ``mix[0]·trace + mix[1]·w/R``; ``(1, 0)`` except after a step of about a right angle
+      (``docs/algorithm.md`` (F9)).
+    radius: with ``radius='init'``, the radius ``R`` of every point, shaped by the batch axes;
+      otherwise ``None``.
   """
 
   count: jax.Array
   trace: optax.Params
   mix: optax.Params
+  radius: optax.Params = None
 
 
 class AdamgManifoldState(NamedTuple):
@@ -367,15 +420,18 @@ class AdamgManifoldState(NamedTuple):
   Attributes:
     count: number of updates so far (``t``), int32.
     mu: first moment ``m``, transported to the current point, in the shape of the params.
-    nu: one scalar second moment per column, shape ``params.shape[-1:]``, float32 or wider.
-    mix: per column, shape ``(2, p)``: the transported first moment is
-      ``mix[0]·mu + mix[1]·w``; ``(1, 0)`` except after a step of about a right angle.
+    nu: one scalar second moment per point, float32 or wider, shaped by the batch axes
+      (``params.shape[-1:]`` for columns).
+    mix: per point, shape ``(2, *batch)``: the transported first moment is
+      ``mix[0]·mu + mix[1]·w/R``; ``(1, 0)`` except after a step of about a right angle.
+    radius: with ``radius='init'``, the radius ``R`` of every point; otherwise ``None``.
   """
 
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
   mix: optax.Params
+  radius: optax.Params = None
 
 
 def _learning_rate(learning_rate, count):
@@ -388,6 +444,8 @@ def sgdg_manifold_update(
   momentum: ArrayLike = 0.9,
   grad_clip: ArrayLike | None = 0.1,
   omega: ArrayLike = 0.0,
+  point_axes: points.PointAxes = None,
+  radius: ArrayLike | str | None = None,
 ) -> optax.GradientTransformation:
   r"""The SGD-G step of every column, fused and exact for every step size (Algorithm 1).
 
@@ -410,6 +468,11 @@ def sgdg_manifold_update(
     momentum: γ.
     grad_clip: ν > 0, or ``None``.
     omega: ω of the orthogonality gradient; a Python 0 skips it.
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (section 10 of ``docs/algorithm.md``).
+    radius: ``None`` (unit points, as in the paper), a positive number ``R``, or ``'init'``
+      (each point keeps its norm at ``init``): points are stored at that norm, steps are angles.
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``; its state is a
@@ -427,13 +490,15 @@ def sgdg_manifold_update(
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
   checks.check_hyperparameters(momentum=momentum, grad_clip=grad_clip, omega=omega)
+  checks.check_radius(radius)
 
   def init_fn(params):
-    checks.check_manifold_leaves(params, 'sgdg_manifold_update')
+    layouts = transforms.check_init(params, 'sgdg_manifold_update', point_axes)
     return SgdgManifoldState(
       count=jnp.zeros([], jnp.int32),
       trace=jax.tree.map(jnp.zeros_like, params),
-      mix=_mix_init(params),
+      mix=_mix_init(params, layouts),
+      radius=_radius_state(radius, params, layouts),
     )
 
   def update_fn(updates, state, params=None):
@@ -441,17 +506,25 @@ def sgdg_manifold_update(
     checks.check_update_trees(updates, params, state.trace, 'sgdg_manifold_update')
     lr = _learning_rate(learning_rate, state.count)
 
-    def column_step(plane, mix):
+    def column_step(plane, point_radius, mix):
       k, _ = _clipped_gradient(plane, grad_clip)
       moved = _moved_buffer(plane, mix, momentum, 1.0, k)
-      result = _transport(plane, moved, jnp.asarray(lr, plane.a.dtype), eager_e6=True)
+      sigma = jnp.asarray(lr, plane.a.dtype)
+      result = _transport(plane, moved, sigma, point_radius, eager_e6=True)
       return result, list(zip(result.mix, mix, strict=True))
 
     new_updates, trace, (mix,) = _fused_step(
-      updates, state.trace, params, [state.mix], omega, column_step
+      updates,
+      state.trace,
+      params,
+      [state.mix],
+      omega,
+      point_axes,
+      _radius_for_step(radius, state.radius),
+      column_step,
     )
-    new_state = SgdgManifoldState(count=optax.safe_increment(state.count), trace=trace, mix=mix)
-    return new_updates, new_state
+    count = optax.safe_increment(state.count)
+    return new_updates, state._replace(count=count, trace=trace, mix=mix)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -464,6 +537,8 @@ def adamg_manifold_update(
   eps: ArrayLike = 1e-8,
   grad_clip: ArrayLike | None = 0.1,
   omega: ArrayLike = 0.0,
+  point_axes: points.PointAxes = None,
+  radius: ArrayLike | str | None = None,
 ) -> optax.GradientTransformation:
   r"""The Adam-G step of every column, fused and exact for every step size (Algorithm 2).
 
@@ -488,6 +563,11 @@ def adamg_manifold_update(
     eps: ε inside the square root.
     grad_clip: ν > 0, or ``None``.
     omega: ω of the orthogonality gradient; a Python 0 skips it.
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (section 10 of ``docs/algorithm.md``).
+    radius: ``None`` (unit points, as in the paper), a positive number ``R``, or ``'init'``
+      (each point keeps its norm at ``init``): points are stored at that norm, steps are angles.
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``; its state is an
@@ -505,14 +585,16 @@ def adamg_manifold_update(
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
   checks.check_hyperparameters(b1=b1, b2=b2, eps=eps, grad_clip=grad_clip, omega=omega)
+  checks.check_radius(radius)
 
   def init_fn(params):
-    checks.check_manifold_leaves(params, 'adamg_manifold_update')
+    layouts = transforms.check_init(params, 'adamg_manifold_update', point_axes)
     return AdamgManifoldState(
       count=jnp.zeros([], jnp.int32),
       mu=jax.tree.map(jnp.zeros_like, params),
-      nu=jax.tree.map(lambda w: jnp.zeros(w.shape[-1:], manifold.compute_dtype(w)), params),
-      mix=_mix_init(params),
+      nu=transforms.per_point_zeros(params, layouts),
+      mix=_mix_init(params, layouts),
+      radius=_radius_state(radius, params, layouts),
     )
 
   def update_fn(updates, state, params=None):
@@ -521,19 +603,26 @@ def adamg_manifold_update(
     lr = _learning_rate(learning_rate, state.count)
     count = optax.safe_increment(state.count)
 
-    def column_step(plane, mix, v):
+    def column_step(plane, point_radius, mix, v):
       k, h_sq = _clipped_gradient(plane, grad_clip)
       moved = _moved_buffer(plane, mix, b1, 1 - b1, k)
       v_new = b2 * v + (1 - b2) * h_sq
       t = count.astype(v_new.dtype)
       correction = jnp.sqrt(1 - b2**t) / (1 - b1**t)
       sigma = lr * correction / jnp.sqrt(v_new + eps)
-      result = _transport(plane, moved, sigma, eager_e6=False)
+      result = _transport(plane, moved, sigma, point_radius, eager_e6=False)
       return result, [*zip(result.mix, mix, strict=True), (v_new, v)]
 
     new_updates, mu, (mix, nu) = _fused_step(
-      updates, state.mu, params, [state.mix, state.nu], omega, column_step
+      updates,
+      state.mu,
+      params,
+      [state.mix, state.nu],
+      omega,
+      point_axes,
+      _radius_for_step(radius, state.radius),
+      column_step,
     )
-    return new_updates, AdamgManifoldState(count=count, mu=mu, nu=nu, mix=mix)
+    return new_updates, state._replace(count=count, mu=mu, nu=nu, mix=mix)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -5,13 +5,14 @@ A label tree has the structure of the params and holds ``'grassmann'`` for a man
 optimizer meet.
 """
 
+import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-from grassmann_optax._src import checks, manifold
+from grassmann_optax._src import checks, points
 
 GRASSMANN = 'grassmann'
 EUCLIDEAN = 'euclidean'
@@ -92,69 +93,124 @@ def grassmann_labels(params: Any, *, predicate: Predicate | None = None) -> Any:
   )
 
 
+class ScaleInvariance(NamedTuple):
+  """What :func:`find_scale_invariant` found: labels and point axes, as the aliases take them.
+
+  ``go.adamg(lr, lr_g, **found._asdict())`` passes both.
+  """
+
+  param_labels: Any
+  point_axes: Any
+
+
+def _candidate_layouts(ndim: int) -> list[tuple[int, ...]]:
+  """Every non-empty set of point axes; the default (all but the last) and rows first."""
+  default, rows = tuple(range(ndim - 1)), (ndim - 1,)
+  subsets = [
+    axes
+    for size in range(1, ndim + 1)
+    for axes in itertools.combinations(range(ndim), size)
+    if axes not in (default, rows)
+  ]
+  return [default, rows, *subsets]
+
+
+def _invariant_points(w: np.ndarray, g: np.ndarray, layout: points.Layout, tol: float) -> bool:
+  """Euler's relation ``|⟨g_j, w_j⟩| <= tol ‖g_j‖ ‖w_j‖`` for every point ``j``."""
+  axes = layout.point
+  inner = np.abs(np.sum(w * g, axis=axes))
+  bound = tol * np.sqrt(np.sum(w * w, axis=axes)) * np.sqrt(np.sum(g * g, axis=axes))
+  return bool(np.all(inner <= bound))
+
+
 def find_scale_invariant(
   loss_fn: Callable[..., jax.Array],
   params: Any,
   *args,
   tol: float = 1e-3,
   undercomplete_only: bool = True,
-) -> Any:
-  r"""Finds the kernels whose columns are scale-invariant, from one gradient evaluation.
+  groupings: str = 'any',
+) -> ScaleInvariance:
+  r"""Finds the scale-invariant leaves, and how their points are grouped, from one gradient.
 
-  If ``L(c·w_j) = L(w_j)`` for every ``c > 0`` (as for a kernel followed by BatchNorm), Euler's
-  theorem for functions homogeneous of degree 0 gives
+  If ``L(c·w_j) = L(w_j)`` for every ``c > 0`` and every point ``w_j`` (as for a conv kernel
+  followed by BatchNorm, per column; a projection followed by a per-head RMSNorm, per head; a
+  matrix followed by LayerNorm, as a whole), Euler's theorem for functions homogeneous of degree
+  0 gives
 
   .. math::
     \langle \partial L/\partial w_j,\, w_j\rangle = 0
 
-  for every column ``j``. A leaf with ``ndim >= 2`` is labelled ``'grassmann'`` when every column
-  satisfies :math:`|\langle g_j, w_j\rangle| \le \mathrm{tol}\,\lVert g_j\rVert\lVert w_j\rVert`
-  and its gradient is not identically zero (an unused kernel tells nothing). The test is
-  necessary, not sufficient: evaluate ``loss_fn`` in training mode (batch statistics), on a
-  real batch, with random (not zero) parameters. BatchNorm's ε breaks the invariance slightly
-  (cosines of about ε/Var, measured up to 4e-4), while kernels that are not invariant show
-  cosines of 0.1 and more: hence the default ``tol``.
+  for every point ``j``. For each leaf with ``ndim >= 2``, every grouping of its axes into point
+  axes is tested, :math:`|\langle g_j, w_j\rangle| \le \mathrm{tol}\,\lVert g_j\rVert
+  \lVert w_j\rVert` for every point, and the passing grouping with the most points wins (a
+  leaf invariant per column is also invariant as a whole; the columns are the finer structure).
+  A leaf whose gradient is identically zero tells nothing and stays Euclidean. The test is
+  necessary, not sufficient: evaluate ``loss_fn`` in training mode (batch statistics), on a real
+  batch, with random (not zero) parameters. BatchNorm's ε breaks the invariance slightly (cosines
+  of about ε/Var, measured up to 4e-4), while leaves that are not invariant show cosines of 0.1
+  and more: hence the default ``tol``.
 
   Args:
     loss_fn: ``loss_fn(params, *args) -> scalar``.
     params: parameters at which to evaluate the gradient.
     *args: further arguments of ``loss_fn`` (a batch, ...).
-    tol: tolerance on the cosine between each column and its gradient (default 1e-3).
-    undercomplete_only: also require fan-in > outputs, as :func:`grassmann_labels` does
-      ((L1)), so that the result can be given to :func:`sgdg` and :func:`adamg` as is.
+    tol: tolerance on the cosine between each point and its gradient (default 1e-3).
+    undercomplete_only: also require more elements per point than points per group (for the
+      columns of a conv kernel: fan-in > outputs, the paper's rule (L1)), so that the result
+      can be given to :func:`sgdg` and :func:`adamg` as is.
+    groupings: ``'any'`` (every grouping of the axes) or ``'columns'`` (only the columns of
+      ``reshape(-1, shape[-1])``, the paper's layout).
 
   Returns:
-    A label pytree with the structure of ``params``.
+    A :class:`ScaleInvariance`: ``param_labels``, a label pytree with the structure of
+    ``params``, and ``point_axes``, a pytree of the same structure holding for each manifold
+    leaf its point axes (``None`` for the columns) and ``None`` elsewhere.
 
   Example:
     >>> import jax, jax.numpy as jnp, grassmann_optax as go
-    >>> def loss(p, x):  # x @ w followed by a normalisation: scale-invariant in w
+    >>> def loss(p, x):  # x @ w, then a normalisation over each column: invariant per column
     ...   z = x @ p['w']
     ...   z = (z - z.mean(0)) / z.std(0)
     ...   return jnp.sum(jnp.sin(z @ p['v']))
     >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     >>> p = {'w': jax.random.normal(k1, (8, 4)), 'v': jax.random.normal(k2, (4, 2))}
-    >>> go.find_scale_invariant(loss, p, jax.random.normal(k3, (32, 8)))
-    {'v': 'euclidean', 'w': 'grassmann'}
+    >>> found = go.find_scale_invariant(loss, p, jax.random.normal(k3, (32, 8)))
+    >>> found.param_labels, found.point_axes
+    ({'v': 'euclidean', 'w': 'grassmann'}, {'v': None, 'w': None})
 
   References:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
+  if groupings not in ('any', 'columns'):
+    raise ValueError(f"groupings={groupings!r}: expected 'any' or 'columns'.")
   grads = jax.grad(loss_fn)(params, *args)
 
-  def label(path, w, g):
-    del path
-    shape = tuple(w.shape)
-    n, p = checks.fan_in_and_out(shape)
-    if not checks.has_manifold_rows(shape) or (undercomplete_only and n <= p):
-      return EUCLIDEAN
-    w64, g64 = manifold.upcast(jnp.asarray(w)), manifold.upcast(jnp.asarray(g))
-    inner = jnp.abs(manifold.column_dot(w64, g64))
-    bound = tol * manifold.column_norm(w64) * manifold.column_norm(g64)
-    invariant = bool(jnp.all(inner <= bound)) and bool(jnp.any(g64 != 0))
-    return GRASSMANN if invariant else EUCLIDEAN
+  def find(w, g):
+    w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+    if w.ndim < 2 or not np.any(g != 0):
+      return EUCLIDEAN, None
+    candidates = _candidate_layouts(w.ndim)[: 1 if groupings == 'columns' else None]
+    best = None
+    for axes in candidates:
+      layout = points.Layout.of(w.shape, axes)
+      size, per_group = layout.point_size(w.shape), layout.points_per_group(w.shape)
+      if size < 2 or (undercomplete_only and size <= per_group):
+        continue
+      better = best is None or layout.num_points(w.shape) > best.num_points(w.shape)
+      if better and _invariant_points(w, g, layout, tol):
+        best = layout
+    if best is None:
+      return EUCLIDEAN, None
+    default = best.point == tuple(range(w.ndim - 1))
+    return GRASSMANN, None if default else best.point
 
-  return jax.tree_util.tree_map_with_path(label, params, grads)
+  leaves, treedef = jax.tree.flatten(params)
+  found = [find(w, g) for w, g in zip(leaves, treedef.flatten_up_to(grads), strict=True)]
+  return ScaleInvariance(
+    param_labels=treedef.unflatten([label for label, _ in found]),
+    point_axes=treedef.unflatten([axes for _, axes in found]),
+  )
 
 
 def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
@@ -190,10 +246,22 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [by_path[name] for name in names])
 
 
-def check_labels(params: Any, labels: Any, *, require_undercomplete: bool = True) -> None:
-  """Raises a ValueError naming the leaf if a label is unknown or a manifold leaf is unfit."""
+def check_labels(
+  params: Any,
+  labels: Any,
+  *,
+  require_undercomplete: bool = True,
+  point_axes: points.PointAxes = None,
+) -> None:
+  """Raises a ValueError naming the leaf if a label is unknown or a manifold leaf is unfit.
+
+  A manifold leaf must be real floating-point with points of at least 2 elements and, with
+  ``require_undercomplete``, more elements per point than its groups have points (for the
+  columns of a kernel: fan-in > outputs).
+  """
   label_of = {checks.leaf_name(path): label for path, label in _flatten(labels)[0]}
-  for path, leaf in _flatten(params)[0]:
+  layouts = points.resolve(params, point_axes)
+  for (path, leaf), layout in zip(_flatten(params)[0], layouts, strict=True):
     name = checks.leaf_name(path)
     label = label_of[name]
     if label not in LABELS:
@@ -201,16 +269,17 @@ def check_labels(params: Any, labels: Any, *, require_undercomplete: bool = True
     if label != GRASSMANN:
       continue
     shape = tuple(leaf.shape)
-    n, p = checks.fan_in_and_out(shape)
-    problem = checks.manifold_leaf_problem(shape, getattr(leaf, 'dtype', None))
+    n, p = layout.point_size(shape), layout.points_per_group(shape)
+    problem = checks.manifold_leaf_problem(shape, getattr(leaf, 'dtype', None), n)
     if problem:
       raise ValueError(
         f'The grassmann leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
         'Label it euclidean.'
       )
     if require_undercomplete and n <= p:
+      what = 'fan-in' if layout.point == tuple(range(len(shape) - 1)) else 'point size'
       raise ValueError(
-        f'The grassmann leaf {name!r} of shape {shape} has fan-in {n} <= {p} outputs: its '
-        f'{p} unit columns cannot be mutually orthogonal in R^{n}, so the paper keeps such '
-        'kernels Euclidean. Label it euclidean.'
+        f'The grassmann leaf {name!r} of shape {shape} has {what} {n} <= {p} points per group: '
+        f'its {p} unit points cannot be mutually orthogonal in R^{n}, so the paper keeps such '
+        'kernels Euclidean. Label it euclidean, or choose other point_axes.'
       )

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from grassmann_optax._src import labels as labels_lib
-from grassmann_optax._src import manifold
+from grassmann_optax._src import manifold, points
 
 
-def orthogonality_penalty(params: Any, labels: Any, omega: ArrayLike) -> jax.Array:
+def orthogonality_penalty(
+  params: Any, labels: Any, omega: ArrayLike, *, point_axes: points.PointAxes = None
+) -> jax.Array:
   r"""The orthogonality penalty of the manifold leaves, as a loss value.
 
   .. math::
@@ -26,6 +28,8 @@ def orthogonality_penalty(params: Any, labels: Any, omega: ArrayLike) -> jax.Arr
     params: a parameter pytree.
     labels: its label tree, or a callable ``params -> labels`` (e.g. :func:`grassmann_labels`).
     omega: penalty strength ω.
+    point_axes: the point axes of the manifold leaves (default: columns); ``W`` is then the
+      matrix of the points of one group, one column per point, summed over the groups.
 
   Returns:
     A scalar in float32 or wider.
@@ -40,13 +44,15 @@ def orthogonality_penalty(params: Any, labels: Any, omega: ArrayLike) -> jax.Arr
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
   labels = labels_lib.resolve_labels(params, labels)
-  labels_lib.check_labels(params, labels, require_undercomplete=False)
+  labels_lib.check_labels(params, labels, require_undercomplete=False, point_axes=point_axes)
+  layouts = points.resolve(params, point_axes)
   total = jnp.zeros([], jnp.float32)
-  for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels), strict=True):
+  leaves = jax.tree.leaves(params)
+  for leaf, label, layout in zip(leaves, jax.tree.leaves(labels), layouts, strict=True):
     if label != labels_lib.GRASSMANN:
       continue
-    matrix = manifold.upcast(leaf).reshape(-1, leaf.shape[-1])
-    gram = matrix.T @ matrix
-    residual = gram - jnp.eye(gram.shape[0], dtype=gram.dtype)
+    stack, _ = manifold.group_matrices(manifold.upcast(leaf), layout.point)
+    gram = jnp.einsum('gnp,gnq->gpq', stack, stack)
+    residual = gram - jnp.eye(gram.shape[-1], dtype=gram.dtype)
     total = total + 0.5 * omega * jnp.sum(residual**2)
   return total

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, manifold
+from grassmann_optax._src import checks, manifold, points
 
 # The message of optax's own transforms that need params (``optax._src.base.NO_PARAMS_MSG``,
 # no longer exported at the top level).
@@ -41,31 +41,60 @@ def _check_params(updates, params, name: str) -> None:
   checks.check_same_tree(updates, params, 'the updates', 'the params', name)
 
 
-def _init_checked(name: str):
+def _init_checked(name: str, point_axes):
   def init_fn(params):
-    checks.check_manifold_leaves(params, name)
+    check_init(params, name, point_axes)
     return optax.EmptyState()
 
   return init_fn
 
 
-def unzip(tree_of_tuples, like, n: int) -> tuple:
-  """Splits a tree of ``n``-tuples (the result of mapping over ``like``) into ``n`` trees.
+def check_init(params, name: str, point_axes) -> list[points.Layout]:
+  """The layouts of the leaves of ``params``, after checking that they are manifold leaves."""
+  layouts = points.resolve(params, point_axes)
+  checks.check_manifold_leaves(params, name, layouts)
+  return layouts
 
-  A ``like`` without leaves (a branch of :func:`optax.partition` that holds no parameter) maps to
-  ``n`` copies of itself.
+
+def map_leaves(fn, layouts: list[points.Layout], tree, *rest, outputs: int = 1):
+  """``fn(layout, leaf, *rest_leaves)`` for every leaf of ``tree``; a tree (or ``outputs`` trees).
+
+  ``rest`` are trees with the structure of ``tree``.
   """
-  outer = jax.tree.structure(like)
-  if outer.num_leaves == 0:
-    return (like,) * n
-  return jax.tree.transpose(outer, jax.tree.structure((0,) * n), tree_of_tuples)
+  leaves, treedef = jax.tree.flatten(tree)
+  others = [treedef.flatten_up_to(other) for other in rest]
+  out = [fn(layout, *args) for layout, *args in zip(layouts, leaves, *others, strict=True)]
+  if outputs == 1:
+    return treedef.unflatten(out)
+  return (
+    tuple(treedef.unflatten(list(column)) for column in zip(*out, strict=True))
+    if out
+    else ((tree,) * outputs)
+  )
+
+
+def per_point_zeros(params, layouts: list[points.Layout]):
+  """One zero per point (float32 or wider), shaped by the batch axes of each leaf."""
+
+  def zeros(layout, w):
+    shape = tuple(w.shape[a] for a in layout.batch)
+    return jnp.zeros(shape, manifold.compute_dtype(w))
+
+  return map_leaves(zeros, layouts, params)
+
+
+def broadcast_per_point(value, layout: points.Layout, like):
+  """A per-point array (batch-axes shape) reshaped to broadcast against its leaf ``like``."""
+  return value.reshape(layout.per_point_shape(like.shape))
 
 
 def is_static_zero(value) -> bool:
   return isinstance(value, (int, float)) and value == 0
 
 
-def add_orthogonality_gradient(omega: ArrayLike) -> optax.GradientTransformation:
+def add_orthogonality_gradient(
+  omega: ArrayLike, *, point_axes: points.PointAxes = None
+) -> optax.GradientTransformation:
   r"""Adds the gradient of the orthogonality penalty to the updates.
 
   For each leaf viewed as ``W ∈ R^{n×p}`` with ``Y = unit(W)`` (columns scaled to unit norm),
@@ -78,8 +107,14 @@ def add_orthogonality_gradient(omega: ArrayLike) -> optax.GradientTransformation
   leaves the loss untouched; use :func:`orthogonality_penalty` to log the value. A Python
   ``omega == 0`` returns :func:`optax.identity` and costs nothing.
 
+  With other ``point_axes``, ``W`` is the matrix of the points of one group (one column per
+  point), and the term couples only the points of a group.
+
   Args:
     omega: penalty strength ω >= 0 (0.1 in every recipe of the paper).
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (see ``docs/algorithm.md``, section 10).
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -102,16 +137,17 @@ def add_orthogonality_gradient(omega: ArrayLike) -> optax.GradientTransformation
   def update_fn(updates, state, params=None):
     _check_params(updates, params, 'add_orthogonality_gradient')
 
-    def add(g, w):
-      term = manifold.orthogonality_gradient(manifold.upcast(w), omega)
+    def add(layout, g, w):
+      term = manifold.orthogonality_gradient(manifold.upcast(w), omega, layout.point)
       return (manifold.upcast(g) + term).astype(g.dtype)
 
-    return jax.tree.map(add, updates, params), state
+    return map_leaves(add, points.resolve(params, point_axes), updates, params), state
 
-  return optax.GradientTransformation(_init_checked('add_orthogonality_gradient'), update_fn)
+  init_fn = _init_checked('add_orthogonality_gradient', point_axes)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
-def project_to_tangent() -> optax.GradientTransformation:
+def project_to_tangent(*, point_axes: points.PointAxes = None) -> optax.GradientTransformation:
   r"""Projects each column of the updates onto the tangent space at ``unit(w)``.
 
   .. math::
@@ -122,6 +158,11 @@ def project_to_tangent() -> optax.GradientTransformation:
   product does not overflow for gradients up to the dtype's maximum; ``h`` is stored in the
   gradient's dtype, so an element of ``h`` beyond its range (possible only for gradients within
   a factor of about 2 of that maximum) becomes infinite. The fused updates never store ``h``.
+
+  Args:
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (see ``docs/algorithm.md``, section 10).
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -141,16 +182,18 @@ def project_to_tangent() -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     _check_params(updates, params, 'project_to_tangent')
 
-    def proj(g, w):
-      y, _ = manifold.unit(manifold.upcast(w))
-      return manifold.project(y, manifold.upcast(g)).astype(g.dtype)
+    def proj(layout, g, w):
+      y, _ = manifold.unit(manifold.upcast(w), layout.point)
+      return manifold.project(y, manifold.upcast(g), layout.point).astype(g.dtype)
 
-    return jax.tree.map(proj, updates, params), state
+    return map_leaves(proj, points.resolve(params, point_axes), updates, params), state
 
-  return optax.GradientTransformation(_init_checked('project_to_tangent'), update_fn)
+  return optax.GradientTransformation(_init_checked('project_to_tangent', point_axes), update_fn)
 
 
-def grassmann_clip(max_norm: ArrayLike | None) -> optax.GradientTransformation:
+def grassmann_clip(
+  max_norm: ArrayLike | None, *, point_axes: points.PointAxes = None
+) -> optax.GradientTransformation:
   r"""Clips the norm of every column separately.
 
   .. math::
@@ -163,6 +206,9 @@ def grassmann_clip(max_norm: ArrayLike | None) -> optax.GradientTransformation:
 
   Args:
     max_norm: the threshold ν > 0 (0.1 in every recipe of the paper), or ``None``.
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (see ``docs/algorithm.md``, section 10).
 
   Returns:
     An :class:`optax.GradientTransformation`.
@@ -188,10 +234,12 @@ def grassmann_clip(max_norm: ArrayLike | None) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
 
-    def clip(h):
-      return manifold.clip_by_column_norm(manifold.upcast(h), max_norm).astype(h.dtype)
+    def clip(layout, h):
+      return manifold.clip_by_column_norm(manifold.upcast(h), max_norm, layout.point).astype(
+        h.dtype
+      )
 
-    return jax.tree.map(clip, updates), state
+    return map_leaves(clip, points.resolve(updates, point_axes), updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -202,7 +250,9 @@ class GrassmannMomentumState(NamedTuple):
   trace: optax.Params
 
 
-def grassmann_momentum(decay: ArrayLike = 0.9) -> optax.GradientTransformation:
+def grassmann_momentum(
+  decay: ArrayLike = 0.9, *, point_axes: points.PointAxes = None
+) -> optax.GradientTransformation:
   r"""Heavy-ball momentum on G(1, n), with the buffer transported between steps.
 
   With ``b`` the buffer of the previous step and ``y`` the current point,
@@ -227,6 +277,9 @@ def grassmann_momentum(decay: ArrayLike = 0.9) -> optax.GradientTransformation:
 
   Args:
     decay: the momentum γ in [0, 1) (0.9 in the paper).
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (see ``docs/algorithm.md``, section 10).
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``. It must be followed only by a
@@ -247,20 +300,21 @@ def grassmann_momentum(decay: ArrayLike = 0.9) -> optax.GradientTransformation:
   checks.check_hyperparameters(momentum=decay)
 
   def init_fn(params):
-    checks.check_manifold_leaves(params, 'grassmann_momentum')
+    check_init(params, 'grassmann_momentum', point_axes)
     return GrassmannMomentumState(trace=jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None):
     require_params(params)
     checks.check_update_trees(updates, params, state.trace, 'grassmann_momentum')
 
-    def step(g, b, w):
-      y, _ = manifold.unit(manifold.upcast(w))
-      carried = manifold.transport_to(y, manifold.upcast(b))
+    def step(layout, g, b, w):
+      y, _ = manifold.unit(manifold.upcast(w), layout.point)
+      carried = manifold.transport_to(y, manifold.upcast(b), layout.point)
       new = decay * carried + manifold.upcast(g)
       return new.astype(g.dtype), new.astype(b.dtype)
 
-    new_updates, trace = unzip(jax.tree.map(step, updates, state.trace, params), updates, 2)
+    layouts = points.resolve(params, point_axes)
+    new_updates, trace = map_leaves(step, layouts, updates, state.trace, params, outputs=2)
     return new_updates, GrassmannMomentumState(trace=trace)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -272,7 +326,8 @@ class GrassmannAdamMomentsState(NamedTuple):
   Attributes:
     count: number of updates so far (``t``), int32.
     mu: first moment, tangent at the point it was last used; the shape of the params.
-    nu: one scalar second moment per column, shape ``params.shape[-1:]``, float32 or wider.
+    nu: one scalar second moment per point, float32 or wider, shaped by the batch axes of each
+      leaf (``params.shape[-1:]`` for columns).
   """
 
   count: jax.Array
@@ -284,6 +339,8 @@ def grassmann_adam_moments(
   b1: ArrayLike = 0.9,
   b2: ArrayLike = 0.99,
   eps: ArrayLike = 1e-8,
+  *,
+  point_axes: points.PointAxes = None,
 ) -> optax.GradientTransformation:
   r"""Adam-G moments: a transported first moment and one scalar second moment per column.
 
@@ -309,6 +366,9 @@ def grassmann_adam_moments(
     b1: β1 in [0, 1) (the paper passes its momentum, 0.9).
     b2: β2 in [0, 1) (0.99 in both originals).
     eps: ε >= 0, added to ``v`` under the square root.
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (see ``docs/algorithm.md``, section 10).
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -327,14 +387,11 @@ def grassmann_adam_moments(
   checks.check_hyperparameters(b1=b1, b2=b2, eps=eps)
 
   def init_fn(params):
-    checks.check_manifold_leaves(params, 'grassmann_adam_moments')
+    layouts = check_init(params, 'grassmann_adam_moments', point_axes)
     return GrassmannAdamMomentsState(
       count=jnp.zeros([], jnp.int32),
       mu=jax.tree.map(jnp.zeros_like, params),
-      nu=jax.tree.map(
-        lambda w: jnp.zeros(w.shape[-1:], manifold.compute_dtype(w)),
-        params,
-      ),
+      nu=per_point_zeros(params, layouts),
     )
 
   def update_fn(updates, state, params=None):
@@ -342,24 +399,34 @@ def grassmann_adam_moments(
     checks.check_update_trees(updates, params, state.mu, 'grassmann_adam_moments')
     count = optax.safe_increment(state.count)
 
-    def step(g, m, v, w):
+    def step(layout, g, m, v, w):
       g = manifold.upcast(g)
-      y, _ = manifold.unit(manifold.upcast(w))
+      y, _ = manifold.unit(manifold.upcast(w), layout.point)
       t = count.astype(g.dtype)
       correction = jnp.sqrt(1 - b2**t) / (1 - b1**t)
-      m_new = b1 * manifold.transport_to(y, manifold.upcast(m)) + (1 - b1) * g
-      v_new = b2 * v + (1 - b2) * manifold.column_dot(g, g).reshape(v.shape)
+      m_new = b1 * manifold.transport_to(y, manifold.upcast(m), layout.point) + (1 - b1) * g
+      v_new = b2 * broadcast_per_point(v, layout, w) + (1 - b2) * manifold.column_dot(
+        g, g, layout.point
+      )
       out = correction * m_new / jnp.sqrt(v_new + eps)
-      return out.astype(w.dtype), m_new.astype(m.dtype), v_new
+      return out.astype(w.dtype), m_new.astype(m.dtype), v_new.reshape(v.shape)
 
-    out = jax.tree.map(step, updates, state.mu, state.nu, params)
-    new_updates, mu, nu = unzip(out, updates, 3)
+    layouts = points.resolve(params, point_axes)
+    new_updates, mu, nu = map_leaves(step, layouts, updates, state.mu, state.nu, params, outputs=3)
     return new_updates, GrassmannAdamMomentsState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def exp_map_update() -> optax.GradientTransformation:
+class ExpMapUpdateState(NamedTuple):
+  """State of :func:`exp_map_update`: the radius of every point (``radius='init'`` only)."""
+
+  radius: optax.Params
+
+
+def exp_map_update(
+  *, point_axes: points.PointAxes = None, radius: ArrayLike | str | None = None
+) -> optax.GradientTransformation:
   r"""Turns a tangent step ``d`` into the additive update that moves along the geodesic.
 
   .. math::
@@ -369,6 +436,16 @@ def exp_map_update() -> optax.GradientTransformation:
   per column (paper Eq. 7; (G5), (S1) of ``docs/algorithm.md``), so that
   ``optax.apply_updates`` lands exactly on the geodesic and re-normalises a stored ``w`` that was
   not unit. It must be the last transform of its chain.
+
+  With ``radius``, each point is kept at that norm instead of 1: ``u = R·exp_y(d) − w``. The
+  steps are angles, as on the unit sphere: the radius only scales where a point is stored.
+
+  Args:
+    point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
+      columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
+      (see ``docs/algorithm.md``, section 10).
+    radius: ``None`` (unit points, as in the paper), a positive number ``R``, or ``'init'``:
+      each point keeps the norm it has when ``init`` is called (kept in the state).
 
   Returns:
     An :class:`optax.GradientTransformation` that needs ``params``.
@@ -385,14 +462,39 @@ def exp_map_update() -> optax.GradientTransformation:
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
   """
 
+  checks.check_radius(radius)
+
+  def init_fn(params):
+    layouts = check_init(params, 'exp_map_update', point_axes)
+    if radius != 'init':
+      return optax.EmptyState()
+    return ExpMapUpdateState(radius=initial_radius(params, layouts))
+
   def update_fn(updates, state, params=None):
     _check_params(updates, params, 'exp_map_update')
+    radii = state.radius if radius == 'init' else None
 
-    def move(d, w):
+    def move(layout, d, w, *r):
       w = manifold.upcast(w)
-      y, _ = manifold.unit(w)
-      return (manifold.exp_map(y, manifold.upcast(d)) - w).astype(d.dtype)
+      y, _ = manifold.unit(w, layout.point)
+      moved = manifold.exp_map(y, manifold.upcast(d), layout.point)
+      scale = broadcast_per_point(r[0], layout, w) if r else radius
+      if scale is not None:
+        moved = scale * moved
+      return (moved - w).astype(d.dtype)
 
-    return jax.tree.map(move, updates, params), state
+    layouts = points.resolve(params, point_axes)
+    trees = (updates, params) if radii is None else (updates, params, radii)
+    return map_leaves(move, layouts, *trees), state
 
-  return optax.GradientTransformation(_init_checked('exp_map_update'), update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def initial_radius(params, layouts: list[points.Layout]):
+  """The norm of every point of ``params``, shaped by the batch axes of each leaf."""
+
+  def norm(layout, w):
+    shape = tuple(w.shape[a] for a in layout.batch)
+    return manifold.column_norm(manifold.upcast(w), layout.point).reshape(shape)
+
+  return map_leaves(norm, layouts, params)

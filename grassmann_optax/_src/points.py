@@ -1,0 +1,119 @@
+"""Which axes of a leaf form one point: ``point_axes``, resolved per leaf.
+
+A leaf holds a set of points, each a vector made of the leaf's elements along its *point axes*;
+every other axis (a *batch* axis) indexes points. ``None``, the default, is all axes but the last:
+the columns of ``leaf.reshape(-1, leaf.shape[-1])``, the paper's layout. The rows of a Dense
+kernel ``(in, out)`` are ``(1,)``; a whole leaf is ``tuple(range(leaf.ndim))``; each head of a
+``DenseGeneral`` kernel ``(embed, heads, head_dim)`` is ``(0, 2)``; the columns of each layer of
+a stacked ``(layers, in, out)`` kernel are ``(1,)``.
+
+The orthogonality term (R1) couples the points of a *group*: the points that differ only in
+the last batch axis. The other batch axes index groups: the layers of a stack, say.
+
+``point_axes`` may be given as one spec for every leaf (``None``, an int or a tuple of ints), as
+a pytree of specs with the structure of the params (missing leaves take the default), or as a
+callable ``params -> pytree``, in the manner of ``optax.contrib.muon``'s dimension numbers. A
+pytree given for the whole params also serves a transform that sees part of them (a branch of
+``optax.partition``): specs are matched to leaves by their path.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+
+from grassmann_optax._src import checks
+
+Spec = None | int | Sequence[int]
+PointAxes = Spec | Any | Callable[[Any], Any]
+
+
+def is_spec(x) -> bool:
+  """A spec for one leaf: None, an int, or a tuple/list of ints."""
+  if x is None or isinstance(x, int):
+    return True
+  return isinstance(x, tuple | list) and all(isinstance(a, int) for a in x)
+
+
+def normalize(spec: Spec, ndim: int, name: str = 'the leaf') -> tuple[int, ...]:
+  """Sorted, non-negative point axes of a leaf with ``ndim`` axes; ``None``: all but the last."""
+  if spec is None:
+    return tuple(range(ndim - 1))
+  axes = (spec,) if isinstance(spec, int) else tuple(spec)
+  if not axes:
+    raise ValueError(f'point_axes of {name} is empty: a point needs at least one axis.')
+  bad = [a for a in axes if not -ndim <= a < ndim]
+  if bad:
+    raise ValueError(f'point_axes {axes} of {name} name axes {bad} that a {ndim}-d leaf lacks.')
+  normalized = tuple(sorted({a % ndim for a in axes}))
+  if len(normalized) != len(axes):
+    raise ValueError(f'point_axes {axes} of {name} name an axis twice.')
+  return normalized
+
+
+class Layout(NamedTuple):
+  """How one leaf is read as points."""
+
+  point: tuple[int, ...]  # the axes of one point
+  batch: tuple[int, ...]  # the axes that index points; the last indexes points of a group
+
+  @classmethod
+  def of(cls, shape: tuple[int, ...], spec: Spec, name: str = 'the leaf') -> 'Layout':
+    point = normalize(spec, len(shape), name)
+    return cls(point, tuple(a for a in range(len(shape)) if a not in point))
+
+  def point_size(self, shape) -> int:
+    return math.prod(shape[a] for a in self.point)
+
+  def points_per_group(self, shape) -> int:
+    return shape[self.batch[-1]] if self.batch else 1
+
+  def num_points(self, shape) -> int:
+    return math.prod(shape[a] for a in self.batch)
+
+  def per_point_shape(self, shape) -> tuple[int, ...]:
+    """The shape of per-point scalars that broadcast against the leaf (1 on point axes)."""
+    return tuple(1 if a in self.point else n for a, n in enumerate(shape))
+
+
+def _named_specs(point_axes) -> dict[str, Spec]:
+  pairs = jax.tree_util.tree_flatten_with_path(point_axes, is_leaf=is_spec)[0]
+  return {checks.leaf_name(path): spec for path, spec in pairs}
+
+
+def resolve(tree: Any, point_axes: PointAxes) -> list[Layout]:
+  """The layout of every leaf of ``tree``, in the order of ``jax.tree.leaves(tree)``.
+
+  Raises:
+    ValueError: a spec that does not fit its leaf, or a pytree of specs with a leaf that names
+      no leaf of ``tree``'s params.
+  """
+  leaves = checks.named_leaves(tree)
+  if callable(point_axes):
+    point_axes = point_axes(tree)
+  if is_spec(point_axes):
+    return [
+      Layout.of(tuple(getattr(leaf, 'shape', ())), point_axes, repr(name)) for name, leaf in leaves
+    ]
+  specs = _named_specs(point_axes)
+  return [
+    Layout.of(tuple(getattr(leaf, 'shape', ())), specs.get(name), repr(name))
+    for name, leaf in leaves
+  ]
+
+
+def check_names(params: Any, point_axes: PointAxes) -> None:
+  """A pytree of specs must name only leaves of ``params`` (a typo would pass silently)."""
+  if callable(point_axes) or is_spec(point_axes):
+    return
+  names = {name for name, _ in checks.named_leaves(params)}
+  extra = sorted(set(_named_specs(point_axes)) - names)
+  if extra:
+    raise ValueError(f'point_axes names {extra[0]!r}, which is not a leaf of the params.')
+
+
+def layouts_tree(tree: Any, point_axes: PointAxes) -> Any:
+  """:func:`resolve` as a tree with the structure of ``tree``."""
+  treedef = jax.tree.structure(tree)
+  return jax.tree.unflatten(treedef, resolve(tree, point_axes))
