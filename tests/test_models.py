@@ -1,7 +1,9 @@
-"""Tests for train/models.py: shapes, parameter names and the SPEC section 1.1 selection."""
+"""Tests for train/models.py: shapes, parameter names, and which kernels the library puts on the
+manifold (:func:`grassmann_optax.grassmann_labels`, the paper's rule: a conv kernel whose fan-in
+exceeds its number of outputs).
+"""
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import grassmann_optax as go
 from train import models
 
 
@@ -18,13 +21,26 @@ def _init(model, image_shape, batch=2):
   return init(jax.random.key(0), jnp.zeros((batch, *image_shape)))
 
 
-def _shapes(model, image_shape):
-  """Variable shapes without allocating them."""
-  variables = jax.eval_shape(lambda: _init(model, image_shape))
+def _params(model, image_shape):
+  """Parameter shapes without allocating them."""
+  return jax.eval_shape(lambda: _init(model, image_shape))['params']
+
+
+def _names(tree):
   return {
-    '/'.join(k.key for k in path): tuple(leaf.shape)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables['params'])[0]
+    '/'.join(k.key for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
+
+
+def _shapes(model, image_shape):
+  return {name: tuple(leaf.shape) for name, leaf in _names(_params(model, image_shape)).items()}
+
+
+def _manifold_kernels(model, image_shape):
+  """The names the library labels ``'grassmann'``."""
+  labels = _names(go.grassmann_labels(_params(model, image_shape)))
+  return {name for name, label in labels.items() if label == go.GRASSMANN}
 
 
 def _batch_norm_settings(model, image_shape):
@@ -41,15 +57,6 @@ def _batch_norm_settings(model, image_shape):
   with nn.intercept_methods(interceptor):
     jax.eval_shape(lambda: model.apply(_init(model, image_shape), x, train=False))
   return settings
-
-
-def _manifold_kernels(shapes):
-  """SPEC section 1.1 (TF): 'conv' in the name and fan-in strictly above fan-out."""
-  return {
-    name
-    for name, shape in shapes.items()
-    if 'conv' in name and len(shape) == 4 and math.prod(shape[:-1]) > shape[-1]
-  }
 
 
 @pytest.mark.parametrize('image_shape', [(32, 32, 3), (8, 8, 1)])
@@ -84,9 +91,8 @@ def test_unknown_model_name_lists_valid_names():
 
 
 def test_wrn_28_10_kernels_and_manifold_set():
-  shapes = _shapes(
-    models.create_model('resnet', num_classes=10, depth=28, widen_factor=10), (32, 32, 3)
-  )
+  model = models.create_model('resnet', num_classes=10, depth=28, widen_factor=10)
+  shapes = _shapes(model, (32, 32, 3))
   # Written out from the architecture (N = 4 blocks per group, widths 160, 320, 640), not from
   # the model code.
   widths = {1: 160, 2: 320, 3: 640}
@@ -103,25 +109,33 @@ def test_wrn_28_10_kernels_and_manifold_set():
   assert kernels == expected_kernels
   assert len([n for n in kernels if 'conv' in n]) == 25
 
-  # SPEC 1.1: conv0 (27 > 16) is on the manifold, group-1 block-0 conv1 (144 <= 160) is not,
-  # every other 3x3 conv is, projections and fc are not.
+  # conv0 (27 > 16) is on the manifold, group-1 block-0 conv1 (144 < 160) is not, every other
+  # 3x3 conv is, projections and fc are not.
   three_by_three = {n for n, s in kernels.items() if s[:2] == (3, 3)}
-  assert _manifold_kernels(shapes) == three_by_three - {'group1_block0/conv1/kernel'}
-  assert len(_manifold_kernels(shapes)) == 24
+  selected = _manifold_kernels(model, (32, 32, 3))
+  assert selected == three_by_three - {'group1_block0/conv1/kernel'}
+  assert len(selected) == 24
 
 
 @pytest.mark.parametrize(
-  'depth, widen_factor, first_conv_manifold', [(16, 4, True), (22, 8, True), (28, 10, False)]
+  'depth, widen_factor, first_conv_manifold',
+  [(16, 4, True), (22, 8, True), (10, 9, False), (28, 10, False)],
 )
 def test_wrn_first_group_conv_selection(depth, widen_factor, first_conv_manifold):
-  # SPEC 1.1: 3x3x16 -> 64 (144 > 64) and -> 128 (144 > 128) are manifold, -> 160 is not.
+  # 3x3x16 -> 64 (144 > 64) and -> 128 (144 > 128) are manifold; -> 144 (fan-in equal to the
+  # outputs: the rule is strict) and -> 160 are not.
   model = models.create_model('resnet', num_classes=10, depth=depth, widen_factor=widen_factor)
-  selected = _manifold_kernels(_shapes(model, (32, 32, 3)))
+  shapes = _shapes(model, (32, 32, 3))
+  assert shapes['group1_block0/conv1/kernel'] == (3, 3, 16, 16 * widen_factor)
+  selected = _manifold_kernels(model, (32, 32, 3))
   assert ('group1_block0/conv1/kernel' in selected) == first_conv_manifold
+  # The second conv of the block is 3x3x16k -> 16k (fan-in 9 times the outputs): always manifold.
+  assert 'group1_block0/conv2/kernel' in selected
 
 
 def test_vgg19_kernels_and_manifold_set():
-  shapes = _shapes(models.create_model('vgg19', num_classes=100), (32, 32, 3))
+  model = models.create_model('vgg19', num_classes=100)
+  shapes = _shapes(model, (32, 32, 3))
   convs_per_group = (2, 2, 4, 4, 4)
   widths = (64, 128, 256, 512, 512)
   expected_kernels = {'fc0/kernel': (512, 512), 'fc1/kernel': (512, 512), 'fc2/kernel': (512, 100)}
@@ -135,7 +149,17 @@ def test_vgg19_kernels_and_manifold_set():
   conv_names = {n for n in kernels if 'conv' in n}
   assert len(conv_names) == 16
   # First conv 27 <= 64 stays Euclidean; fc layers never match 'conv'.
-  assert _manifold_kernels(shapes) == conv_names - {'group0/conv0/kernel'}
+  assert _manifold_kernels(model, (32, 32, 3)) == conv_names - {'group0/conv0/kernel'}
+
+
+@pytest.mark.parametrize(('width_scale', 'first'), [(0.125, 8), (0.5, 32), (2.0, 128)])
+def test_vgg_width_scale_multiplies_every_width(width_scale, first):
+  shapes = _shapes(models.create_model('vgg11', num_classes=10, width_scale=width_scale), (8, 8, 1))
+  widths = [round(w * width_scale) for w in models.VGG_WIDTHS]
+  assert widths[0] == first
+  assert shapes['group0/conv0/kernel'] == (3, 3, 1, widths[0])
+  assert shapes['group4/conv1/kernel'] == (3, 3, widths[4], widths[4])
+  assert shapes['fc1/kernel'] == (widths[4], widths[4])
 
 
 def test_no_conv_bias_and_vgg_bn_has_no_scale():

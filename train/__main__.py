@@ -1,41 +1,51 @@
 """``python -m train`` / ``grassmann-train``: the paper's TF command lines, run with JAX.
 
-Example (the default: Adam-G on the small digits set, a few minutes on a laptop CPU)::
+With no flags it trains Adam-G on a WRN-10-4 on scikit-learn's digits (about a minute on a laptop
+CPU). The paper's commands run as they are, e.g.::
 
-  python -m train
   python -m train --model=resnet --depth=28 --widen_factor=10 --optimizer=sgdg \\
     --grassmann=True --learnRate=0.01 --learnRateG=0.2 --omega=0.1 --grad_clip=0.1 \\
     --weightDecay=0.0005 --keep_prob=0.7 --data=cifar10
 
-Flags: ``python -m train --help`` and :mod:`train.config`. Reference: Cho & Lee, "Riemannian
-approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+Flags: ``python -m train --help``; the program: docs/training.md. Reference: Cho & Lee,
+"Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
 """
 
 import sys
 from collections.abc import Sequence
 
+from absl import flags as absl_flags
+
+from train import checkpoints, input_pipeline, interrupts, workdir
 from train import config as config_lib
-from train import input_pipeline
+from train import flags as flags_lib
 from train import train as train_lib
 
-USAGE_ERROR = 2
+# Exit status of each way a run can end (0: it finished); the message is one line on stderr.
+EXIT_CODES = (
+  (absl_flags.Error, 2),  # a malformed or unknown flag
+  (config_lib.ConfigError, 2),  # a setting out of range or that cannot work here
+  (input_pipeline.DatasetNotPreparedError, 2),
+  (train_lib.TrainingDivergedError, 3),
+  (checkpoints.NoIntactCheckpointError, 4),
+  (workdir.RunDirectoryBusyError, 5),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Parses ``argv`` (default ``sys.argv[1:]``), runs, and returns the exit code.
-
-  Configuration problems (bad flag values, a checkpoint of another architecture, a dataset that
-  is not prepared offline, ...) print ``error: <message>`` and return 2, without a traceback;
-  malformed flags get argparse's usage message and 2, ``--help`` 0.
-  """
+  """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if any(arg in flags_lib.HELP_FLAGS for arg in argv):
+    print(flags_lib.help_text())
+    return 0
   try:
-    config = config_lib.parse_flags(sys.argv[1:] if argv is None else argv)
-    train_lib.train_and_evaluate(config)
-  except (ValueError, input_pipeline.DatasetNotPreparedError) as error:
+    train_lib.train_and_evaluate(flags_lib.parse(argv))
+  except interrupts.Interrupted as stopped:
+    print(stopped, file=sys.stderr)
+    return stopped.exit_code
+  except tuple(error for error, _ in EXIT_CODES) as error:
     print(f'error: {error}', file=sys.stderr)
-    return USAGE_ERROR
-  except SystemExit as exit_request:  # argparse: --help, or a malformed flag
-    return exit_request.code if isinstance(exit_request.code, int) else USAGE_ERROR
+    return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
   return 0
 
 

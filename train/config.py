@@ -1,152 +1,105 @@
-"""Command line and recipes of the training program, as data.
+"""Settings of one run, as data: :class:`Config`, the paper's recipes, and their checks.
 
-The flags are those of the paper's TensorFlow ``train.py`` (SPEC §8.1), spelled the same way, so
-that every command of its README runs unchanged, plus a few for JAX (parallelism, devices,
-multi-host, seed, step cap). A flag that is not given takes its value from, in order:
+The field names are the flags of the paper's TensorFlow ``train.py``, spelled the same way, plus a
+few for JAX (parallelism, devices, multi-process, seed, step cap). A setting that is not given
+takes its value from, in order:
 
-1. ``RECIPES[(data, optimizer)]``: the paper's settings for that dataset and optimizer
-   (SPEC §7.2), and the settings tuned for the small default dataset ``digits``;
-2. ``MODEL_RECIPES[model]``: per-architecture exceptions (the README's VGG command gives no
+1. ``RECIPES[(data, optimizer)]``: the paper's settings for that dataset and optimizer, and the
+   settings tuned for the small default dataset ``digits``;
+2. ``MODEL_RECIPES[model]``: per-architecture exceptions (the paper's VGG command gives no
    ``--keep_prob``, so VGG runs without dropout);
-3. the flag's own default in ``FLAGS`` (the TF defaults, except ``data``, ``optimizer``,
-   ``model`` and ``grassmann``, whose defaults here give a run that finishes in minutes).
+3. the field's default in :class:`Config` (the TF defaults, except ``data``, ``optimizer``,
+   ``model`` and ``grassmann``, whose defaults here give a run that finishes in a minute).
 
-An explicit flag always wins. :func:`parse_flags` turns a command line into a :class:`Config`;
-:func:`get_config` builds one from keyword arguments (notebooks, tests).
+An explicit setting always wins. :func:`get_config` builds a checked :class:`Config` from keyword
+arguments (the command line in ``train/flags.py`` calls it too); every value is checked before any
+work starts, and a bad one raises :class:`ConfigError` naming the flag.
 
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
 """
 
-import argparse
 import dataclasses
-import textwrap
-from collections.abc import Callable, Sequence
+import math
 from typing import Any
 
-from train import models
-
 OPTIMIZERS = ('sgd', 'sgdg', 'adamg')
-MODELS = models.MODEL_NAMES
+MODELS = ('resnet', 'vgg11', 'vgg13', 'vgg16', 'vgg19')
 PARALLEL = ('pmap', 'sharded')
 TASKS = ('train', 'test')
 
-# Architecture fields: a checkpoint restores only into a run that agrees on all of them.
-ARCHITECTURE_FIELDS = ('data', 'model', 'depth', 'widen_factor', 'optimizer', 'grassmann')
 
-
-def _boolean(text: str) -> bool:
-  value = text.strip().lower()
-  if value in ('true', '1', 'yes'):
-    return True
-  if value in ('false', '0', 'no'):
-    return False
-  raise argparse.ArgumentTypeError(f'expected True/False/true/false/1/0, got {text!r}')
-
-
-def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-  def parse_or_none(text: str):
-    return None if text.strip().lower() in ('none', '') else parse(text)
-
-  parse_or_none.__name__ = parse.__name__
-  return parse_or_none
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-  return tuple(int(part) for part in text.replace('[', '').replace(']', '').split(',') if part)
+class ConfigError(ValueError):
+  """A setting is out of range or inconsistent with another; the message names the flag."""
 
 
 @dataclasses.dataclass(frozen=True)
-class Flag:
-  """One command-line flag: name (as in the TF program), parser, default and help text."""
+class Config:
+  """All settings of one run; one field per flag of ``python -m train``.
 
-  name: str
-  parse: Callable[[str], Any]
-  default: Any
-  help: str
-  choices: tuple[str, ...] | None = None
+  ``explicit`` names the settings that were given (the rest came from a recipe or a default).
+  """
 
-
-_float = _optional(float)
-_int = _optional(int)
-_str = _optional(str)
-
-FLAGS: tuple[Flag, ...] = (
   # What to run.
-  Flag('task', str, 'train', 'train, or test (evaluate the checkpoint given by --load)', TASKS),
-  Flag('data', str, 'digits', 'dataset: digits, cifar10, cifar100 or svhn'),
-  Flag('optimizer', str, 'adamg', 'sgd (Nesterov SGD baseline), sgdg (SGD-G) or adamg (Adam-G)'),
-  Flag('model', str, 'resnet', 'resnet (wide ResNet), vgg11, vgg13, vgg16 or vgg19'),
-  Flag('depth', int, 10, 'resnet depth, 6N+4'),
-  Flag('widen_factor', int, 1, 'resnet width multiplier k'),
-  Flag('keep_prob', _float, None, 'dropout keep probability; None: no dropout layer'),
-  # Optimizer (SPEC §3, §4, §6).
-  Flag('learnRate', float, 0.1, 'initial learning rate of the Euclidean parameters'),
-  Flag('learnRateG', float, 0.1, 'initial learning rate of the parameters on G(1,n)'),
-  Flag('learnRateDecay', float, 0.2, 'factor applied to both learning rates at --decay_epochs'),
-  Flag('decay_epochs', _int_list, None, 'epochs after which the learning rates decay, e.g. 60,120'),
-  Flag('epochs', float, None, 'training length in epochs (the recipe: 200 for CIFAR)'),
-  Flag('momentum', float, 0.9, 'momentum of the Euclidean parameters; also beta1 of Adam-G'),
-  Flag('nesterov', _boolean, True, 'Nesterov momentum for the Euclidean parameters'),
-  Flag('grassmann', _boolean, None, 'put undercomplete conv kernels on G(1,n) (sgdg/adamg: True)'),
-  Flag('grad_clip', _float, None, 'per-column norm clipping threshold nu of the manifold gradient'),
-  Flag('adam_beta2', float, 0.99, 'beta2 of Adam-G (honoured here; the TF program ignored it)'),
-  Flag('adam_eps', float, 1e-8, 'epsilon of Adam-G, inside the square root'),
-  Flag('omega', _float, None, 'orthogonality strength omega; None: no orthogonality term'),
-  Flag('weightDecay', _float, None, 'L2 on non-manifold weights (kernels)'),
-  Flag('biasDecay', _float, None, 'L2 on biases'),
-  Flag('gammaDecay', _float, None, 'L2 on BatchNorm gamma'),
-  Flag('betaDecay', _float, None, 'L2 on BatchNorm beta'),
+  task: str = 'train'
+  data: str = 'digits'
+  optimizer: str = 'adamg'
+  model: str = 'resnet'
+  depth: int = 10
+  widen_factor: int = 1
+  width_scale: float = 1.0
+  keep_prob: float | None = None
+  # Optimizer.
+  learnRate: float = 0.1
+  learnRateG: float = 0.1
+  learnRateDecay: float = 0.2
+  decay_epochs: tuple[int, ...] = ()
+  epochs: float = 200.0
+  momentum: float = 0.9
+  nesterov: bool = True
+  grassmann: bool = False
+  grad_clip: float | None = None
+  adam_beta2: float = 0.99
+  adam_eps: float = 1e-8
+  omega: float | None = None
+  weightDecay: float | None = None
+  biasDecay: float | None = None
+  gammaDecay: float | None = None
+  betaDecay: float | None = None
   # Data.
-  Flag('batch_size', int, 128, 'training batch, in total over all devices'),
-  Flag('vali_batch_size', int, 250, 'test batch (padded up to a multiple of the device count)'),
-  Flag('crop_size', int, 32, 'random crop size of the CIFAR augmentation'),
-  Flag('padding_size', int, 4, 'reflection padding per side of the CIFAR augmentation'),
-  Flag('data_dir', _str, None, 'tensorflow_datasets data directory; None: the tfds default'),
-  Flag('download', _boolean, True, 'let tensorflow_datasets download a missing dataset'),
-  Flag('seed', int, 0, 'seed of initialisation, data order and dropout'),
+  batch_size: int = 128
+  vali_batch_size: int = 250
+  crop_size: int = 32
+  padding_size: int = 4
+  data_dir: str | None = None
+  download: bool = True
+  seed: int = 0
   # Schedule of the run.
-  Flag('max_steps', _int, None, 'stop after this many steps (the schedule still follows --epochs)'),
-  Flag('report_freq', int, 10, 'log training metrics every N steps'),
-  Flag('vali_freq', int, 1000, 'evaluate on the test set every N steps (and at the end)'),
-  Flag('save_freq', int, 10000, 'checkpoint every N steps (and at the end)'),
-  Flag('k', int, 5, 'k of the top-k error'),
+  max_steps: int | None = None
+  report_freq: int = 10
+  vali_freq: int = 1000
+  save_freq: int = 10000
+  k: int = 5
   # Where things go.
-  Flag(
-    'train_dir',
-    str,
-    './logs/',
-    'log root: the run goes to <train_dir>/<data>_<arch>_<optimizer> and resumes from the '
-    'checkpoint there, if any (other hyper-parameters are not in the name: use --train_path)',
-  ),
-  Flag('train_path', _str, None, 'run directory, used as is (overrides --train_dir)'),
-  Flag('load', _str, None, 'checkpoint to start from / to test (step dir, checkpoints or run dir)'),
-  Flag('max_to_keep', int, 1, 'checkpoints kept'),
-  Flag('verbose', _boolean, True, 'show a progress bar'),
+  train_dir: str = './logs/'
+  train_path: str | None = None
+  load: str | None = None
+  max_to_keep: int = 1
+  verbose: bool = True
   # Devices.
-  Flag(
-    'parallel',
-    str,
-    'pmap',
-    'pmap (replicated state, BN synced by axis name) or sharded (jit)',
-    PARALLEL,
-  ),
-  Flag('num_devices', _int, None, 'local devices to use; default all (alias: --num_gpus)'),
-  Flag('coordinator_address', _str, None, 'multi-host: address of process 0, host:port'),
-  Flag('num_processes', _int, None, 'multi-host: number of processes'),
-  Flag('process_id', _int, None, 'multi-host: index of this process'),
-  Flag(
-    'visible_devices',
-    _str,
-    None,
-    'accepted for compatibility and ignored: set CUDA_VISIBLE_DEVICES instead',
-  ),
-  Flag('log_device_placement', _boolean, False, 'accepted for compatibility and ignored'),
-)
-FLAG_NAMES = tuple(flag.name for flag in FLAGS)
-ALIASES = {'num_gpus': 'num_devices'}
+  parallel: str = 'pmap'
+  num_devices: int | None = None
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  visible_devices: str | None = None
+  log_device_placement: bool = False
+  explicit: tuple[str, ...] = ()
 
-# The paper's recipes (SPEC §7.2). Shared parts first, then one row per (data, optimizer).
+
+FIELDS = tuple(field.name for field in dataclasses.fields(Config) if field.name != 'explicit')
+
+# The paper's recipes. Shared parts first, then one row per (data, optimizer).
 _CIFAR = {'epochs': 200, 'decay_epochs': (60, 120, 160), 'learnRateDecay': 0.2, 'keep_prob': 0.7}
 _SVHN = {'epochs': 160, 'decay_epochs': (60, 120), 'learnRateDecay': 0.1, 'keep_prob': 0.6}
 _DIGITS = {
@@ -185,120 +138,171 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 DATASETS = tuple(dict.fromkeys(data for data, _ in RECIPES))
 
-# The README's VGG command passes no --keep_prob: no dropout layer (SPEC §7.2).
+# The paper's VGG command passes no --keep_prob: no dropout layer.
 MODEL_RECIPES: dict[str, dict[str, Any]] = {
   name: {'keep_prob': None} for name in MODELS if name.startswith('vgg')
 }
 
-Config = dataclasses.make_dataclass(
-  'Config',
-  [(flag.name, Any, dataclasses.field(default=flag.default)) for flag in FLAGS]
-  + [('explicit', tuple, dataclasses.field(default=()))],
-  frozen=True,
-)
-Config.__doc__ = """All settings of one run: one field per flag of ``FLAGS``.
-
-``explicit`` names the flags that were given (the rest came from a recipe or a default).
-"""
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
+# The image sizes, for the augmentation check; the datasets themselves are in input_pipeline.py.
+_AUGMENTED_IMAGE_SIZE = {'cifar10': 32, 'cifar100': 32}
 
 
 def get_config(**overrides: Any) -> Config:
-  """The :class:`Config` for explicit settings ``overrides``, the rest from recipes/defaults.
+  """The checked :class:`Config` for settings ``overrides``, the rest from recipes/defaults.
+
+  ``num_gpus`` is accepted as the TF program's name of ``num_devices``.
 
   Raises:
-    ValueError: for an unknown flag, dataset, optimizer, model, task or parallel mode, or an
-      inconsistent combination (``--grassmann=True`` with ``--optimizer=sgd``).
+    ConfigError: for an unknown setting, a value out of range, or an inconsistent combination
+      (e.g. ``grassmann=True`` with ``optimizer='sgd'``); the message names the flag.
   """
-  overrides = {ALIASES.get(name, name): value for name, value in overrides.items()}
-  unknown = sorted(set(overrides) - set(FLAG_NAMES))
+  if 'num_gpus' in overrides:
+    overrides['num_devices'] = overrides.pop('num_gpus')
+  unknown = sorted(set(overrides) - set(FIELDS))
   if unknown:
-    raise ValueError(f'unknown flag(s): {", ".join(unknown)}')
-  defaults = {flag.name: flag.default for flag in FLAGS}
-  data = overrides.get('data', defaults['data'])
-  optimizer = overrides.get('optimizer', defaults['optimizer'])
-  model = overrides.get('model', defaults['model'])
-  _check_choice('dataset', data, DATASETS)
+    raise ConfigError(f'unknown flag(s): {", ".join("--" + name for name in unknown)}')
+  data = overrides.get('data', Config.data)
+  optimizer = overrides.get('optimizer', Config.optimizer)
+  model = overrides.get('model', Config.model)
+  _check_choice('data', data, DATASETS)
   _check_choice('optimizer', optimizer, OPTIMIZERS)
   _check_choice('model', model, MODELS)
-  values = {**defaults, **RECIPES[(data, optimizer)], **MODEL_RECIPES.get(model, {}), **overrides}
-  for flag in FLAGS:
-    if flag.choices is not None:
-      _check_choice(flag.name, values[flag.name], flag.choices)
-  if optimizer == 'sgd' and values['grassmann']:
-    raise ValueError(
+  values = {**RECIPES[(data, optimizer)], **MODEL_RECIPES.get(model, {}), **overrides}
+  values['decay_epochs'] = tuple(values.get('decay_epochs') or ())
+  config = Config(**values, explicit=tuple(sorted(overrides)))
+  validate(config)
+  return config
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f'--{name}={value!r}: choose one of {", ".join(choices)}')
+
+
+def _check(condition: bool, name: str, value: Any, requirement: str) -> None:
+  if not condition:
+    raise ConfigError(f'--{name}={value} {requirement}')
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(config: Config) -> None:
+  """Raises :class:`ConfigError` for the first setting out of range, naming its flag."""
+  for name, choices in (('task', TASKS), ('parallel', PARALLEL)):
+    _check_choice(name, getattr(config, name), choices)
+  at_least = {
+    'batch_size': 1,
+    'vali_batch_size': 1,
+    'report_freq': 1,
+    'vali_freq': 1,
+    'save_freq': 1,
+    'max_to_keep': 1,
+    'k': 1,
+    'crop_size': 1,
+    'padding_size': 0,
+    'widen_factor': 1,
+    'depth': 10,
+    'seed': 0,
+  }
+  for name, low in at_least.items():
+    value = getattr(config, name)
+    _check(_is_int(value) and value >= low, name, value, f'must be an integer >= {low}')
+  for name in ('max_steps', 'num_devices', 'num_processes'):
+    value = getattr(config, name)
+    _check(value is None or (_is_int(value) and value >= 1), name, value, 'must be >= 1 or None')
+  _check((config.depth - 4) % 6 == 0, 'depth', config.depth, 'must be 6N+4 (10, 16, 22, 28, ...)')
+  _check(_is_number(config.epochs) and config.epochs > 0, 'epochs', config.epochs, 'must be > 0')
+  for name in ('learnRate', 'learnRateG', 'learnRateDecay', 'adam_eps'):
+    value = getattr(config, name)
+    _check(_is_number(value) and value >= 0, name, value, 'must be a finite number >= 0')
+  for name in ('omega', 'weightDecay', 'biasDecay', 'gammaDecay', 'betaDecay'):
+    value = getattr(config, name)
+    _check(value is None or (_is_number(value) and value >= 0), name, value, 'must be >= 0 or None')
+  for name in ('momentum', 'adam_beta2'):
+    value = getattr(config, name)
+    _check(_is_number(value) and 0 <= value < 1, name, value, 'must be in [0, 1)')
+  _check(
+    config.keep_prob is None or (_is_number(config.keep_prob) and 0 < config.keep_prob <= 1),
+    'keep_prob',
+    config.keep_prob,
+    'must be in (0, 1], or None for no dropout layer',
+  )
+  _check(
+    config.grad_clip is None or (_is_number(config.grad_clip) and config.grad_clip > 0),
+    'grad_clip',
+    config.grad_clip,
+    'must be > 0, or None for no clipping',
+  )
+  _check(
+    _is_number(config.width_scale) and config.width_scale > 0,
+    'width_scale',
+    config.width_scale,
+    'must be > 0',
+  )
+  _check(
+    config.width_scale == 1 or config.model != 'resnet',
+    'width_scale',
+    config.width_scale,
+    'applies to VGG only; a wide ResNet takes --widen_factor',
+  )
+  for epoch in config.decay_epochs:
+    _check(_is_number(epoch) and epoch >= 0, 'decay_epochs', epoch, 'must be >= 0')
+  _check(
+    config.process_id is None or (_is_int(config.process_id) and config.process_id >= 0),
+    'process_id',
+    config.process_id,
+    'must be >= 0 or None',
+  )
+  if config.process_id is not None and config.num_processes is not None:
+    _check(
+      config.process_id < config.num_processes,
+      'process_id',
+      config.process_id,
+      f'must be below --num_processes={config.num_processes}',
+    )
+  image_size = _AUGMENTED_IMAGE_SIZE.get(config.data)
+  if image_size is not None:
+    _check(
+      config.crop_size <= image_size + 2 * config.padding_size,
+      'crop_size',
+      config.crop_size,
+      f'exceeds the padded image ({image_size} + 2 * --padding_size={config.padding_size})',
+    )
+  if config.optimizer == 'sgd' and config.grassmann:
+    raise ConfigError(
       '--grassmann=True needs a Riemannian optimizer: use --optimizer=sgdg or --optimizer=adamg'
     )
-  values['grassmann'] = bool(values['grassmann'])
-  values['decay_epochs'] = tuple(values['decay_epochs'] or ())
-  return Config(**values, explicit=tuple(sorted(overrides)))
-
-
-def _help_text(flag: Flag) -> str:
-  in_recipe = any(flag.name in row for row in RECIPES.values())
-  return f'{flag.help} (default: {flag.default}' + (", or the recipe's)" if in_recipe else ')')
-
-
-def _recipes_text() -> str:
-  lines = [
-    'recipes (--data/--optimizer: values of the flags not given; MODEL_RECIPES: vgg* has '
-    'no dropout):'
-  ]
-  for (data, optimizer), row in RECIPES.items():
-    values = ' '.join(f'{name}={value}' for name, value in row.items())
-    lines.append(
-      textwrap.fill(
-        values, 96, initial_indent=f'  {data}/{optimizer}: ', subsequent_indent='      '
-      )
+  if config.task == 'test' and not config.load:
+    raise ConfigError(
+      '--task=test needs --load=<checkpoint>: a step directory, a checkpoints directory or a run '
+      'directory'
     )
-  return '\n'.join(lines)
 
 
-def make_parser() -> argparse.ArgumentParser:
-  """The argparse parser of ``python -m train``; a flag not given is absent from the result."""
-  parser = argparse.ArgumentParser(
-    prog='python -m train',
-    description=(
-      'Train or test a wide ResNet / VGG with SGD-G or Adam-G (Cho & Lee, NeurIPS 2017, '
-      'arXiv:1709.09603). Flags not given take the recipe of --data/--optimizer, then the '
-      'defaults below.'
-    ),
-    epilog=_recipes_text(),
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    allow_abbrev=False,
-  )
-  for flag in FLAGS:
-    names = [f'--{flag.name}'] + [f'--{alias}' for alias, to in ALIASES.items() if to == flag.name]
-    parser.add_argument(
-      *names,
-      dest=flag.name,
-      type=flag.parse,
-      default=argparse.SUPPRESS,
-      choices=flag.choices,
-      metavar=flag.name.upper(),
-      help=_help_text(flag),
-    )
-  return parser
-
-
-def parse_flags(argv: Sequence[str] | None = None) -> Config:
-  """Parses a command line (without the program name) into a :class:`Config`.
-
-  Raises:
-    SystemExit: code 2 with a usage message for a malformed flag (argparse).
-    ValueError: see :func:`get_config`.
-  """
-  return get_config(**vars(make_parser().parse_args(argv)))
+# Architecture fields: a checkpoint restores only into a run that agrees on all of them.
+ARCHITECTURE_FIELDS = (
+  'data',
+  'model',
+  'depth',
+  'widen_factor',
+  'width_scale',
+  'optimizer',
+  'grassmann',
+)
 
 
 def architecture(config: Config) -> dict[str, Any]:
-  """The fields a checkpoint must agree on; resnet depth/width only matter for resnet."""
+  """The fields a checkpoint must agree on: resnet depth and width, or the VGG width scale."""
   fields = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
-  if config.model != 'resnet':
+  if config.model == 'resnet':
+    fields.pop('width_scale')
+  else:
     fields.pop('depth')
     fields.pop('widen_factor')
   return fields
@@ -309,13 +313,62 @@ def describe_architecture(fields: dict[str, Any]) -> str:
   parts = [str(fields.get('model'))]
   if fields.get('model') == 'resnet':
     parts += [f'depth={fields.get("depth")}', f'width={fields.get("widen_factor")}']
+  else:
+    parts += [f'width_scale={fields.get("width_scale", 1.0)}']
   parts += [f'{name}={fields.get(name)}' for name in ('data', 'optimizer', 'grassmann')]
   return ' '.join(parts)
 
 
 def run_name(config: Config) -> str:
   """Directory name of a run under ``--train_dir``: dataset, architecture and optimizer."""
-  arch = f'wrn-{config.depth}-{config.widen_factor}' if config.model == 'resnet' else config.model
+  if config.model == 'resnet':
+    arch = f'wrn-{config.depth}-{config.widen_factor}'
+  else:
+    arch = config.model + (f'-x{config.width_scale:g}' if config.width_scale != 1 else '')
   euclidean = config.optimizer != 'sgd' and not config.grassmann
-  optimizer = config.optimizer + ('-euclidean' if euclidean else '')
-  return f'{config.data}_{arch}_{optimizer}'
+  return f'{config.data}_{arch}_{config.optimizer}' + ('-euclidean' if euclidean else '')
+
+
+# Settings that a resumed run normally keeps; a change is reported, not refused.
+RESUME_FIELDS = (
+  'learnRate',
+  'learnRateG',
+  'learnRateDecay',
+  'decay_epochs',
+  'epochs',
+  'batch_size',
+  'seed',
+  'keep_prob',
+  'omega',
+  'grad_clip',
+  'momentum',
+)
+
+
+def to_json(config: Config, num_classes: int) -> dict[str, Any]:
+  """The settings stored with each checkpoint and summary: every field, and the class count."""
+  fields = dataclasses.asdict(config)
+  fields.pop('explicit')
+  return {**fields, 'decay_epochs': list(config.decay_epochs), 'num_classes': num_classes}
+
+
+def check_architecture(saved: dict[str, Any], config: Config, num_classes: int) -> None:
+  """Raises ConfigError naming the difference if ``saved`` settings describe another network."""
+  expected = {**architecture(config), 'num_classes': num_classes}
+  found = {name: saved.get(name, 1.0 if name == 'width_scale' else None) for name in expected}
+  if found != expected:
+    raise ConfigError(
+      f'checkpoint was written for {describe_architecture(saved)} with '
+      f'{saved.get("num_classes")} classes; this run is {describe_architecture(expected)} with '
+      f'{num_classes} classes'
+    )
+
+
+def changed_settings(saved: dict[str, Any], config: Config) -> list[str]:
+  """``name: old -> new`` for each of ``RESUME_FIELDS`` that differs from the ``saved`` one."""
+  now = to_json(config, 0)
+  return [
+    f'{name}: {saved[name]} -> {now[name]}'
+    for name in RESUME_FIELDS
+    if name in saved and saved[name] != now[name]
+  ]

@@ -1,4 +1,4 @@
-"""In-memory datasets with deterministic, resumable batching (SPEC section 7.3).
+"""In-memory datasets with deterministic, resumable batching, as in the paper's TF program.
 
 Each dataset is read once into NumPy arrays (through TensorFlow Datasets, or scikit-learn for the
 small ``digits`` set); batching, normalisation and augmentation are done in NumPy. The batch of
@@ -25,9 +25,11 @@ class DatasetNotPreparedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the training program needs to know about a dataset (SPEC section 7.3).
+  """What the training program needs to know about a dataset.
 
-  Schedules (epochs, decay epochs) are part of the recipes in ``train/config.py``, not of the data.
+  ``DATASETS`` holds the sizes of the full datasets, which the TF program also fixed; the training
+  schedule counts its epochs in them. Schedules (epochs, decay epochs) are part of the recipes in
+  ``train/config.py``, not of the data.
   """
 
   name: str
@@ -111,7 +113,7 @@ def pad_crop_flip(
 ) -> np.ndarray:
   """Reflect-pads, crops at ``offsets`` (N, 2) and mirrors where ``flips`` (N,) is true.
 
-  NumPy ``'reflect'`` mirrors without repeating the edge pixel, as the TF code does (SPEC 7.3).
+  NumPy ``'reflect'`` mirrors without repeating the edge pixel, as the TF code does.
   One gather does the crop and the flip for the whole batch.
   """
   p = padding_size
@@ -152,7 +154,7 @@ def train_indices(num_examples: int, step: int, batch_size: int, seed: int) -> n
   """Indices of the batch of ``step`` in a stream of concatenated per-epoch permutations.
 
   Sample ``i = step * batch_size + k`` is at position ``i % n`` of epoch ``i // n``'s
-  permutation, so batches straddle epochs as in the TF queue (SPEC 7.3).
+  permutation, so batches straddle epochs as in the TF queue.
   """
   sample = np.arange(step * batch_size, (step + 1) * batch_size)
   epoch, position = np.divmod(sample, num_examples)
@@ -233,15 +235,6 @@ def _host_reachable(host: str, port: int, timeout: float = _PROBE_TIMEOUT_S) -> 
   return bool(reachable)
 
 
-def _tfds_is_mocked() -> bool:
-  # `tfds.testing.mock_data` serves fake examples from an unprepared builder and swaps
-  # `download_and_prepare` for a no-op defined in tfds' testing package.
-  from tensorflow_datasets.core import dataset_builder
-
-  prepare = dataset_builder.DatasetBuilder.download_and_prepare
-  return getattr(prepare, '__module__', '').startswith('tensorflow_datasets.testing')
-
-
 def _not_prepared_message(source: _TfdsSource, data_dir: str, reason: str) -> str:
   return (
     f'Dataset {source.name!r} is not prepared in {data_dir} and {reason}. To prepare it, either\n'
@@ -258,7 +251,7 @@ def _ensure_prepared(builder, source: _TfdsSource, download: bool) -> None:
 
   Left alone, tfds retries an unreachable host for minutes before it gives up.
   """
-  if builder.is_prepared() or _tfds_is_mocked():
+  if builder.is_prepared():
     return
   import tensorflow_datasets as tfds
 
@@ -336,7 +329,7 @@ def load_dataset(
   padding_size: int = 4,
   crop_size: int = 32,
 ) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
-  """Loads ``name`` into memory as ``(train, test, info)`` (SPEC section 7.3).
+  """Loads ``name`` into memory as ``(train, test, info)``.
 
   CIFAR: standardised with the training set's per-channel mean and std; training images are
   reflect-padded by ``padding_size``, randomly cropped to ``crop_size`` and flipped. SVHN

@@ -1,9 +1,10 @@
 """Wide ResNet and VGG with batch normalisation, as trained in Cho & Lee (2017).
 
-The architectures follow the TF code the paper's numbers come from (SPEC section 7.4). Parameter
-names are chosen so that the SPEC section 1.1 rule (``'conv'`` in the name, fan-in greater than
-fan-out) picks the same kernels as the original: 3x3 convolutions are named ``conv*``, the 1x1
-shortcut ``projection`` and the dense layers ``fc*``, none of which the rule selects.
+The architectures follow the TF code the paper's numbers come from. Parameter names are chosen so
+that the paper's rule (``'conv'`` in the name, fan-in greater than fan-out, as
+:func:`grassmann_optax.grassmann_labels` applies it) picks the same kernels as the original: 3x3
+convolutions are named ``conv*``, the 1x1 shortcut ``projection`` and the dense layers ``fc*``,
+none of which the rule selects.
 
 The models know nothing of the optimizer; the training program re-initialises manifold kernels.
 
@@ -17,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-# TF `variance_scaling_initializer()` (factor 2, fan-in, truncated normal), SPEC section 1.2.
+# TF `variance_scaling_initializer()` (factor 2, fan-in, truncated normal), as in the TF code.
 kernel_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
 
 VGG_CONVS_PER_GROUP = {
@@ -26,12 +27,12 @@ VGG_CONVS_PER_GROUP = {
   'vgg16': (2, 2, 3, 3, 3),
   'vgg19': (2, 2, 4, 4, 4),
 }
-VGG_WIDTHS = (64, 128, 256, 512, 512)
+VGG_WIDTHS = (64, 128, 256, 512, 512)  # the paper's widths, at width_scale=1
 MODEL_NAMES = ('resnet', *VGG_CONVS_PER_GROUP)
 
 
 def _batch_norm(train: bool, axis_name: str | None, dtype: Any, **kwargs) -> functools.partial:
-  # TF batch_norm.py: population statistics pop <- 0.99 pop + 0.01 batch, eps 1e-5 (SPEC 7.4).
+  # TF batch_norm.py: population statistics pop <- 0.99 pop + 0.01 batch, eps 1e-5.
   return functools.partial(
     nn.BatchNorm,
     use_running_average=not train,
@@ -73,7 +74,7 @@ class WideResNetBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-  """WRN-depth-k (Zagoruyko & Komodakis) with widths 16k, 32k, 64k (SPEC section 7.4)."""
+  """WRN-depth-k (Zagoruyko & Komodakis) with widths 16k, 32k, 64k."""
 
   depth: int
   widen_factor: int
@@ -140,11 +141,21 @@ class VGGGroup(nn.Module):
     return x
 
 
+def vgg_widths(width_scale: float) -> tuple[int, ...]:
+  """The channel widths of the five VGG groups: the paper's times ``width_scale``, rounded."""
+  return tuple(max(1, round(width * width_scale)) for width in VGG_WIDTHS)
+
+
 class VGG(nn.Module):
-  """VGG-11/13/16/19 with BN after every conv and hidden fc layer (SPEC section 7.4)."""
+  """VGG-11/13/16/19 with BN after every conv and hidden fc layer.
+
+  ``width_scale`` multiplies every channel width (64 ... 512 at 1, the paper's); the two hidden
+  fc layers are as wide as the last group.
+  """
 
   variant: str
   num_classes: int
+  width_scale: float = 1.0
   keep_prob: float | None = None
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
@@ -156,8 +167,9 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    widths = vgg_widths(self.width_scale)
     for group, (width, num_convs) in enumerate(
-      zip(VGG_WIDTHS, VGG_CONVS_PER_GROUP[self.variant], strict=True)
+      zip(widths, VGG_CONVS_PER_GROUP[self.variant], strict=True)
     ):
       x = VGGGroup(
         features=width,
@@ -169,12 +181,12 @@ class VGG(nn.Module):
       )(x, train=train)
 
     # Five SAME poolings leave 1x1 for 32x32 and 8x8 inputs, where the mean is TF's flatten; for
-    # larger inputs it keeps fc0 at 512 inputs.
+    # larger inputs it keeps fc0 at the last group's width.
     x = jnp.mean(x, axis=(1, 2))
     norm = _batch_norm(train, self.bn_axis_name, self.dtype, use_scale=False)
     dense = functools.partial(nn.Dense, kernel_init=kernel_init, dtype=self.dtype)
     for i in range(2):
-      x = dense(VGG_WIDTHS[-1], use_bias=False, name=f'fc{i}')(x)
+      x = dense(widths[-1], use_bias=False, name=f'fc{i}')(x)
       x = nn.relu(norm(name=f'fc{i}_bn')(x))
     return dense(self.num_classes, name='fc2')(x)
 
@@ -185,10 +197,14 @@ def create_model(
   num_classes: int,
   depth: int = 10,
   widen_factor: int = 1,
+  width_scale: float = 1.0,
   keep_prob: float | None = None,
   bn_axis_name: str | None = None,
 ) -> nn.Module:
-  """Returns the model the TF ``--model`` flag names (``depth``/``widen_factor``: resnet only)."""
+  """Returns the model the TF ``--model`` flag names.
+
+  ``depth``/``widen_factor`` apply to resnet only, ``width_scale`` to VGG only.
+  """
   if name == 'resnet':
     return WideResNet(
       depth=depth,
@@ -199,6 +215,10 @@ def create_model(
     )
   if name in VGG_CONVS_PER_GROUP:
     return VGG(
-      variant=name, num_classes=num_classes, keep_prob=keep_prob, bn_axis_name=bn_axis_name
+      variant=name,
+      num_classes=num_classes,
+      width_scale=width_scale,
+      keep_prob=keep_prob,
+      bn_axis_name=bn_axis_name,
     )
   raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')

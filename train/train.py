@@ -1,72 +1,51 @@
-"""Training and evaluation of a BN network with SGD-G / Adam-G (Cho & Lee, NeurIPS 2017).
+"""Training and evaluation of a BatchNorm network with SGD-G / Adam-G (Cho & Lee, NeurIPS 2017).
 
-Flat functions in the manner of flax ``examples/imagenet``: :func:`create_optimizer`,
-:func:`create_train_state`, :func:`train_step`, :func:`eval_step`, :func:`evaluate` and
-:func:`train_and_evaluate`. What the TF program of the paper did, and this one repeats (SPEC §7):
+Flat functions in the manner of flax ``examples/imagenet``. A run builds each thing once and
+passes it on: the model, its parameter shapes, their labels (:func:`parameter_labels`, the one
+place where model and optimizer meet), the learning-rate schedules, the optimizer, the state,
+then the steps. What the TF program of the paper did, and this one repeats:
 
-* the learning rates of both parameter groups decay together, by step, with TF's boundary
-  semantics (SPEC §7.1), and the optimizer state persists across decays;
-* undercomplete conv kernels are re-initialised with unit columns and put on G(1, n) (SPEC §1);
-  the orthogonality gradient and coupled L2 decay live inside the optimizer (SPEC §5, §6);
+* both learning rates decay together, by step, with TF's boundary semantics, and the optimizer
+  state persists across decays;
+* undercomplete conv kernels get unit columns and live on G(1, n); the orthogonality gradient and
+  the coupled L2 decay are part of the optimizer;
 * the test set is evaluated every ``vali_freq`` steps and at the end with BN population
-  statistics and no dropout: cross-entropy, top-1 and top-k error (SPEC §7.5).
+  statistics and no dropout: cross-entropy, top-1 and top-k error.
 
-Data parallelism: ``pmap`` (state replicated, gradients ``pmean``-ed, BatchNorm statistics
-synchronised through the axis name ``'batch'``) or ``sharded`` (``jit`` over a one-axis mesh,
-batch split along it, so BatchNorm sees the global batch). Either way the update equals that of
-one device with the whole batch, up to the order of float32 reductions.
-
-A run resumes exactly from its latest checkpoint: the batch of step ``s`` and its dropout key
-are pure functions of ``(seed, s)``, and the checkpoint holds the step, parameters, BN
-statistics and optimizer state.
+A run resumes exactly from its newest checkpoint: the batch of step ``s`` and its dropout key are
+pure functions of ``(seed, s)``, and the checkpoint holds the step, parameters, BN statistics and
+optimizer state. It stops, without saving, at the first step whose training loss is not finite
+(:class:`TrainingDivergedError`), and on SIGINT/SIGTERM after saving the step in flight.
 
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
 """
 
-import dataclasses
+import contextlib
 import functools
 import json
 import math
 import os
+import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import grassmann_optax as go
+from train import checkpoints, input_pipeline, interrupts, models, workdir
 from train import config as config_lib
-from train import input_pipeline, models
+from train import metrics as metrics_lib
+from train import parallel as parallel_lib
 
 Config = config_lib.Config
-PMAP_AXIS = 'batch'
-MESH_AXIS = 'data'
-CHECKPOINT_ITEMS = ('state', 'config')
-# Hyper-parameters that a resumed run normally keeps; a change is reported, not refused.
-RESUME_FIELDS = (
-  'learnRate',
-  'learnRateG',
-  'learnRateDecay',
-  'decay_epochs',
-  'epochs',
-  'batch_size',
-  'seed',
-  'keep_prob',
-  'omega',
-  'grad_clip',
-  'momentum',
-)
 
 
 class TrainState(train_state.TrainState):
@@ -75,12 +54,48 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
+class TrainingDivergedError(RuntimeError):
+  """A training loss was NaN or infinite; nothing from that step on was saved."""
+
+
 # ---------------------------------------------------------------------------------------------
-# Schedule and optimizer.
+# Model, labels, schedules, optimizer, state.
+
+
+def create_model(config: Config, num_classes: int) -> nn.Module:
+  """The model of ``--model``; BatchNorm synchronised by axis name under ``pmap`` only."""
+  return models.create_model(
+    config.model,
+    num_classes=num_classes,
+    depth=config.depth,
+    widen_factor=config.widen_factor,
+    width_scale=config.width_scale,
+    keep_prob=config.keep_prob,
+    bn_axis_name=parallel_lib.PMAP_AXIS if config.parallel == 'pmap' else None,
+  )
+
+
+def parameter_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> Any:
+  """The model's parameters as ``jax.ShapeDtypeStruct`` (nothing is computed)."""
+  images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)[
+    'params'
+  ]
+
+
+def parameter_labels(config: Config, params: Any) -> Any:
+  """``'grassmann'``/``'euclidean'`` per parameter: the paper's rule with ``--grassmann``.
+
+  The rule (:func:`grassmann_optax.grassmann_labels`): a conv kernel whose fan-in exceeds its
+  number of outputs. Without ``--grassmann`` every parameter is Euclidean.
+  """
+  if config.grassmann:
+    return go.grassmann_labels(params)
+  return jax.tree.map(lambda _: go.EUCLIDEAN, params)
 
 
 def decay_steps(decay_epochs, num_train: int, batch_size: int) -> list[int]:
-  """``floor(E_k · num_train / batch_size)`` for each decay epoch ``E_k`` (SPEC §7.1)."""
+  """``floor(E_k · num_train / batch_size)`` for each decay epoch ``E_k``."""
   return [math.floor(epoch * num_train / batch_size) for epoch in decay_epochs]
 
 
@@ -93,7 +108,7 @@ def num_train_steps(config: Config, num_train: int) -> int:
 def create_learning_rate_fn(
   base_learning_rate: float, config: Config, num_train: int
 ) -> optax.Schedule:
-  """Step decay with the TF program's semantics (SPEC §7.1).
+  """Step decay with the TF program's semantics.
 
   At 0-based step ``s`` the rate is ``base · decay^#{k : s > decay_step_k}``. The optax schedule
   scales from ``count >= boundary`` on, so each boundary is ``decay_step_k + 1``; coinciding
@@ -105,16 +120,18 @@ def create_learning_rate_fn(
   return optax.piecewise_constant_schedule(base_learning_rate, boundaries)
 
 
-def parameter_labels(config: Config) -> Callable[[Any], Any]:
-  """``params -> labels``: the paper's rule when ``--grassmann`` is on, else all Euclidean."""
-  if config.optimizer != 'sgd' and config.grassmann:
-    return go.grassmann_labels
-  return lambda params: jax.tree.map(lambda _: go.EUCLIDEAN, params)
+def create_learning_rate_fns(config: Config, num_train: int) -> dict[str, optax.Schedule]:
+  """``learning_rate`` (Euclidean) and, for SGD-G / Adam-G, ``learning_rate_g`` (manifold)."""
+  fns = {'learning_rate': create_learning_rate_fn(config.learnRate, config, num_train)}
+  if config.optimizer != 'sgd':
+    fns['learning_rate_g'] = create_learning_rate_fn(config.learnRateG, config, num_train)
+  return fns
 
 
-def decay_classes(params: Mapping[str, Any]) -> Any:
+def decay_classes(tree: Mapping[str, Any]) -> Any:
   """Labels each leaf with its TF decay class: ``weight``, ``bias``, ``gamma`` or ``beta``.
 
+  Only the names count, so ``tree`` can be the parameters, their shapes or their labels.
   Kernels are weights; BatchNorm's ``scale`` is gamma; a ``bias`` beside a kernel is a layer's
   bias, any other ``bias`` is BatchNorm's beta (the VGG BatchNorm has no gamma).
   """
@@ -128,80 +145,59 @@ def decay_classes(params: Mapping[str, Any]) -> Any:
       return 'bias' if 'kernel' in siblings else 'beta'
     return 'weight'
 
-  return {key: classify(key, value, params) for key, value in params.items()}
+  return {key: classify(key, value, tree) for key, value in tree.items()}
 
 
-def _decay(rate: float | None, kind: str, labels_fn: Callable[[Any], Any]):
-  def mask(params):
-    classes, labels = decay_classes(params), labels_fn(params)
-    return jax.tree.map(lambda c, label: c == kind and label == go.EUCLIDEAN, classes, labels)
+def _decay_mask(labels: Any, kind: str) -> Any:
+  """True on the Euclidean leaves of decay class ``kind``."""
+  return jax.tree.map(
+    lambda cls, label: cls == kind and label == go.EUCLIDEAN, decay_classes(labels), labels
+  )
 
-  return optax.add_decayed_weights(rate, mask=mask) if rate else optax.identity()
 
-
-def create_optimizer(config: Config, num_train: int) -> optax.GradientTransformation:
-  """The optimizer of ``--optimizer``, with the step-decayed learning rates (SPEC §3, §4, §6).
+def create_optimizer(
+  config: Config, learning_rate_fns: Mapping[str, optax.Schedule], labels: Any
+) -> optax.GradientTransformation:
+  """The optimizer of ``--optimizer`` with the given schedules, for parameters with ``labels``.
 
   ``sgd``: the TF baseline, Nesterov momentum SGD on every parameter with coupled L2 per class
   (``weightDecay``, ``biasDecay``, ``gammaDecay``, ``betaDecay``). ``sgdg`` / ``adamg``: the
-  library's hybrid optimizer; kernels off the manifold get ``weightDecay``, manifold kernels no
-  decay, biases and BatchNorm parameters their own decay if given (none in the paper's recipes).
-  Adam-G's β1 is ``--momentum``, as in the TF program; β2 is ``--adam_beta2``.
+  library's hybrid optimizer; Euclidean kernels get ``weightDecay``, manifold kernels no decay,
+  biases and BatchNorm parameters their own decay if given (none in the paper's recipes).
+  Adam-G's β1 is ``--momentum``, as in the TF program; β2 is ``--adam_beta2``. Where no parameter
+  is on the manifold (``--grassmann=False``), SGD-G and Adam-G are their Euclidean part alone:
+  Nesterov SGD with coupled decay on the kernels.
   """
-  labels_fn = parameter_labels(config)
-  learning_rate = create_learning_rate_fn(config.learnRate, config, num_train)
-  class_decays = [
-    _decay(config.biasDecay, 'bias', labels_fn),
-    _decay(config.gammaDecay, 'gamma', labels_fn),
-    _decay(config.betaDecay, 'beta', labels_fn),
-  ]
+
+  def decay(rate, kind):
+    return optax.add_decayed_weights(rate, _decay_mask(labels, kind)) if rate else optax.identity()
+
+  learning_rate = learning_rate_fns['learning_rate']
+  class_decays = [decay(config.biasDecay, 'bias'), decay(config.gammaDecay, 'gamma')]
+  class_decays.append(decay(config.betaDecay, 'beta'))
   if config.optimizer == 'sgd':
-    return optax.chain(
-      _decay(config.weightDecay, 'weight', labels_fn),
-      *class_decays,
-      optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
-    )
+    sgd = optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov)
+    return optax.chain(decay(config.weightDecay, 'weight'), *class_decays, sgd)
   options = dict(
     momentum=config.momentum,
     nesterov=config.nesterov,
-    grad_clip=config.grad_clip,
-    omega=config.omega or 0.0,
     weight_decay=config.weightDecay,
-    param_labels=labels_fn,
+    weight_decay_mask=_decay_mask(labels, 'weight'),
   )
-  grassmann_learning_rate = create_learning_rate_fn(config.learnRateG, config, num_train)
+  if go.GRASSMANN not in jax.tree.leaves(labels):
+    return optax.chain(*class_decays, go.euclidean_sgd(learning_rate, **options))
+  options.update(grad_clip=config.grad_clip, omega=config.omega or 0.0, param_labels=labels)
+  learning_rate_g = learning_rate_fns['learning_rate_g']
   if config.optimizer == 'sgdg':
-    hybrid = go.sgdg(learning_rate, grassmann_learning_rate, **options)
+    hybrid = go.sgdg(learning_rate, learning_rate_g, **options)
   else:
-    hybrid = go.adamg(
-      learning_rate,
-      grassmann_learning_rate,
-      b1=config.momentum,
-      b2=config.adam_beta2,
-      eps=config.adam_eps,
-      **options,
-    )
+    betas = dict(b1=config.momentum, b2=config.adam_beta2, eps=config.adam_eps)
+    hybrid = go.adamg(learning_rate, learning_rate_g, **betas, **options)
   return optax.chain(*class_decays, hybrid)
 
 
-# ---------------------------------------------------------------------------------------------
-# State, steps.
-
-
-def create_model(config: Config, num_classes: int) -> nn.Module:
-  """The model of ``--model``; BatchNorm synchronised by axis name under ``pmap`` only."""
-  return models.create_model(
-    config.model,
-    num_classes=num_classes,
-    depth=config.depth,
-    widen_factor=config.widen_factor,
-    keep_prob=config.keep_prob,
-    bn_axis_name=PMAP_AXIS if config.parallel == 'pmap' else None,
-  )
-
-
-def reinitialize_manifold_kernels(rng: jax.Array, params: Any, labels: Any) -> Any:
-  """Gives every ``'grassmann'`` leaf random unit columns (SPEC §1.2, TF ``unit_initializer``)."""
+def put_on_manifold(rng: jax.Array, params: Any, labels: Any) -> Any:
+  """Gives every ``'grassmann'`` leaf random unit columns (the TF ``unit_initializer``)."""
   init = go.unit_initializer()
   leaves, treedef = jax.tree.flatten(params)
   label_leaves = treedef.flatten_up_to(labels)
@@ -214,16 +210,12 @@ def reinitialize_manifold_kernels(rng: jax.Array, params: Any, labels: Any) -> A
 
 def create_train_state(
   rng: jax.Array,
-  config: Config,
   model: nn.Module,
   input_shape: tuple[int, ...],
+  labels: Any,
   tx: optax.GradientTransformation,
 ) -> TrainState:
-  """Initialises the model, puts its manifold kernels on G(1, n), and the optimizer state.
-
-  This is the one place where model and optimizer meet: the label function of
-  ``--grassmann`` decides which kernels get unit columns.
-  """
+  """Initialises the model, gives its manifold kernels unit columns, and the optimizer state."""
 
   # Compiled at the lowest backend optimisation level: it runs once, and compiling every random
   # initialiser at full optimisation takes seconds on CPU.
@@ -231,8 +223,7 @@ def create_train_state(
   def init(rng):
     init_rng, unit_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
-    params = variables['params']
-    params = reinitialize_manifold_kernels(unit_rng, params, parameter_labels(config)(params))
+    params = put_on_manifold(unit_rng, variables['params'], labels)
     state = TrainState.create(
       apply_fn=model.apply, params=params, tx=tx, batch_stats=variables['batch_stats']
     )
@@ -241,47 +232,50 @@ def create_train_state(
   return init(rng)
 
 
+# ---------------------------------------------------------------------------------------------
+# Steps.
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def dropout_rng(rng: jax.Array, step: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """The dropout key of ``step``: ``fold_in(rng, step)``, and the device index under ``pmap``.
+
+  A resumed run draws the same masks; under ``pmap`` each device draws its own.
+  """
+  rng = jax.random.fold_in(rng, step)
+  return rng if axis_name is None else jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
 
 def train_step(
   state: TrainState,
   images: jax.Array,
   labels: jax.Array,
-  dropout_rng: jax.Array,
+  rng: jax.Array,
   *,
-  learning_rate_fns: Mapping[str, optax.Schedule],
-  orthogonality: Callable[[Any], jax.Array] | None = None,
   axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update on a batch (the local shard under ``pmap``).
+  """One update on a batch (the local shard under ``pmap``); returns its loss and error.
 
-  The dropout key is ``fold_in(dropout_rng, step)`` (and the device index under ``pmap``), so a
-  resumed run draws the same masks. Under ``pmap`` the gradients and metrics are averaged over
-  ``axis_name``; the model's BatchNorm averages its batch moments over the same axis.
+  Under ``pmap`` the gradients and metrics are averaged over ``axis_name``; the model's
+  BatchNorm averages its batch moments over the same axis.
   """
-  rng = jax.random.fold_in(dropout_rng, state.step)
-  if axis_name is not None:
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
       {'params': params, 'batch_stats': state.batch_stats},
       images,
       train=True,
-      rngs={'dropout': rng},
+      rngs={'dropout': dropout_rng(rng, state.step, axis_name)},
       mutable=['batch_stats'],
     )
     return jnp.mean(cross_entropy(logits, labels)), (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'error': jnp.mean(jnp.argmax(logits, -1) != labels)}
-  for name, fn in learning_rate_fns.items():
-    metrics[name] = jnp.asarray(fn(state.step), jnp.float32)
-  if orthogonality is not None:
-    metrics['orthogonality'] = orthogonality(state.params)
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
@@ -300,8 +294,8 @@ def eval_step(
 ) -> dict[str, jax.Array]:
   """Sums over the real (``mask == 1``) examples of loss, top-1 and top-k errors, and count.
 
-  BatchNorm uses its population statistics and dropout is off (SPEC §7.5). With ``k`` at least
-  the number of classes the top-k error is 0.
+  BatchNorm uses its population statistics and dropout is off. With ``k`` at least the number of
+  classes the top-k error is 0.
   """
   logits = apply_fn(variables, images, train=False)
   top_k = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
@@ -317,302 +311,211 @@ def eval_step(
   return sums
 
 
-# ---------------------------------------------------------------------------------------------
-# Devices: one small strategy per --parallel value.
-
-
-class Parallel(NamedTuple):
-  """How state and batches are laid out on devices, and the compiled steps that use them."""
-
-  num_devices: int  # over all processes
-  put_state: Callable[[Any], Any]  # a host tree (state or variables), copied to every device
-  get_state: Callable[[Any], Any]  # one host copy
-  put_batch: Callable[..., tuple[jax.Array, ...]]  # global batch -> device arrays
-  train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
-  eval_step: Callable[..., dict[str, jax.Array]]
-
-
-def _process_slice(array: np.ndarray) -> np.ndarray:
-  """This process's rows of a global batch (every process computes the same global batch)."""
-  rows = len(array) // jax.process_count()
-  return array[jax.process_index() * rows : (jax.process_index() + 1) * rows]
-
-
-def _host_copy(tree: Any) -> Any:
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
-def _first_replica(x: jax.Array) -> np.ndarray:
-  """Device 0's copy of a ``pmap``-replicated array, without compiling a slice."""
-  return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
-
-
-def make_pmap_parallel(devices, step_fn, eval_fn) -> Parallel:
-  """``pmap`` over local ``devices``: replicated state, batch split along a leading axis.
-
-  Multi-host: each process feeds its rows of the global batch to its own devices; the
-  collectives over ``'batch'`` span every process.
-  """
-  num_local = len(devices)
-
-  def put_batch(*arrays):
-    local = [_process_slice(a) for a in arrays]
-    return tuple(a.reshape(num_local, a.shape[0] // num_local, *a.shape[1:]) for a in local)
-
-  # Placed under pmap's own axis name, so that the step's outputs match its inputs (no retrace);
-  # through host memory, so that no per-leaf program is compiled.
-  replicated = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
-
-  def put_replicated(tree):
-    def put(x):
-      x = np.asarray(x)
-      return jax.device_put(np.broadcast_to(x[None], (num_local, *x.shape)), replicated)
-
-    return jax.tree.map(put, tree)
-
-  return Parallel(
-    num_devices=num_local * jax.process_count(),
-    put_state=put_replicated,
-    get_state=lambda state: jax.tree.map(_first_replica, state),
-    put_batch=put_batch,
-    train_step=None
-    if step_fn is None
-    else jax.pmap(
-      functools.partial(step_fn, axis_name=PMAP_AXIS),
-      axis_name=PMAP_AXIS,
-      in_axes=(0, 0, 0, None),
-      devices=devices,
-      donate_argnums=(0,),
-    ),
-    eval_step=jax.pmap(
-      functools.partial(eval_fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS, devices=devices
-    ),
-  )
-
-
-def make_sharded_parallel(devices, step_fn, eval_fn) -> Parallel:
-  """``jit`` over a one-axis mesh: replicated state, batch sharded along ``'data'``.
-
-  Multi-host: ``devices`` are all processes' devices and each process contributes its rows of
-  the global batch through ``jax.make_array_from_process_local_data``.
-  """
-  mesh = Mesh(np.asarray(devices), (MESH_AXIS,))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(MESH_AXIS))
-
-  def put_batch(*arrays):
-    return tuple(
-      jax.make_array_from_process_local_data(batch_sharding, _process_slice(a), a.shape)
-      for a in arrays
-    )
-
-  def put_replicated(tree):
-    # From host memory, which every process holds alike; also valid when the mesh spans hosts.
-    def put(x):
-      x = np.asarray(x)
-      return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
-
-    return jax.tree.map(put, tree)
-
-  return Parallel(
-    num_devices=len(devices),
-    put_state=put_replicated,
-    get_state=_host_copy,
-    put_batch=put_batch,
-    train_step=None
-    if step_fn is None
-    else jax.jit(
-      step_fn,
-      in_shardings=(replicated, batch_sharding, batch_sharding, replicated),
-      out_shardings=(replicated, replicated),
-      donate_argnums=(0,),
-    ),
-    eval_step=jax.jit(
-      eval_fn,
-      in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
-      out_shardings=replicated,
-    ),
-  )
-
-
-def initialize_distributed(config: Config) -> None:
-  """Multi-host: ``jax.distributed.initialize`` when asked for by flags or the environment.
-
-  Needed only when several processes train one model (e.g. one per host). Each process passes
-  the same ``--coordinator_address`` (or ``JAX_COORDINATOR_ADDRESS``) and ``--num_processes``
-  and its own ``--process_id``; what is left out JAX detects itself on clusters it knows
-  (SLURM, Open MPI, TPU pods). Must run before JAX touches a device; runs once per process.
-  """
-  settings = {
-    'coordinator_address': config.coordinator_address,
-    'num_processes': config.num_processes,
-    'process_id': config.process_id,
-  }
-  wanted = any(v is not None for v in settings.values()) or 'JAX_COORDINATOR_ADDRESS' in os.environ
-  if wanted and not jax.distributed.is_initialized():
-    jax.distributed.initialize(**settings)
-
-
-def select_devices(config: Config) -> list[jax.Device]:
-  """The devices of the run; raises ValueError if the batch does not split evenly over them."""
-  local = jax.local_devices()
-  count = config.num_devices or len(local)
-  if count < 1 or count > len(local):
-    raise ValueError(f'--num_devices={count}, but this process sees {len(local)} device(s)')
-  if jax.process_count() > 1:
-    if count != len(local):
-      raise ValueError('multi-host runs use every local device; leave --num_devices unset')
-    devices = jax.devices() if config.parallel == 'sharded' else local
-  else:
-    devices = local[:count]
-  total = count * jax.process_count()
-  if config.task == 'train' and config.batch_size % total:
-    raise ValueError(
-      f'--batch_size={config.batch_size} does not split over {total} devices; use a multiple of '
-      f'{total}, or --num_devices (--num_gpus) dividing {config.batch_size}'
-    )
-  return devices
-
-
-def make_parallel(config: Config, devices, step_fn, eval_fn) -> Parallel:
-  factory = {'pmap': make_pmap_parallel, 'sharded': make_sharded_parallel}[config.parallel]
-  return factory(devices, step_fn, eval_fn)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-def _padded(arrays: tuple[np.ndarray, ...], size: int) -> tuple[np.ndarray, ...]:
-  pad = size - len(arrays[0])
-  if not pad:
-    return arrays
-  return tuple(np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays)
-
-
 def evaluate(
-  parallel: Parallel, variables: Any, test_ds: input_pipeline.ArrayDataset, config: Config
+  parallel: parallel_lib.Parallel,
+  variables: Any,
+  test_ds: input_pipeline.ArrayDataset,
+  batch_size: int,
 ) -> dict[str, float]:
-  """Mean cross-entropy, top-1 and top-k error over the whole test set (SPEC §7.5).
+  """Mean cross-entropy, top-1 and top-k error over the whole test set.
 
-  Batches of ``vali_batch_size`` rounded up to a multiple of the device count; the padding is
-  masked out, so one compiled step serves every batch and no example counts twice.
+  Batches of ``batch_size`` rounded up to a multiple of the device count; the padding is masked
+  out, so one compiled step serves every batch and no example counts twice.
   """
-  batch_size = -(-config.vali_batch_size // parallel.num_devices) * parallel.num_devices
+  batch_size = -(-batch_size // parallel.num_devices) * parallel.num_devices
   sums = [
-    parallel.eval_step(variables, *parallel.put_batch(*_padded(batch, batch_size)))
+    parallel.eval_step(variables, *parallel.put_batch(*batch))
     for batch in input_pipeline.eval_batches(test_ds, batch_size)
   ]
   # Every device holds the same psum-ed totals: one copy of each, summed over batches on host.
-  totals = {
-    name: float(sum(np.asarray(s[name].addressable_data(0)).reshape(-1)[0] for s in sums))
-    for name in sums[0]
-  }
+  sums = [parallel_lib.first_copy(s) for s in sums]
+  totals = {name: sum(float(s[name]) for s in sums) for name in sums[0]}
   count = totals.pop('count')
   return {name: value / count for name, value in totals.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# Run directory, checkpoints, metrics.
+# The program.
 
 
-def run_directory(config: Config) -> str:
-  """``--train_path`` as given, else ``<train_dir>/<data>_<arch>_<optimizer>``; absolute."""
-  path = config.train_path or os.path.join(config.train_dir, config_lib.run_name(config))
-  return os.path.abspath(os.path.expanduser(path))
+def train_and_evaluate(config: Config) -> dict[str, Any]:
+  """Trains (or, with ``task='test'``, evaluates) as configured; returns the final metrics.
 
+  Writes to the run directory (:func:`train.workdir.run_directory`): ``checkpoints/``,
+  TensorBoard events, ``metrics.jsonl`` and ``summary.json``; prints
+  ``final: test_error=... test_loss=... steps=...`` last. A run directory that holds a
+  checkpoint is resumed from its newest intact one; otherwise ``--load`` gives the starting
+  checkpoint, if any.
 
-def checkpoint_manager(directory: str, config: Config, create: bool) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=create)
-  return ocp.CheckpointManager(directory, options=options, item_names=CHECKPOINT_ITEMS)
-
-
-def resolve_checkpoint(path: str) -> tuple[str, int]:
-  """``(checkpoints directory, step)`` for a step directory, checkpoints directory or run dir.
+  Returns:
+    ``test_error``, ``test_loss``, ``test_top{k}_error``, ``steps``, ``train_dir``, timings.
 
   Raises:
-    ValueError: if ``path`` holds no checkpoint.
+    ConfigError: a setting that cannot work (another architecture's checkpoint, too many
+      devices, an unwritable run directory), found before training starts.
+    input_pipeline.DatasetNotPreparedError: a tfds dataset is missing and cannot be downloaded.
+    workdir.RunDirectoryBusyError: another process trains in the run directory.
+    checkpoints.NoIntactCheckpointError: the run's checkpoints are all damaged.
+    TrainingDivergedError: a training loss was not finite.
+    interrupts.Interrupted: SIGINT or SIGTERM; the step in flight was saved.
   """
-  path = os.path.abspath(os.path.expanduser(path.rstrip('/')))
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return os.path.dirname(path), int(os.path.basename(path))
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    path = os.path.join(path, 'checkpoints')
-  step = latest_checkpoint_step(path)
-  if step is None:
-    raise ValueError(f'no checkpoint found at {path}')
-  return path, step
+  if config.task == 'test':
+    return evaluate_checkpoint(config)
+  parallel_lib.initialize_distributed(config)
+  devices = parallel_lib.select_devices(config)
+  run_dir = workdir.run_directory(config)
+  lock = workdir.locked(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, interrupts.deferred() as stop:
+    return _train(config, devices, run_dir, stop)
 
 
-def latest_checkpoint_step(directory: str) -> int | None:
-  """The newest complete checkpoint step in ``directory``, or None (nothing is created)."""
-  if not os.path.isdir(directory):
+def _train(config, devices, run_dir, stop) -> dict[str, Any]:
+  info = input_pipeline.DATASETS[config.data]
+  input_shape = (1, *info.image_shape)
+  model = create_model(config, info.num_classes)
+  labels = parameter_labels(config, parameter_shapes(model, input_shape))
+  learning_rate_fns = create_learning_rate_fns(config, info.num_train)
+  tx = create_optimizer(config, learning_rate_fns, labels)
+  init_rng, rng = jax.random.split(jax.random.key(config.seed))
+  state = create_train_state(init_rng, model, input_shape, labels, tx)
+
+  manager = checkpoints.checkpoint_manager(
+    os.path.join(run_dir, 'checkpoints'), max_to_keep=config.max_to_keep
+  )
+  with manager:
+    state = _restore(config, manager, state, info.num_classes)
+    train_ds, test_ds, _ = _load_dataset(config)
+    parallel = parallel_lib.create_parallel(
+      config, devices, train_step, functools.partial(eval_step, apply_fn=model.apply, k=config.k)
+    )
+    orthogonality = None
+    if go.GRASSMANN in jax.tree.leaves(labels) and config.omega:
+      penalty = lambda state: go.orthogonality_penalty(state.params, labels, config.omega)
+      orthogonality = parallel.compile_scalar(penalty)
+    start_step, num_steps = int(state.step), num_train_steps(config, info.num_train)
+    saved_config = config_lib.to_json(config, info.num_classes)
+    writer = metrics_lib.MetricWriter(
+      run_dir, enabled=jax.process_index() == 0, start_step=start_step
+    )
+    progress = tqdm.tqdm(
+      total=num_steps,
+      initial=min(start_step, num_steps),
+      disable=not (config.verbose and writer.enabled),
+      desc='train',
+      dynamic_ncols=True,
+    )
+    state, test_metrics, window = parallel.put_state(state), None, metrics_lib.TrainWindow()
+    started = time.perf_counter()
+    try:
+      for step in range(start_step, num_steps):
+        batch = input_pipeline.train_batch(train_ds, step, config.batch_size, config.seed)
+        state, metrics = parallel.train_step(state, *parallel.put_batch(*batch), rng)
+        done = step + 1
+        window.append(done, metrics)
+        progress.update()
+        report = done % config.report_freq == 0 or done == num_steps
+        test = done % config.vali_freq == 0 or done == num_steps
+        save = done % config.save_freq == 0 or done == num_steps
+        signum = _stop_signal(stop, report)
+        if not (report or test or save or signum):
+          continue
+        _check_finite(window, manager)
+        if report:
+          summary = _train_summary(window, step, state, learning_rate_fns, orthogonality)
+          writer.write(done, 'train', summary)
+          progress.set_postfix(loss=f'{summary["loss"]:.4f}', error=f'{summary["error"]:.4f}')
+        if test:
+          test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
+          writer.write(done, 'test', test_metrics)
+        if save or signum:
+          host_state = checkpoint_payload(parallel.get_state(state))
+          checkpoints.save(manager, done, host_state, saved_config)
+        if signum:
+          raise interrupts.Interrupted(signum, done, str(manager.directory))
+    finally:
+      progress.close()
+      writer.close()
+      manager.wait_until_finished()
+    elapsed = time.perf_counter() - started
+
+  if test_metrics is None:  # nothing was left to train
+    test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
+  final_step = max(start_step, num_steps)
+  result = _result(
+    test_metrics,
+    config,
+    final_step,
+    train_dir=run_dir,
+    train_seconds=elapsed,
+    steps_per_second=(final_step - start_step) / elapsed if elapsed > 0 else 0.0,
+  )
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
+      json.dump({**result, 'config': saved_config}, f, indent=2)
+    print(_final_line(test_metrics, final_step), flush=True)
+  return result
+
+
+def _train_summary(window, step, state, learning_rate_fns, orthogonality) -> dict[str, float]:
+  """Mean loss and error over the window, the rates of ``step`` and the penalty ``L_O`` after it.
+
+  ``L_O`` is computed here only, at report steps, by its own small compiled function.
+  """
+  summary = window.summary()
+  summary.update({name: float(fn(step)) for name, fn in learning_rate_fns.items()})
+  if orthogonality is not None:
+    summary['orthogonality'] = orthogonality(state)
+  return summary
+
+
+def _stop_signal(stop: interrupts.StopRequest, report: bool) -> int | None:
+  """The signal to stop on now, if any; several processes agree on it at report steps."""
+  if jax.process_count() == 1:
+    return stop.signum
+  if not report:
     return None
-  steps = [
-    int(name)
-    for name in os.listdir(directory)
-    if name.isdigit() and os.path.isdir(os.path.join(directory, name, 'state'))
-  ]
-  return max(steps, default=None)
+  from jax.experimental import multihost_utils
+
+  signals = multihost_utils.process_allgather(np.int32(stop.signum or 0))
+  return int(np.max(signals)) or None
 
 
-def read_checkpoint_config(directory: str, step: int) -> dict[str, Any]:
-  """The run configuration stored beside the state of checkpoint ``step``."""
-  with ocp.CheckpointManager(directory, item_names=CHECKPOINT_ITEMS) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return dict(restored['config'])
-
-
-def load_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """``(state, config)`` of a checkpoint as nested dicts of NumPy arrays (for analysis).
-
-  ``path`` as for ``--load``: a step directory, a checkpoints directory or a run directory.
-  """
-  directory, step = resolve_checkpoint(path)
-  with ocp.CheckpointManager(directory, item_names=CHECKPOINT_ITEMS) as manager:
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()),
-    )
-  return restored['state'], dict(restored['config'])
-
-
-def check_architecture(saved: Mapping[str, Any], config: Config, num_classes: int | None) -> None:
-  """Raises ValueError naming the difference if a checkpoint was written for another network."""
-  expected = {**config_lib.architecture(config)}
-  found = {name: saved.get(name) for name in expected}
-  if num_classes is not None and saved.get('num_classes') not in (None, num_classes):
-    found['num_classes'], expected['num_classes'] = saved['num_classes'], num_classes
-  if found != expected:
-    raise ValueError(
-      f'checkpoint was written for {config_lib.describe_architecture(saved)}; '
-      f'this run is {config_lib.describe_architecture(expected)}'
-      + (f' with {num_classes} classes' if 'num_classes' in expected else '')
+def _check_finite(window: metrics_lib.TrainWindow, manager) -> None:
+  """Raises TrainingDivergedError if a loss in ``window`` is NaN or infinite."""
+  found = window.first_non_finite()
+  if found is not None:
+    step, loss = found
+    newest = manager.latest_step()
+    kept = f'the newest checkpoint is step {newest}' if newest is not None else 'no checkpoint'
+    raise TrainingDivergedError(
+      f'training diverged at step {step} (loss={loss}); nothing from that step on was saved and '
+      f'{kept} in {manager.directory}. Lower --learnRate / --learnRateG (or set --grad_clip) and '
+      'run again to continue from there'
     )
 
 
-def _warn_changed_hyperparameters(saved: Mapping[str, Any], config: Config) -> None:
-  changed = [
-    f'{name}: {saved.get(name)} -> {getattr(config, name)}'
-    for name in RESUME_FIELDS
-    if name in saved and _jsonable(saved[name]) != _jsonable(getattr(config, name))
-  ]
-  if changed:
-    warnings.warn('resuming with changed settings: ' + '; '.join(changed), stacklevel=2)
+def _restore(config: Config, manager, state: TrainState, num_classes: int) -> TrainState:
+  """``state`` restored from the run's newest intact checkpoint, else from ``--load``."""
 
+  def check(saved):
+    config_lib.check_architecture(saved, config, num_classes)
+    changed = config_lib.changed_settings(saved, config)
+    if changed:
+      print('warning: resuming with changed settings: ' + '; '.join(changed), file=sys.stderr)
 
-def _jsonable(value: Any) -> Any:
-  return json.loads(json.dumps(value))
-
-
-def saved_config(config: Config, num_classes: int) -> dict[str, Any]:
-  """The JSON stored with each checkpoint: every setting, plus the number of classes."""
-  fields = dataclasses.asdict(config)
-  fields.pop('explicit')
-  return _jsonable({**fields, 'num_classes': num_classes})
+  target = checkpoint_payload(state)
+  found = checkpoints.restore(manager, target, check, move_damaged=True)
+  if found is None and config.load:
+    directory, step = checkpoints.resolve(config.load)
+    with checkpoints.checkpoint_manager(directory) as source:
+      found = checkpoints.restore(source, target, check, step=step, move_damaged=False)
+    if found is None:
+      raise config_lib.ConfigError(f'--load={config.load}: no checkpoint there')
+  return state if found is None else state.replace(**found[1])
 
 
 def checkpoint_payload(state: TrainState) -> dict[str, Any]:
+  """What a checkpoint's ``state`` item holds."""
   return {
     'step': state.step,
     'params': state.params,
@@ -621,168 +524,14 @@ def checkpoint_payload(state: TrainState) -> dict[str, Any]:
   }
 
 
-def restore_state(state: TrainState, directory: str, step: int) -> TrainState:
-  """Restores checkpoint ``step`` into the structure of the fresh ``state``."""
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_payload(state))
-  with ocp.CheckpointManager(directory, item_names=CHECKPOINT_ITEMS) as manager:
-    restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )['state']
-  return state.replace(**restored)
-
-
-class MetricWriter:
-  """TensorBoard scalars plus ``metrics.jsonl`` (one ``{step, split, ...}`` object a line).
-
-  A resumed run first drops the lines logged after its checkpoint (``start_step``), which the
-  interrupted run wrote and this one is about to write again.
-  """
-
-  def __init__(self, directory: str, enabled: bool, start_step: int = 0):
-    self.enabled = enabled
-    if not enabled:
-      return
-    from tensorboardX import SummaryWriter
-
-    os.makedirs(directory, exist_ok=True)
-    self.tensorboard = SummaryWriter(directory)
-    path = os.path.join(directory, 'metrics.jsonl')
-    if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start_step]
-      with open(path, 'w') as f:
-        f.writelines(kept)
-    self.jsonl = open(path, 'a')
-
-  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    for name, value in metrics.items():
-      self.tensorboard.add_scalar(f'{split}/{name}', value, step)
-    self.jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
-    self.jsonl.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self.tensorboard.close()
-      self.jsonl.close()
-
-
-def _final_line(metrics: Mapping[str, float], steps: int) -> str:
-  return f'final: test_error={metrics["error"]:.6g} test_loss={metrics["loss"]:.6g} steps={steps}'
-
-
-# ---------------------------------------------------------------------------------------------
-# The program.
-
-
-def _step_functions(config: Config, model, num_train: int):
-  learning_rate_fns = {
-    'learning_rate': create_learning_rate_fn(config.learnRate, config, num_train)
-  }
-  orthogonality = None
-  if config.optimizer != 'sgd':
-    learning_rate_fns['learning_rate_g'] = create_learning_rate_fn(
-      config.learnRateG, config, num_train
-    )
-    if config.grassmann and config.omega:
-      labels_fn = parameter_labels(config)
-      orthogonality = lambda params: go.orthogonality_penalty(params, labels_fn, config.omega)
-  step_fn = functools.partial(
-    train_step, learning_rate_fns=learning_rate_fns, orthogonality=orthogonality
+def _load_dataset(config: Config):
+  return input_pipeline.load_dataset(
+    config.data,
+    data_dir=config.data_dir,
+    download=config.download,
+    padding_size=config.padding_size,
+    crop_size=config.crop_size,
   )
-  eval_fn = functools.partial(eval_step, apply_fn=model.apply, k=config.k)
-  return step_fn, eval_fn
-
-
-def _prepare(config: Config):
-  """Checks everything that can be checked before loading data; returns the devices."""
-  initialize_distributed(config)
-  devices = select_devices(config)
-  create_model(config, num_classes=2)  # raises for an unknown model or a depth not 6N+4
-  return devices
-
-
-def _resume_point(config: Config, workdir: str) -> tuple[str, int] | None:
-  """The checkpoint to start from, architecture-checked: the run's own, else ``--load``."""
-  own = os.path.join(workdir, 'checkpoints')
-  step = latest_checkpoint_step(own)
-  source = (own, step) if step is not None else None
-  if source is None and config.load:
-    source = resolve_checkpoint(config.load)
-  if source is not None:
-    saved = read_checkpoint_config(*source)
-    check_architecture(saved, config, None)
-    _warn_changed_hyperparameters(saved, config)
-  return source
-
-
-class Checkpointer:
-  """Orbax checkpoints in ``<run>/checkpoints``: the host copy of the state, plus the config."""
-
-  def __init__(self, workdir: str, config: Config, num_classes: int, parallel: Parallel):
-    self.manager = checkpoint_manager(os.path.join(workdir, 'checkpoints'), config, create=True)
-    self.config = saved_config(config, num_classes)
-    self.parallel = parallel
-
-  def save(self, state: TrainState, step: int) -> None:
-    if step in self.manager.all_steps():
-      return
-    payload = checkpoint_payload(self.parallel.get_state(state))
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(payload), config=ocp.args.JsonSave(self.config)
-      ),
-    )
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def _initial_state(config, model, info, resume, rng) -> TrainState:
-  tx = create_optimizer(config, info.num_train)
-  state = create_train_state(rng, config, model, (1, *info.image_shape), tx)
-  return state if resume is None else restore_state(state, *resume)
-
-
-def _train_loop(config, parallel, state, data, num_steps, dropout_rng, writer, checkpointer):
-  """Steps from ``state.step`` to ``num_steps``, logging, testing and saving on schedule.
-
-  Returns the final (device) state and the last test metrics (None if no step was left).
-  """
-  train_ds, test_ds = data
-  start_step = int(parallel.get_state(state.step))
-  test_metrics, window = None, []
-  progress = tqdm.tqdm(
-    total=num_steps,
-    initial=min(start_step, num_steps),
-    disable=not (config.verbose and writer.enabled),
-    desc='train',
-    dynamic_ncols=True,
-  )
-  for step in range(start_step, num_steps):
-    images, labels = input_pipeline.train_batch(train_ds, step, config.batch_size, config.seed)
-    state, metrics = parallel.train_step(state, *parallel.put_batch(images, labels), dropout_rng)
-    window.append(metrics)
-    done = step + 1
-    progress.update()
-    if done % config.report_freq == 0 or done == num_steps:
-      summary, window = _mean_metrics(window), []
-      writer.write(done, 'train', summary)
-      progress.set_postfix(
-        loss=f'{summary["loss"]:.4f}',
-        error=f'{summary["error"]:.4f}',
-        lr=f'{summary["learning_rate"]:.3g}',
-      )
-    if done % config.vali_freq == 0 or done == num_steps:
-      test_metrics = evaluate(parallel, _variables(state), test_ds, config)
-      writer.write(done, 'test', test_metrics)
-    if done % config.save_freq == 0 or done == num_steps:
-      checkpointer.save(state, done)
-  progress.close()
-  return state, test_metrics
 
 
 def _variables(state: TrainState) -> dict[str, Any]:
@@ -799,108 +548,18 @@ def _result(metrics: Mapping[str, float], config: Config, steps: int, **extra) -
   }
 
 
-def train_and_evaluate(config: Config) -> dict[str, Any]:
-  """Trains (or, with ``task='test'``, evaluates) as configured; returns the final metrics.
-
-  Writes to the run directory (``--train_path``, else ``<train_dir>/<run name>``): TensorBoard
-  events, ``metrics.jsonl``, ``checkpoints/`` and ``summary.json``; prints
-  ``final: test_error=... test_loss=... steps=...`` last. A run directory that holds a
-  checkpoint is resumed from it; otherwise ``--load`` gives the starting checkpoint, if any.
-
-  Returns:
-    ``test_error``, ``test_loss``, ``test_top{k}_error``, ``steps``, ``train_dir`` and timings.
-
-  Raises:
-    ValueError: an inconsistent configuration, detected before training starts (and, for a
-      checkpoint of another architecture, before anything is written).
-    input_pipeline.DatasetNotPreparedError: a tfds dataset is missing and cannot be downloaded.
-  """
-  if config.task == 'test':
-    return evaluate_checkpoint(config)
-  devices = _prepare(config)
-  workdir = run_directory(config)
-  resume = _resume_point(config, workdir)
-  train_ds, test_ds, info = _load_dataset(config)
-  if resume is not None:
-    check_architecture(read_checkpoint_config(*resume), config, info.num_classes)
-
-  model = create_model(config, info.num_classes)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  state = _initial_state(config, model, info, resume, init_rng)
-  start_step, num_steps = int(state.step), num_train_steps(config, info.num_train)
-  parallel = make_parallel(config, devices, *_step_functions(config, model, info.num_train))
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, start_step=start_step)
-  checkpointer = Checkpointer(workdir, config, info.num_classes, parallel)
-
-  started = time.perf_counter()
-  state, test_metrics = _train_loop(
-    config,
-    parallel,
-    parallel.put_state(state),
-    (train_ds, test_ds),
-    num_steps,
-    dropout_rng,
-    writer,
-    checkpointer,
-  )
-  elapsed = time.perf_counter() - started
-  if test_metrics is None:  # nothing was left to train
-    test_metrics = evaluate(parallel, _variables(state), test_ds, config)
-  checkpointer.close()
-  writer.close()
-
-  final_step = max(start_step, num_steps)
-  result = _result(
-    test_metrics,
-    config,
-    final_step,
-    train_dir=workdir,
-    train_seconds=elapsed,
-    steps_per_second=(final_step - start_step) / elapsed if elapsed > 0 else 0.0,
-  )
-  if writer.enabled:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(result, f, indent=2)
-    print(_final_line(test_metrics, final_step), flush=True)
-  return result
-
-
-def _load_dataset(config: Config):
-  return input_pipeline.load_dataset(
-    config.data,
-    data_dir=config.data_dir,
-    download=config.download,
-    padding_size=config.padding_size,
-    crop_size=config.crop_size,
-  )
-
-
-def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Means over the report window; learning rates at its last step (a mean would blur decays)."""
-  host = [
-    {name: np.asarray(v).reshape(-1)[0] for name, v in m.items()} for m in jax.device_get(window)
-  ]
-  return {
-    name: float(
-      host[-1][name] if name.startswith('learning_rate') else np.mean([m[name] for m in host])
-    )
-    for name in host[0]
-  }
+def _final_line(metrics: Mapping[str, float], steps: int) -> str:
+  return f'final: test_error={metrics["error"]:.6g} test_loss={metrics["loss"]:.6g} steps={steps}'
 
 
 def evaluate_checkpoint(config: Config) -> dict[str, Any]:
   """``--task=test``: evaluates the checkpoint of ``--load`` and prints the final line.
 
-  Architecture flags not given on the command line are taken from the checkpoint; given ones
-  must agree with it.
+  Architecture settings not given explicitly are taken from the checkpoint; given ones must
+  agree with it. Nothing is written.
   """
-  if not config.load:
-    raise ValueError(
-      '--task=test needs --load=<checkpoint>: a step directory, a checkpoints directory or a run '
-      'directory'
-    )
-  directory, step = resolve_checkpoint(config.load)
-  saved = read_checkpoint_config(directory, step)
+  parallel_lib.initialize_distributed(config)
+  step, state, saved = checkpoints.load(config.load)
   given = {name: getattr(config, name) for name in config.explicit}
   inherited = {
     name: saved[name]
@@ -908,15 +567,14 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     if name in saved and name not in given
   }
   config = config_lib.get_config(**inherited, **given)
-  check_architecture(saved, config, None)
-  devices = _prepare(config)
-  _, test_ds, info = _load_dataset(config)
-  check_architecture(saved, config, info.num_classes)
+  info = input_pipeline.DATASETS[config.data]
+  config_lib.check_architecture(saved, config, info.num_classes)
+  devices = parallel_lib.select_devices(config)
+  _, test_ds, _ = _load_dataset(config)
   model = create_model(config, info.num_classes)
-  state, _ = load_checkpoint(os.path.join(directory, str(step)))
-  _, eval_fn = _step_functions(config, model, info.num_train)
-  parallel = make_parallel(config, devices, None, eval_fn)
+  steps = functools.partial(eval_step, apply_fn=model.apply, k=config.k)
+  parallel = parallel_lib.create_parallel(config, devices, None, steps)
   variables = parallel.put_state({'params': state['params'], 'batch_stats': state['batch_stats']})
-  metrics = evaluate(parallel, variables, test_ds, config)
+  metrics = evaluate(parallel, variables, test_ds, config.vali_batch_size)
   print(_final_line(metrics, step), flush=True)
-  return _result(metrics, config, step, checkpoint=os.path.join(directory, str(step)))
+  return _result(metrics, config, step, checkpoint=config.load)

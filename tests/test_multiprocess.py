@@ -1,0 +1,76 @@
+"""Two processes on localhost train one model: the result equals one process on the same batch.
+
+Each process of ``python -m train --parallel=sharded --num_processes=2`` has one CPU device;
+JAX's CPU collectives (gloo) carry the gradient and BatchNorm sums between them. Every process
+computes the same global batch and feeds its half, so the update is that of one process holding
+both halves, up to the order of float32 sums.
+"""
+
+import json
+import socket
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train_helpers import TINY, assert_trees_close, final_state, program, run_main
+
+TIMEOUT_S = 180
+FLAGS = [*TINY, '--max_steps=3', '--keep_prob=None', '--parallel=sharded']
+
+
+def _free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    return probe.getsockname()[1]
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+  run = tmp_path / 'two_processes'
+  env = {
+    'JAX_PLATFORMS': 'cpu',
+    'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo',
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  }
+  address = f'localhost:{_free_port()}'
+  processes = [
+    program(
+      *FLAGS,
+      f'--coordinator_address={address}',
+      '--num_processes=2',
+      f'--process_id={index}',
+      f'--train_path={run}',
+      env=env,
+    )
+    for index in range(2)
+  ]
+  outputs = []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=TIMEOUT_S))
+  finally:
+    for process in processes:
+      process.kill()
+  for process, (_, err) in zip(processes, outputs, strict=True):
+    assert process.returncode == 0, err[-3000:]
+  assert outputs[0][0].strip().splitlines()[-1].startswith('final: ')
+  assert 'final: ' not in outputs[1][0]  # only the first process reports
+
+  assert jax.device_count() == 2
+  assert run_main([*FLAGS, '--num_devices=2', f'--train_path={tmp_path / "one_process"}']) == 0
+  reference, actual = final_state(tmp_path / 'one_process'), final_state(run)
+  assert int(actual['step']) == int(reference['step']) == 3
+  assert_trees_close(actual['params'], reference['params'], rtol=1e-5, atol=1e-6)
+  assert_trees_close(actual['batch_stats'], reference['batch_stats'], rtol=1e-5, atol=1e-6)
+  largest = max(
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(
+      jax.tree.leaves(actual['params']), jax.tree.leaves(reference['params']), strict=True
+    )
+  )
+  assert largest < 1e-6
+  summaries = [
+    json.loads((path / 'summary.json').read_text()) for path in (run, tmp_path / 'one_process')
+  ]
+  assert summaries[0]['test_error'] == pytest.approx(summaries[1]['test_error'], abs=1e-6)
+  assert summaries[0]['test_loss'] == pytest.approx(summaries[1]['test_loss'], rel=1e-5)

@@ -1,0 +1,201 @@
+"""Data parallelism: devices, processes, and the compiled steps laid out on them.
+
+``--parallel=pmap``: the state is replicated on every local device, each device takes its slice of
+the global batch, gradients are ``pmean``-ed and BatchNorm averages its batch moments through the
+axis name :data:`PMAP_AXIS`. ``--parallel=sharded``: one ``jit`` program over a one-axis mesh, the
+state replicated and the batch split along the axis, so BatchNorm sees the global batch. Either way
+an update equals that of one device with the whole batch, up to the order of float32 sums.
+
+Several processes (one per host, or several on one machine) train one model when
+``--coordinator_address``, ``--num_processes`` and ``--process_id`` are given (or JAX finds them
+in its environment): every process computes the same global batch and feeds its own rows.
+
+References:
+  Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+"""
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from train import config as config_lib
+
+PMAP_AXIS = 'batch'
+MESH_AXIS = 'data'
+
+
+class Parallel(NamedTuple):
+  """How state and batches are laid out on devices, and the compiled functions that use them."""
+
+  num_devices: int  # over all processes
+  put_state: Callable[[Any], Any]  # a host tree (state or variables), copied to every device
+  get_state: Callable[[Any], Any]  # one host copy
+  put_batch: Callable[..., tuple[jax.Array, ...]]  # global batch -> device arrays
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., dict[str, jax.Array]]
+  # ``fn(device tree) -> scalar`` compiled for the layout; returns a host float.
+  compile_scalar: Callable[[Callable[[Any], jax.Array]], Callable[[Any], float]]
+
+
+def initialize_distributed(config: config_lib.Config) -> None:
+  """``jax.distributed.initialize`` when the flags or the environment ask for several processes.
+
+  Each process passes the same ``--coordinator_address`` (or ``JAX_COORDINATOR_ADDRESS``) and
+  ``--num_processes`` and its own ``--process_id``; what is left out JAX detects itself on
+  clusters it knows (SLURM, Open MPI, TPU pods). Must run before JAX touches a device.
+  """
+  settings = {
+    'coordinator_address': config.coordinator_address,
+    'num_processes': config.num_processes,
+    'process_id': config.process_id,
+  }
+  wanted = any(v is not None for v in settings.values()) or 'JAX_COORDINATOR_ADDRESS' in os.environ
+  if wanted and not jax.distributed.is_initialized():
+    jax.distributed.initialize(**settings)
+
+
+def select_devices(config: config_lib.Config) -> list[jax.Device]:
+  """The devices of the run.
+
+  Raises:
+    ConfigError: ``--num_devices`` is more than this process has, or the batch does not split
+      evenly over the devices.
+  """
+  local = jax.local_devices()
+  count = config.num_devices or len(local)
+  if count > len(local):
+    raise config_lib.ConfigError(
+      f'--num_devices={count}, but this process sees {len(local)} device(s)'
+    )
+  if jax.process_count() > 1:
+    if count != len(local):
+      raise config_lib.ConfigError(
+        'multi-process runs use every local device; leave --num_devices unset'
+      )
+    devices = jax.devices() if config.parallel == 'sharded' else local
+  else:
+    devices = local[:count]
+  total = count * jax.process_count()
+  if config.task == 'train' and config.batch_size % total:
+    raise config_lib.ConfigError(
+      f'--batch_size={config.batch_size} does not split over {total} devices; use a multiple of '
+      f'{total}, or --num_devices (--num_gpus) dividing {config.batch_size}'
+    )
+  return devices
+
+
+def create_parallel(
+  config: config_lib.Config, devices: list[jax.Device], train_step, eval_step
+) -> Parallel:
+  """The layout of ``--parallel`` over ``devices``, with both steps compiled for it.
+
+  ``train_step(state, images, labels, rng, *, axis_name)`` and ``eval_step(variables, images,
+  labels, mask, *, axis_name)``; ``axis_name`` is :data:`PMAP_AXIS` under pmap, else None.
+  ``train_step`` may be None (evaluation only).
+  """
+  factory = {'pmap': _pmap_parallel, 'sharded': _sharded_parallel}[config.parallel]
+  return factory(devices, train_step, eval_step)
+
+
+def _process_rows(array: np.ndarray) -> np.ndarray:
+  """This process's rows of a global batch (every process computes the same global batch)."""
+  rows = len(array) // jax.process_count()
+  return array[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+
+
+def _first_replica(x: jax.Array) -> np.ndarray:
+  """Device 0's copy of a ``pmap``-replicated array, without compiling a slice."""
+  return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+
+
+def _any_copy(x: jax.Array) -> np.ndarray:
+  return np.asarray(x.addressable_data(0))
+
+
+def _pmap_parallel(devices, train_step, eval_step) -> Parallel:
+  num_local = len(devices)
+
+  def put_batch(*arrays):
+    local = [_process_rows(a) for a in arrays]
+    return tuple(a.reshape(num_local, a.shape[0] // num_local, *a.shape[1:]) for a in local)
+
+  # Placed under pmap's own axis name, so that the step's outputs match its inputs (no retrace);
+  # through host memory, so that no per-leaf program is compiled.
+  replicated = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+
+  def put_state(tree):
+    def put(x):
+      x = np.asarray(x)
+      return jax.device_put(np.broadcast_to(x[None], (num_local, *x.shape)), replicated)
+
+    return jax.tree.map(put, tree)
+
+  def compile_scalar(fn):
+    compiled = jax.pmap(fn, devices=devices)
+    return lambda tree: float(_first_replica(compiled(tree)))
+
+  pmap = functools.partial(jax.pmap, axis_name=PMAP_AXIS, devices=devices)
+  return Parallel(
+    num_devices=num_local * jax.process_count(),
+    put_state=put_state,
+    get_state=lambda tree: jax.tree.map(_first_replica, tree),
+    put_batch=put_batch,
+    train_step=train_step
+    and pmap(
+      functools.partial(train_step, axis_name=PMAP_AXIS), in_axes=(0, 0, 0, None), donate_argnums=0
+    ),
+    eval_step=pmap(functools.partial(eval_step, axis_name=PMAP_AXIS)),
+    compile_scalar=compile_scalar,
+  )
+
+
+def _sharded_parallel(devices, train_step, eval_step) -> Parallel:
+  mesh = Mesh(np.asarray(devices), (MESH_AXIS,))
+  replicated = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P(MESH_AXIS))
+
+  def put_batch(*arrays):
+    return tuple(
+      jax.make_array_from_process_local_data(batch, _process_rows(a), a.shape) for a in arrays
+    )
+
+  def put_state(tree):
+    # From host memory, which every process holds alike; also valid when the mesh spans hosts.
+    def put(x):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+  def compile_scalar(fn):
+    compiled = jax.jit(fn, out_shardings=replicated)
+    return lambda tree: float(_any_copy(compiled(tree)))
+
+  return Parallel(
+    num_devices=len(devices),
+    put_state=put_state,
+    get_state=lambda tree: jax.tree.map(_any_copy, tree),
+    put_batch=put_batch,
+    train_step=train_step
+    and jax.jit(
+      train_step,
+      in_shardings=(replicated, batch, batch, replicated),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(
+      eval_step, in_shardings=(replicated, batch, batch, batch), out_shardings=replicated
+    ),
+    compile_scalar=compile_scalar,
+  )
+
+
+def first_copy(tree: Any) -> Any:
+  """One host copy of every leaf of a replicated tree of step outputs (metrics, sums)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(-1)[0], tree)
