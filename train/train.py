@@ -423,7 +423,11 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
         if report:
           summary = _train_summary(window, step, state, learning_rate_fns, orthogonality)
           writer.write(done, 'train', summary)
-          progress.set_postfix(loss=f'{summary["loss"]:.4f}', error=f'{summary["error"]:.4f}')
+          progress.set_postfix(
+            loss=f'{summary["loss"]:.4f}',
+            error=f'{summary["error"]:.4f}',
+            lr=f'{summary["learning_rate"]:.3g}',
+          )
         if test:
           test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
           writer.write(done, 'test', test_metrics)
