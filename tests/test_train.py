@@ -532,6 +532,8 @@ def test_task_test_evaluates_a_checkpoint(one_device_run, capsys):
     (['--model=vgg11', '--width_scale=0'], '--width_scale=0.0 must be > 0'),
     (['--process_id=2', '--num_processes=2'], '--process_id=2 must be below --num_processes=2'),
     (['--data=cifar10', '--crop_size=41'], '--crop_size=41 exceeds the padded image'),
+    (['--epochs=0.01'], '--epochs=0.01 of 1497 digits images at --batch_size=64 is less than'),
+    (['--task=test', '--load=/nonexistent/run'], '--load=/nonexistent/run: no checkpoint there'),
   ],
 )
 def test_usage_errors(tmp_path, capsys, argv, message):

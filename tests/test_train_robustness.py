@@ -196,7 +196,7 @@ def test_checkpoint_of_another_state_layout_is_not_damaged(tmp_path):
   with checkpoints.checkpoint_manager(directory, max_to_keep=1) as manager:
     checkpoints.save(manager, 1, {'a': np.ones(3), 'b': np.zeros(2)}, {'depth': 10})
   with checkpoints.checkpoint_manager(directory, max_to_keep=1) as manager:
-    with pytest.raises(checkpoints.IncompatibleCheckpointError, match='holds 2 arrays') as error:
+    with pytest.raises(checkpoints.IncompatibleCheckpointError, match='1 differ, e.g. b') as error:
       checkpoints.restore(manager, {'a': np.ones(3)}, lambda saved: None, move_damaged=True)
     assert isinstance(error.value, config_lib.ConfigError)
     assert manager.all_steps() == [1]
@@ -273,3 +273,16 @@ def test_signal_saves_the_current_step_and_the_next_start_resumes_exactly(tmp_pa
   resumed, straight = final_state(tmp_path / 'resumed'), final_state(tmp_path / 'straight')
   assert int(resumed['step']) == step + 2
   assert_trees_close(resumed, straight, rtol=0, atol=0)
+
+
+def test_evaluating_a_damaged_checkpoint_moves_nothing(tmp_path, three_steps, capsys):
+  run = _copy(three_steps, tmp_path)
+  _truncate_arrays(run / 'checkpoints' / '3')
+  code, out, err = run_main(['--task=test', f'--load={run}/checkpoints/3', '--verbose=0'], capsys)
+  assert code == 4 and not out
+  assert _one_error_line(err).startswith(f'error: checkpoint {run}/checkpoints/3 is damaged')
+  # A run directory: its newest intact checkpoint, step 2.
+  code, out, err = run_main(['--task=test', f'--load={run}', '--verbose=0'], capsys)
+  assert code == 0 and out.strip().splitlines()[-1].endswith('steps=2')
+  assert f'warning: checkpoint {run}/checkpoints/3 is damaged' in err
+  assert checkpoint_steps(run) == [1, 2, 3] and not (run / 'checkpoints.damaged').exists()

@@ -92,13 +92,14 @@ def restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any
   with _reading(manager, step, 'state'):
     saved = manager.item_metadata(step)['state']
     if saved is None:
-      raise KeyError('no state item')
-  expected, found = _array_shapes(target), _array_shapes(saved)
-  if found != expected:
+      raise FileNotFoundError('its metadata is missing')
+  differ = _arrays(target) ^ _saved_arrays(saved)
+  if differ:
+    example = min(differ)
     raise IncompatibleCheckpointError(
-      f'checkpoint {_path(manager, step)} holds {len(found)} arrays where this program has '
-      f'{len(expected)}: it was written by another version of the program; resume it with that '
-      'version, or start a new run with --train_path'
+      f"checkpoint {_path(manager, step)} holds other arrays than this program's state "
+      f'({len(differ)} differ, e.g. {example[0]} {example[1]}): another version of the program '
+      'wrote it; resume it with that version, or start a new run with --train_path'
     )
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   with _reading(manager, step, 'state'):
@@ -212,9 +213,7 @@ def _reading(manager: ocp.CheckpointManager, step: int, item: str) -> Iterator[N
   """Turns a failure to read ``item`` of checkpoint ``step`` into a DamagedCheckpointError."""
   try:
     yield
-  except (OSError, ValueError, KeyError, TypeError) as error:
-    if isinstance(error, IncompatibleCheckpointError):
-      raise
+  except (OSError, ValueError, KeyError) as error:
     _quiet_orbax_readers()
     reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
     raise DamagedCheckpointError(
@@ -245,13 +244,19 @@ def _quiet_orbax_readers() -> None:
   sys.unraisablehook = hook
 
 
-def _array_shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:
-  """Sorted ``(shape, dtype)`` of every array leaf: what a restore needs to agree on."""
-  return sorted(
-    (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-    for leaf in jax.tree.leaves(tree)
-    if hasattr(leaf, 'shape')
-  )
+def _arrays(tree: Any) -> set[tuple[str, tuple[int, ...], str]]:
+  """``(name, shape, dtype)`` of every array of ``tree``, named as Orbax names them."""
+  return {
+    ('.'.join(ocp.tree.str_keypath(path)), tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _saved_arrays(metadata: Any) -> set[tuple[str, tuple[int, ...], str]]:
+  """``(name, shape, dtype)`` of every array in Orbax's metadata of a saved tree."""
+  return {
+    (leaf.name, tuple(leaf.shape), str(np.dtype(leaf.dtype))) for leaf in jax.tree.leaves(metadata)
+  }
 
 
 def _path(manager: ocp.CheckpointManager, step: int) -> str:

@@ -363,6 +363,12 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
     return evaluate_checkpoint(config)
   parallel_lib.initialize_distributed(config)
   devices = parallel_lib.select_devices(config)
+  num_train = input_pipeline.DATASETS[config.data].num_train
+  if num_train_steps(config, num_train) < 1:
+    raise config_lib.ConfigError(
+      f'--epochs={config.epochs} of {num_train} {config.data} images at '
+      f'--batch_size={config.batch_size} is less than one step'
+    )
   run_dir = workdir.run_directory(config)
   lock = workdir.locked(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, interrupts.deferred() as stop:
@@ -563,7 +569,10 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
   agree with it. Nothing is written.
   """
   parallel_lib.initialize_distributed(config)
-  step, state, saved = checkpoints.load(config.load)
+  try:
+    step, state, saved = checkpoints.load(config.load)
+  except FileNotFoundError:
+    raise config_lib.ConfigError(f'--load={config.load}: no checkpoint there') from None
   given = {name: getattr(config, name) for name in config.explicit}
   inherited = {
     name: saved[name]
