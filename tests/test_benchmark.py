@@ -97,7 +97,7 @@ def test_fallback_tree_matches_the_model(depth, widen_factor):
   assert benchmark.describe_tree(built) == benchmark.describe_tree(from_model)
 
 
-def test_wrn_28_10_has_the_size_of_the_issue():
+def test_wrn_28_10_has_the_paper_network_size():
   shapes, source = benchmark.wide_resnet_shapes(28, 10)
 
   assert source == 'train.models.WideResNet'

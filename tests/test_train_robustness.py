@@ -280,7 +280,10 @@ def test_evaluating_a_damaged_checkpoint_moves_nothing(tmp_path, three_steps, ca
   _truncate_arrays(run / 'checkpoints' / '3')
   code, out, err = run_main(['--task=test', f'--load={run}/checkpoints/3', '--verbose=0'], capsys)
   assert code == 4 and not out
-  assert _one_error_line(err).startswith(f'error: checkpoint {run}/checkpoints/3 is damaged')
+  assert f'warning: checkpoint {run}/checkpoints/3 is damaged' in err
+  line = _one_error_line(err)
+  assert line.startswith(f'error: no intact checkpoint in {run}/checkpoints (damaged: step 3)')
+  assert line.endswith('choose another --load')
   # A run directory: its newest intact checkpoint, step 2.
   code, out, err = run_main(['--task=test', f'--load={run}', '--verbose=0'], capsys)
   assert code == 0 and out.strip().splitlines()[-1].endswith('steps=2')

@@ -27,7 +27,6 @@ EXIT_CODES = (
   (config_lib.ConfigError, 2),  # a setting out of range or that cannot work here
   (input_pipeline.DatasetNotPreparedError, 2),
   (train_lib.TrainingDivergedError, 3),
-  (checkpoints.DamagedCheckpointError, 4),  # --task=test of a damaged checkpoint
   (checkpoints.NoIntactCheckpointError, 4),
   (workdir.RunDirectoryBusyError, 5),
 )

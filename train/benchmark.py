@@ -85,7 +85,7 @@ ADAMG_B2 = 0.99
 OMEGA = 0.1
 KEEP_PROB = 0.7
 
-# The targets: (numerator, denominator, largest ratio).
+# The project's speed targets: (numerator, denominator, largest ratio).
 UPDATE_TARGETS = {
   'adamg(ω=0) / adam': ('adamg ω=0', 'optax.adam', 1.2),
   'sgdg(ω=0) / sgd-nesterov': ('sgdg ω=0', 'optax.sgd nesterov', 1.5),

@@ -84,6 +84,8 @@ def read_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 def restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """The ``state`` item of checkpoint ``step``, in the structure and dtypes of ``target``.
 
+  ``target=None`` restores the arrays as they were saved, in nested dicts and lists.
+
   Raises:
     IncompatibleCheckpointError: the checkpoint is intact but its arrays are not those of
       ``target`` (a program with another optimizer-state layout wrote it).
@@ -93,7 +95,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any
     saved = manager.item_metadata(step)['state']
     if saved is None:
       raise FileNotFoundError('its metadata is missing')
-  differ = _arrays(target) ^ _saved_arrays(saved)
+  differ = set() if target is None else _arrays(target) ^ _saved_arrays(saved)
   if differ:
     example = min(differ)
     raise IncompatibleCheckpointError(
@@ -101,7 +103,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any
       f'({len(differ)} differ, e.g. {example[0]} {example[1]}): another version of the program '
       'wrote it; resume it with that version, or start a new run with --train_path'
     )
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   with _reading(manager, step, 'state'):
     restored = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
@@ -116,8 +118,10 @@ def restore(
   *,
   step: int | None = None,
   move_damaged: bool,
-) -> tuple[int, Any] | None:
-  """``(step, state)`` of checkpoint ``step``, else of the newest intact one; None if none exists.
+) -> tuple[int, Any, dict[str, Any]] | None:
+  """``(step, state, settings)`` of checkpoint ``step``, else of the newest intact one.
+
+  None if there is no checkpoint at all.
 
   Each candidate's settings go to ``check_config`` first (which raises for a checkpoint of another
   network). A damaged checkpoint is reported on stderr and, with ``move_damaged`` (the run's own
@@ -131,8 +135,9 @@ def restore(
   candidates = sorted(steps, reverse=True) if step is None else [s for s in steps if s == step]
   for candidate in candidates:
     try:
-      check_config(read_config(manager, candidate))
-      return candidate, restore_state(manager, candidate, target)
+      settings = read_config(manager, candidate)
+      check_config(settings)
+      return candidate, restore_state(manager, candidate, target), settings
     except DamagedCheckpointError as error:
       where = move_aside(manager, candidate) if move_damaged else None
       print(f'warning: {error}' + (f'; moved to {where}' if where else ''), file=sys.stderr)
@@ -176,36 +181,22 @@ def resolve(path: str) -> tuple[str, int | None]:
 
 
 def load(path: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
-  """``(step, state, config)`` of a checkpoint as NumPy arrays and JSON, for analysis.
+  """``(step, state, settings)`` of a checkpoint as NumPy arrays and JSON, for analysis.
 
   ``path`` is a step directory, a checkpoints directory or a run directory (its newest intact
   checkpoint). Nothing is moved or written.
 
   Raises:
     FileNotFoundError: ``path`` holds no checkpoint.
-    DamagedCheckpointError / NoIntactCheckpointError: what it holds cannot be read.
+    NoIntactCheckpointError: what it holds cannot be read.
   """
   directory, step = resolve(path)
   with checkpoint_manager(directory) as manager:
-    steps = manager.all_steps()
-    if not steps or (step is not None and step not in steps):
-      raise FileNotFoundError(f'no checkpoint at {path}')
-    candidates = [step] if step is not None else sorted(steps, reverse=True)
-    damaged = []
-    for candidate in candidates:
-      try:
-        config = read_config(manager, candidate)
-        with _reading(manager, candidate, 'state'):
-          state = manager.restore(
-            candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-          )['state']
-        return candidate, jax.tree.map(np.asarray, state), config
-      except DamagedCheckpointError as error:
-        if step is not None:
-          raise
-        print(f'warning: {error}', file=sys.stderr)
-        damaged.append(str(candidate))
-    raise NoIntactCheckpointError(f'no intact checkpoint in {directory} (damaged: {damaged})')
+    found = restore(manager, None, lambda settings: None, step=step, move_damaged=False)
+  if found is None:
+    raise FileNotFoundError(f'no checkpoint at {path}')
+  step, state, settings = found
+  return step, jax.tree.map(np.asarray, state), settings
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ class Parallel(NamedTuple):
   put_batch: Callable[..., tuple[jax.Array, ...]]  # global batch -> device arrays
   train_step: Callable[..., Any]
   eval_step: Callable[..., dict[str, jax.Array]]
-  # ``fn(device tree) -> scalar`` compiled for the layout; returns a host float.
+  # ``fn(tree) -> scalar`` compiled for the layout, for a tree laid out as the state (such as
+  # the parameters); returns a host float.
   compile_scalar: Callable[[Callable[[Any], jax.Array]], Callable[[Any], float]]
 
 
@@ -146,8 +147,9 @@ def _pmap_parallel(devices, train_step, eval_step) -> Parallel:
     put_state=put_state,
     get_state=lambda tree: jax.tree.map(_first_replica, tree),
     put_batch=put_batch,
-    train_step=train_step
-    and pmap(
+    train_step=None
+    if train_step is None
+    else pmap(
       functools.partial(train_step, axis_name=PMAP_AXIS), in_axes=(0, 0, 0, None), donate_argnums=0
     ),
     eval_step=pmap(functools.partial(eval_step, axis_name=PMAP_AXIS)),
@@ -182,8 +184,9 @@ def _sharded_parallel(devices, train_step, eval_step) -> Parallel:
     put_state=put_state,
     get_state=lambda tree: jax.tree.map(_any_copy, tree),
     put_batch=put_batch,
-    train_step=train_step
-    and jax.jit(
+    train_step=None
+    if train_step is None
+    else jax.jit(
       train_step,
       in_shardings=(replicated, batch, batch, replicated),
       out_shardings=(replicated, replicated),

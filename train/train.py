@@ -396,7 +396,7 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
     )
     orthogonality = None
     if go.GRASSMANN in jax.tree.leaves(labels) and config.omega:
-      penalty = lambda state: go.orthogonality_penalty(state.params, labels, config.omega)
+      penalty = lambda params: go.orthogonality_penalty(params, labels, config.omega)
       orthogonality = parallel.compile_scalar(penalty)
     start_step, num_steps = int(state.step), num_train_steps(config, info.num_train)
     saved_config = config_lib.to_json(config, info.num_classes)
@@ -474,7 +474,7 @@ def _train_summary(window, step, state, learning_rate_fns, orthogonality) -> dic
   summary = window.summary()
   summary.update({name: float(fn(step)) for name, fn in learning_rate_fns.items()})
   if orthogonality is not None:
-    summary['orthogonality'] = orthogonality(state)
+    summary['orthogonality'] = orthogonality(state.params)
   return summary
 
 
@@ -521,7 +521,10 @@ def _restore(config: Config, manager, state: TrainState, num_classes: int) -> Tr
       found = checkpoints.restore(source, target, check, step=step, move_damaged=False)
     if found is None:
       raise config_lib.ConfigError(f'--load={config.load}: no checkpoint there')
-  return state if found is None else state.replace(**found[1])
+  if found is None:
+    return state
+  _, restored, _ = found
+  return state.replace(**restored)
 
 
 def checkpoint_payload(state: TrainState) -> dict[str, Any]:
