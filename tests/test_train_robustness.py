@@ -200,10 +200,10 @@ def test_checkpoint_of_another_state_layout_is_not_damaged(tmp_path):
       checkpoints.restore(manager, {'a': np.ones(3)}, lambda saved: None, move_damaged=True)
     assert isinstance(error.value, config_lib.ConfigError)
     assert manager.all_steps() == [1]
-    step, restored = checkpoints.restore(
+    step, restored, settings = checkpoints.restore(
       manager, {'a': np.ones(3), 'b': np.ones(2)}, lambda saved: None, move_damaged=True
     )
-  assert step == 1 and restored['b'].tolist() == [0.0, 0.0]
+  assert step == 1 and restored['b'].tolist() == [0.0, 0.0] and settings == {'depth': 10}
 
 
 # ---------------------------------------------------------------------------------------------

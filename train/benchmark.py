@@ -48,29 +48,6 @@ import optax
 
 import grassmann_optax as go
 
-# Not yet exported by grassmann_optax, and needed to time the CPU kernel against the XLA
-# reductions: its per-thread switch (``kernel_disabled``), its instruction-set variant
-# (``kernel_variant``) and the six column inner products alone (``column_products``). The only
-# use of the library's internals in the program; each use below goes through one of the three
-# functions after the imports, so that public exports replace them in one place.
-from grassmann_optax._src import native as _cpu_kernel  # internal: see above
-
-
-def cpu_kernel_disabled():
-  """Context in which traced updates leave the column inner products to XLA."""
-  return _cpu_kernel.kernel_disabled()
-
-
-def cpu_kernel_variant() -> str | None:
-  """The CPU kernel's instruction-set variant in this process, or None without the kernel."""
-  return _cpu_kernel.kernel_variant()
-
-
-def column_products(w, g, b):
-  """``(wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb)`` per column, as the fused updates compute them."""
-  return _cpu_kernel.column_products(w, g, b)
-
-
 CIFAR_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 GRAD_CLIP = 0.1
@@ -311,7 +288,7 @@ def without_cpu_kernel(tx: optax.GradientTransformation) -> optax.GradientTransf
   """``tx`` with its column inner products left to XLA (six reductions) instead of the kernel."""
 
   def update_fn(updates, state, params=None):
-    with cpu_kernel_disabled():
+    with go.cpu_kernel_disabled():
       return tx.update(updates, state, params)
 
   return optax.GradientTransformation(tx.init, update_fn)
@@ -375,7 +352,7 @@ def make_products_step(labels: Any, *, read_only: bool = False) -> Callable:
   def read(w, g, b):
     return (jnp.sum(w + g + b, axis=tuple(range(w.ndim - 1))),)
 
-  reduce = read if read_only else column_products
+  reduce = read if read_only else go.column_products
 
   def step(params, sums, grads, buffers):
     leaves = zip(*map(jax.tree.leaves, (params, grads, buffers)), strict=True)
@@ -719,7 +696,7 @@ def machine_info() -> dict[str, Any]:
     'backend': jax.default_backend(),
     'devices': [str(device) for device in jax.devices()],
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
-    'cpu_kernel': cpu_kernel_variant() if jax.default_backend() == 'cpu' else None,
+    'cpu_kernel': go.cpu_kernel_variant() if jax.default_backend() == 'cpu' else None,
   }
 
 
