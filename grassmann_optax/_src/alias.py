@@ -60,7 +60,7 @@ def euclidean_sgd(
 
   Args:
     learning_rate: η, or a schedule.
-    momentum: γ in [0, 1).
+    momentum: γ in [0, 1].
     nesterov: Nesterov momentum (True in the paper).
     weight_decay: λ >= 0, or ``None``.
     weight_decay_mask: which leaves get decay, as in :func:`optax.add_decayed_weights`.

@@ -134,7 +134,7 @@ def _concrete(value) -> float | None:
 
 
 _RULES = {
-  'momentum': ('in [0, 1)', lambda v: 0 <= v < 1),
+  'momentum': ('in [0, 1]', lambda v: 0 <= v <= 1),
   'b1': ('in [0, 1)', lambda v: 0 <= v < 1),
   'b2': ('in [0, 1)', lambda v: 0 <= v < 1),
   'eps': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),

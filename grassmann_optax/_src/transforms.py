@@ -276,7 +276,7 @@ def grassmann_momentum(
   rates, use :func:`sgdg_manifold_update` (or :func:`sgdg`), which is exact for every step.
 
   Args:
-    decay: the momentum γ in [0, 1) (0.9 in the paper).
+    decay: the momentum γ in [0, 1] (0.9 in the paper).
     point_axes: the axes of each leaf that form one point: ``None`` (all but the last: the
       columns), an int or a tuple of ints, a pytree of those, or a callable ``params -> pytree``
       (see ``docs/algorithm.md``, section 10).
