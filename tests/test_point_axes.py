@@ -204,6 +204,11 @@ def test_the_undercomplete_rule_counts_points_per_group():
     go.sgdg(0.1, 0.1, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(
       {'w': jnp.ones((12, 8))}
     )
+  # Without the orthogonality term, nothing asks for orthogonal points: an embedding table's
+  # rows (more rows than elements per row) are fine.
+  go.adamg(0.1, 0.1, omega=0, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(
+    {'w': jnp.ones((12, 8))}
+  )
 
 
 class NormalisedNet(nn.Module):

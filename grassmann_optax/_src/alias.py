@@ -7,7 +7,7 @@ import jax
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, fused, points
+from grassmann_optax._src import checks, fused, points, transforms
 from grassmann_optax._src import labels as labels_lib
 
 _NO_MANIFOLD_LEAF = (
@@ -97,6 +97,7 @@ def grassmann_partition(
   param_labels: labels_lib.ParamLabels | None,
   *,
   point_axes: points.PointAxes = None,
+  require_undercomplete: bool = True,
   name: str = 'grassmann_partition',
 ) -> optax.GradientTransformation:
   """``optax.partition`` over ``'grassmann'``/``'euclidean'`` labels, checked.
@@ -114,6 +115,9 @@ def grassmann_partition(
     param_labels: a label tree, a callable ``params -> labels``, or ``None`` for
       :func:`grassmann_labels`.
     point_axes: the point axes the checks of ``init`` use (those ``grassmann`` uses).
+    require_undercomplete: refuse manifold leaves whose points have no more elements than their
+      groups have points (where the orthogonality term's target ``WᵀW = I`` is out of reach);
+      the aliases require it only with a nonzero ``omega``.
     name: how messages name the optimizer.
 
   Returns:
@@ -135,7 +139,9 @@ def grassmann_partition(
   def init_fn(params):
     labels = label_fn(params)
     points.check_names(params, point_axes)
-    labels_lib.check_labels(params, labels, point_axes=point_axes)
+    labels_lib.check_labels(
+      params, labels, point_axes=point_axes, require_undercomplete=require_undercomplete
+    )
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
       warnings.warn(message, UserWarning, stacklevel=2)
@@ -229,6 +235,7 @@ def sgdg(
     ),
     param_labels,
     point_axes=point_axes,
+    require_undercomplete=not transforms.is_static_zero(omega),
     name='sgdg',
   )
 
@@ -322,5 +329,6 @@ def adamg(
     ),
     param_labels,
     point_axes=point_axes,
+    require_undercomplete=not transforms.is_static_zero(omega),
     name='adamg',
   )
