@@ -56,6 +56,8 @@ SOURCE = Path(__file__).with_name('column_gram.cc')
 TARGET = 'grassmann_optax_column_gram'
 SYMBOL = 'GrassmannColumnGram'
 VARIANT_SYMBOL = 'GrassmannColumnGramVariant'
+# Runs of fewer elements take the kernel's column loop (kShortRun in column_gram.cc).
+SHORT_RUN = 16
 FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-ffp-contract=off')
 COMPILE_TIMEOUT_S = 300
 
@@ -257,8 +259,10 @@ def kernel_layout(
   follow ``[O][N1][I][N2]``: an optional run of batch axes, a run of point axes, an optional run of
   batch axes and an optional run of point axes. Point ``(o, i)`` is ``x[o, :, i, :]`` of the
   array read as ``(O, N1, I, N2)``; its index among the points is ``o * I + i``, the row-major
-  order of the batch axes. ``N2 == 1`` selects the column loop, ``N2 > 1`` the run loop; there,
-  with ``N1 == 1``, all batch axes go to ``O``, which the kernel splits across threads.
+  order of the batch axes. ``N2 == 1`` selects the column loop, ``N2 >= 16`` the run loop, and
+  ``1 < N2 < 16`` the column loop over ``I * N2`` columns whose sums are then added per point.
+  Where ``N1 == 1`` and ``N2 > 1`` (rows), all batch axes go to ``O``, which the kernel splits
+  across threads; rows shorter than 16 elements are left to XLA.
 
   Example:
     >>> from grassmann_optax._src import native
@@ -267,6 +271,8 @@ def kernel_layout(
     >>> native.kernel_layout((12, 768, 12, 64), (1, 3))  # stacked heads
     (12, 768, 12, 64)
     >>> native.kernel_layout((2, 3, 4, 5, 6), (1, 3)) is None  # batch, point, batch, point, batch
+    True
+    >>> native.kernel_layout((1000, 4), (1,)) is None  # rows of 4
     True
   """
   ndim = len(shape)
@@ -291,6 +297,8 @@ def kernel_layout(
     slot -= 1
   outer, reduced, inner, run = view
   if reduced == 1 and run > 1:
+    if run < SHORT_RUN:
+      return None  # rows of a few elements: XLA reads them faster than either of the loops
     # (O, 1, I, N2) is (O * I, 1, 1, N2): rows of runs, which the kernel splits by o.
     return outer * inner, 1, 1, run
   return outer, reduced, inner, run
