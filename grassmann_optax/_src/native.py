@@ -38,7 +38,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -231,7 +231,10 @@ def normalize_point_axes(ndim: int, point_axes: int | Sequence[int] | None) -> t
   """
   if point_axes is None:
     return tuple(range(ndim - 1))
-  given = (point_axes,) if isinstance(point_axes, int) else tuple(point_axes)
+  if isinstance(point_axes, Iterable):
+    given = tuple(point_axes)
+  else:
+    given = (point_axes,)
   if not given:
     raise ValueError('point_axes is empty: a point needs at least one axis')
   axes = set()
