@@ -446,7 +446,7 @@ VARIANT_SCRIPT = """
   layouts = [
     ((3, 3, 64, 128), None), ((130, 13), None), ((1, 640), None), ((5, 3, 7), None),
     ((768, 1200), None), ((300, 70), (1,)), ((64, 5, 37), (0, 2)), ((2, 40, 3, 1029), (1, 3)),
-    ((400, 400), (0, 1)), ((90, 7, 6), (0, 2)), ((4, 30, 9), (1,)),
+    ((400, 400), (0, 1)), ((90, 7, 6), (0, 2)), ((4, 30, 9), (1,)), ((20, 1029), (1,)),
   ]
   for seed, (shape, point_axes) in enumerate(layouts):
     keys = jax.random.split(jax.random.key(seed), 3)
@@ -462,7 +462,8 @@ def test_the_instruction_set_variants_return_the_same_bits(kernel, tmp_path):
   """The AVX2 loops (where the processor has them) and the portable loops agree bit for bit.
 
   The layouts take the column loop (with panels of columns: 1200), the run loop (with tails and
-  segments: 37, 1029) and the column loop for short runs (6, 9), with one chunk or several.
+  segments: 37, 1029; per row: 70, 1029) and the column loop for short runs (6, 9), with one
+  chunk or several.
   """
   runs = {
     name: run_python(VARIANT_SCRIPT, GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path), **env)

@@ -87,9 +87,10 @@ constexpr int64_t kPointLanes = kProducts * kLanes;
   }
 }
 
-// Adds rows [row_begin, row_end) to the six accumulator rows of `sums` (layout [6][p]), in
-// blocks of kBlockRows rows summed in `block` first, so that float32 rounding grows with
-// kBlockRows + rows / kBlockRows instead of with the number of rows. One row at a time keeps
+// Adds rows [row_begin, row_end) to the six accumulator rows of `sums` (product k at
+// sums + k * stride; the first block's sums are stored, not added), in blocks of kBlockRows rows
+// summed in `block` first, so that float32 rounding grows with kBlockRows + rows / kBlockRows
+// instead of with the number of rows. One row at a time keeps
 // three input streams, which the hardware prefetcher follows best; measured on WRN trees, two,
 // four or eight rows at a time (fewer accumulator updates, more streams) were slower.
 //
@@ -117,7 +118,7 @@ constexpr int64_t kPointLanes = kProducts * kLanes;
                                                       const float* __restrict g,
                                                       const float* __restrict b, int64_t p,
                                                       int64_t row_begin, int64_t row_end,
-                                                      float* __restrict sums,
+                                                      float* __restrict sums, int64_t stride,
                                                       float* __restrict block) {
   // Whole groups of kLanes columns (a constant width the compiler vectorizes), then the last
   // p - vec columns as one narrower group; group j0 starts at block + j0 * kProducts.
@@ -169,7 +170,8 @@ constexpr int64_t kPointLanes = kProducts * kLanes;
         for (int k = 0; k < kProducts; ++k) {
 #pragma GCC unroll 8
           for (int64_t l = 0; l < kLanes; ++l) {
-            sums[k * p + j0 + l] = (first ? 0.0f : sums[k * p + j0 + l]) + group[k * kLanes + l];
+            float& sum = sums[k * stride + j0 + l];
+            sum = (first ? 0.0f : sum) + group[k * kLanes + l];
           }
         }
       }
@@ -178,7 +180,8 @@ constexpr int64_t kPointLanes = kProducts * kLanes;
         const float* group = block + vec * kProducts;
         for (int k = 0; k < kProducts; ++k) {
           for (int64_t l = 0; l < lanes; ++l) {
-            sums[k * p + vec + l] = (first ? 0.0f : sums[k * p + vec + l]) + group[k * lanes + l];
+            float& sum = sums[k * stride + vec + l];
+            sum = (first ? 0.0f : sum) + group[k * lanes + l];
           }
         }
       }
@@ -265,8 +268,9 @@ struct RunShape {
   int64_t block_pieces;  // pieces per block: whole runs where a run is short, else one segment
 };
 
-// Adds pieces [q_begin, q_end) of the I points of one slice to `sums` (layout [6][I]), reading
-// the slice in memory order: row n1, then point i, then the run's segments. Per point the pieces
+// Stores the sums of pieces [q_begin, q_end) of the I points of one slice (plus 0) in `sums`
+// (product k at sums + k * stride), reading the slice in memory order: row n1, then point i,
+// then the run's segments. Per point the pieces
 // are summed in order into kLanes lanes per product: in a block (zeroed at its start), whose
 // lanes are then added to the chunk's lanes, which are finally added up in a fixed tree. So each
 // point's sum is the same sequence of float32 operations in both variants and whatever I is.
@@ -276,7 +280,7 @@ struct RunShape {
                                                       const float* __restrict b,
                                                       const RunShape& shape, int64_t q_begin,
                                                       int64_t q_end, float* __restrict sums,
-                                                      float* __restrict scratch) {
+                                                      int64_t stride, float* __restrict scratch) {
   const int64_t inner = shape.inner, run = shape.run, segments = shape.segments;
   float* __restrict lanes = scratch;
   float* __restrict block = scratch + inner * kPointLanes;
@@ -310,30 +314,72 @@ struct RunShape {
   for (int64_t i = 0; i < inner; ++i) {
     for (int k = 0; k < kProducts; ++k) {
       const float* l = lanes + i * kPointLanes + k * kLanes;
-      sums[k * inner + i] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+      const float tree = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+      sums[k * stride + i] = 0.0f + tree;
+    }
+  }
+}
+
+// Rows of runs: where each point is one run (I == 1, so N1 == 1) and has one chunk, stores the
+// sums of points (rows) [row_begin, row_end) (plus 0) at sums + k * stride + row. The same float32
+// operations as AccumulateRunsBody (lanes from 0, each segment a block added to them, the same
+// tree), in registers and for many rows per call: through AccumulateRunsBody, one call and its
+// scratch per row, rows of 16 or 64 elements took 2.5-4x the time of a plain read.
+[[gnu::always_inline]] inline void AccumulateRowRunsBody(const float* __restrict w,
+                                                         const float* __restrict g,
+                                                         const float* __restrict b, int64_t run,
+                                                         int64_t row_begin, int64_t row_end,
+                                                         float* __restrict sums, int64_t stride) {
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t start = row * run;
+    Lanes lanes[kProducts] = {};
+    for (int64_t s = 0; s < run; s += kSegment) {
+      float block[kPointLanes] = {};
+      AccumulateSegment(w + start + s, g + start + s, b + start + s, std::min(kSegment, run - s),
+                        block);
+      for (int k = 0; k < kProducts; ++k) {
+        Lanes add;
+        LoadLanes(&add, block + k * kLanes);
+        lanes[k] += add;
+      }
+    }
+    for (int k = 0; k < kProducts; ++k) {
+      const Lanes& l = lanes[k];
+      const float tree = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+      sums[k * stride + row] = 0.0f + tree;
     }
   }
 }
 
 using AccumulateRowsFn = void (*)(const float*, const float*, const float*, int64_t, int64_t,
-                                  int64_t, float*, float*);
+                                  int64_t, float*, int64_t, float*);
 using AccumulateRunsFn = void (*)(const float*, const float*, const float*, const RunShape&,
-                                  int64_t, int64_t, float*, float*);
+                                  int64_t, int64_t, float*, int64_t, float*);
+using AccumulateRowRunsFn = void (*)(const float*, const float*, const float*, int64_t, int64_t,
+                                     int64_t, float*, int64_t);
 
 struct Variant {
   const char* name;
   AccumulateRowsFn rows;
   AccumulateRunsFn runs;
+  AccumulateRowRunsFn row_runs;
 };
 
 void AccumulateRowsBaseline(const float* w, const float* g, const float* b, int64_t p,
-                            int64_t row_begin, int64_t row_end, float* sums, float* block) {
-  AccumulateRowsBody(w, g, b, p, row_begin, row_end, sums, block);
+                            int64_t row_begin, int64_t row_end, float* sums, int64_t stride,
+                            float* block) {
+  AccumulateRowsBody(w, g, b, p, row_begin, row_end, sums, stride, block);
 }
 
 void AccumulateRunsBaseline(const float* w, const float* g, const float* b, const RunShape& shape,
-                            int64_t q_begin, int64_t q_end, float* sums, float* scratch) {
-  AccumulateRunsBody(w, g, b, shape, q_begin, q_end, sums, scratch);
+                            int64_t q_begin, int64_t q_end, float* sums, int64_t stride,
+                            float* scratch) {
+  AccumulateRunsBody(w, g, b, shape, q_begin, q_end, sums, stride, scratch);
+}
+
+void AccumulateRowRunsBaseline(const float* w, const float* g, const float* b, int64_t run,
+                               int64_t row_begin, int64_t row_end, float* sums, int64_t stride) {
+  AccumulateRowRunsBody(w, g, b, run, row_begin, row_end, sums, stride);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -344,15 +390,24 @@ void AccumulateRunsBaseline(const float* w, const float* g, const float* b, cons
 __attribute__((target("avx2"))) void AccumulateRowsAvx2(const float* w, const float* g,
                                                         const float* b, int64_t p,
                                                         int64_t row_begin, int64_t row_end,
-                                                        float* sums, float* block) {
-  AccumulateRowsBody(w, g, b, p, row_begin, row_end, sums, block);
+                                                        float* sums, int64_t stride,
+                                                        float* block) {
+  AccumulateRowsBody(w, g, b, p, row_begin, row_end, sums, stride, block);
 }
 
 __attribute__((target("avx2"))) void AccumulateRunsAvx2(const float* w, const float* g,
                                                         const float* b, const RunShape& shape,
                                                         int64_t q_begin, int64_t q_end,
-                                                        float* sums, float* scratch) {
-  AccumulateRunsBody(w, g, b, shape, q_begin, q_end, sums, scratch);
+                                                        float* sums, int64_t stride,
+                                                        float* scratch) {
+  AccumulateRunsBody(w, g, b, shape, q_begin, q_end, sums, stride, scratch);
+}
+
+__attribute__((target("avx2"))) void AccumulateRowRunsAvx2(const float* w, const float* g,
+                                                           const float* b, int64_t run,
+                                                           int64_t row_begin, int64_t row_end,
+                                                           float* sums, int64_t stride) {
+  AccumulateRowRunsBody(w, g, b, run, row_begin, row_end, sums, stride);
 }
 #endif
 
@@ -360,11 +415,14 @@ __attribute__((target("avx2"))) void AccumulateRunsAvx2(const float* w, const fl
 // GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline forces the portable one (for tests that compare them).
 Variant SelectVariant() {
   const char* forced = std::getenv("GRASSMANN_OPTAX_CPU_KERNEL_ISA");
-  const Variant baseline = {"baseline", AccumulateRowsBaseline, AccumulateRunsBaseline};
+  const Variant baseline = {"baseline", AccumulateRowsBaseline, AccumulateRunsBaseline,
+                            AccumulateRowRunsBaseline};
   if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return baseline;
 #ifdef GRASSMANN_HAVE_AVX2_VARIANT
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return {"avx2", AccumulateRowsAvx2, AccumulateRunsAvx2};
+  if (__builtin_cpu_supports("avx2")) {
+    return {"avx2", AccumulateRowsAvx2, AccumulateRunsAvx2, AccumulateRowRunsAvx2};
+  }
 #endif
   return baseline;
 }
@@ -385,6 +443,7 @@ struct Work {
   int64_t slice;   // elements per o: N1 * I * N2
   int64_t width;   // sums per product of a unit: I, or I * N2 for short runs
   bool by_runs;    // the run loop; else the column loop over `width` columns
+  bool row_runs;   // the run loop over rows, each a point with one chunk
   RunShape shape;  // for the run loop
   int64_t pieces;  // what chunks split: rows, or rows * segments for the run loop
   int64_t chunks;  // per o
@@ -392,7 +451,10 @@ struct Work {
   int64_t group;
   int64_t tasks;
   std::unique_ptr<float[]> sums_buffer;
-  float* sums;
+  float* sums = nullptr;  // unit u's [6][width] sums at sums + u * 6 * width
+  // Where there is one chunk per o and no short runs, x[o]'s sums go straight to the result.
+  float* result = nullptr;
+  int64_t points;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
@@ -401,16 +463,22 @@ struct Work {
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       scratch.resize(by_runs ? 2 * kPointLanes * shape.inner : kProducts * width);
       const int64_t stop = std::min(units, (t + 1) * group);
+      if (row_runs) {
+        kVariant.row_runs(w, g, b, shape.run, t * group, stop, result, points);
+        done.fetch_add(1, std::memory_order_release);
+        continue;
+      }
       for (int64_t u = t * group; u < stop; ++u) {
         const int64_t o = u / chunks, c = u % chunks;
         const int64_t offset = o * slice;
         const int64_t begin = pieces * c / chunks, end = pieces * (c + 1) / chunks;
-        float* unit_sums = sums + u * kProducts * width;
+        float* unit_sums = result ? result + o * width : sums + u * kProducts * width;
+        const int64_t stride = result ? points : width;
         if (by_runs) {
-          kVariant.runs(w + offset, g + offset, b + offset, shape, begin, end, unit_sums,
+          kVariant.runs(w + offset, g + offset, b + offset, shape, begin, end, unit_sums, stride,
                         scratch.data());
         } else {
-          kVariant.rows(w + offset, g + offset, b + offset, width, begin, end, unit_sums,
+          kVariant.rows(w + offset, g + offset, b + offset, width, begin, end, unit_sums, stride,
                         scratch.data());
         }
       }
@@ -467,10 +535,19 @@ ffi::Error ColumnGramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Bu
   work->units = outer * work->chunks;
   work->group = work->chunks > 1 ? 1 : std::max<int64_t>(1, kChunkElements / work->slice);
   work->tasks = (work->units + work->group - 1) / work->group;
-  // Every unit writes all its sums, so the buffer is not zeroed.
+  // Every unit writes all its sums, so the buffer is not zeroed. With one chunk per o, a unit's
+  // sums are the result: written there directly, the bits of 0 plus them (they are never -0), and
+  // without a pass over a buffer of 6 * O * width floats, which for rows of 16 or 64 elements
+  // took most of the time.
   const int64_t width = work->width;
-  work->sums_buffer.reset(new float[work->units * kProducts * width]);
-  work->sums = work->sums_buffer.get();
+  work->points = points;
+  const bool direct = work->chunks == 1 && !short_runs;
+  work->result = direct ? result : nullptr;
+  work->row_runs = direct && work->by_runs && inner == 1;
+  if (!direct) {
+    work->sums_buffer.reset(new float[work->units * kProducts * width]);
+    work->sums = work->sums_buffer.get();
+  }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t helpers = std::min(threads, work->tasks) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
@@ -478,6 +555,7 @@ ffi::Error ColumnGramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Bu
   // Every task has been claimed; wait for the ones other threads are still summing.
   while (work->done.load(std::memory_order_acquire) < work->tasks) std::this_thread::yield();
 
+  if (direct) return ffi::Error::Success();
   // Point (o, i) is result column o * I + i: 0 plus the sums of the chunks of o in order (the
   // loop over columns innermost, so that it reads the sums in order and vectorizes); for short
   // runs, then 0 plus the N2 column sums of the point in order.
