@@ -1,10 +1,15 @@
-"""The six column inner products of a step in one pass on CPU: a C++ kernel behind ``jax.ffi``.
+"""The six per-point inner products of a step in one pass on CPU: a C++ kernel behind ``jax.ffi``.
 
-A fused SGD-G/Adam-G step needs, per column, ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` ((F1) of
-``docs/algorithm.md``). On GPU XLA computes sibling reductions of the same operands in one fused
-pass. XLA:CPU does not: it evaluates each reduction as its own loop and so reads ``w``, ``g`` and
-``b`` nine times. On CPU :func:`column_products` therefore calls ``column_gram.cc``, which reads
-each array once.
+A fused SGD-G/Adam-G step needs, per point (a unit vector of the manifold, by default a column),
+``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` ((F1) of ``docs/algorithm.md``). On GPU XLA computes sibling
+reductions of the same operands in one fused pass. XLA:CPU does not: it evaluates each reduction
+as its own loop and so reads ``w``, ``g`` and ``b`` nine times. On CPU :func:`column_products`
+therefore calls ``column_gram.cc``, which reads each array once.
+
+A point is made of the ``point_axes`` of a leaf; the other axes index points. The kernel reads
+every layout whose runs of point and batch axes follow ``[batch][point][batch][point]`` (columns,
+rows, whole leaves, attention heads, and stacks of those; :func:`kernel_layout`); XLA reduces the
+others. ``docs/kernel.md`` describes the layouts, the loops and their measured speed.
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) against the XLA FFI headers of the installed jaxlib, and cached in
@@ -12,15 +17,16 @@ The kernel is compiled on first use with the system's C++ compiler (``$CXX``, el
 or the build fails, a warning says so once and the same products are computed by XLA, which is
 slower on CPU and otherwise identical. ``GRASSMANN_OPTAX_CPU_KERNEL=0`` turns the kernel off.
 
-On x86-64 processors with AVX2 the kernel runs an AVX2 build of its loop, chosen when it is
+On x86-64 processors with AVX2 the kernel runs an AVX2 build of its loops, chosen when it is
 loaded (:func:`kernel_variant` says which); ``GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline`` forces the
-portable loop. Each column is summed in row order in one vector lane and nothing is contracted
-into a fused multiply-add, so both return the same bits.
+portable loops. Both do the same float32 operations in the same order (each column summed in row
+order in one vector lane, each run in eight lanes added up in a fixed tree) and nothing is
+contracted into a fused multiply-add, so both return the same bits, whatever the threads do.
 
 Other backends, and storage dtypes other than float32, always use the XLA reductions. The
 kernel has a JVP rule (the products are bilinear), so the update stays differentiable; under
 ``vmap`` it runs once per batch member; under ``jit`` with sharded arrays each device reduces its
-own shard (a ``psum`` adds up shards of rows), so nothing is gathered.
+own shard (a ``psum`` adds up shards of point axes), so nothing is gathered.
 
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
