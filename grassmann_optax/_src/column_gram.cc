@@ -137,25 +137,15 @@ constexpr int64_t kPointLanes = kProducts * kLanes;
         const float* __restrict wi = w + i * p;
         const float* __restrict gi = g + i * p;
         const float* __restrict bi = b + i * p;
-        // The row kPrefetchRows steps further in the order the loop visits them: further down
-        // this panel, else at the top of the next panel, else in the next block's first panel;
-        // `shift` moves the columns from this panel to that one. Only within this chunk's rows
-        // and columns, so that no address beyond the arrays is formed.
-        int64_t ahead = i + kPrefetchRows, shift = 0;
-        if (ahead >= stop && panel_end < p) {
-          ahead = start + (ahead - stop);
-          shift = panel_end - panel;
-        } else if (ahead >= stop) {
-          shift = -panel;
-        }
-        const bool prefetch = ahead < (shift > 0 ? stop : row_end);
-        const int64_t prefetch_end = std::min(panel_vec, p - shift);
-        const int64_t distance = (ahead - i) * p + shift;
+        // Within this chunk's rows, so that no address beyond the arrays is formed. (Prefetching
+        // instead the rows the loop visits next, the next panel's at a panel's last rows, gained
+        // nothing measurable.)
+        const bool prefetch = i + kPrefetchRows < row_end;
         for (int64_t j0 = panel; j0 < panel_vec; j0 += kLanes) {
-          if (prefetch && j0 % kLineFloats == 0 && j0 < prefetch_end) {
-            __builtin_prefetch(wi + distance + j0);
-            __builtin_prefetch(gi + distance + j0);
-            __builtin_prefetch(bi + distance + j0);
+          if (prefetch && j0 % kLineFloats == 0) {
+            __builtin_prefetch(wi + kPrefetchRows * p + j0);
+            __builtin_prefetch(gi + kPrefetchRows * p + j0);
+            __builtin_prefetch(bi + kPrefetchRows * p + j0);
           }
           AccumulateGroup(wi + j0, gi + j0, bi + j0, kLanes, block + j0 * kProducts);
         }
