@@ -395,6 +395,7 @@ def test_sharded_jit_keeps_the_shards(kernel, spec, reduction):
     ((4, 24, 10), (1,), P(None, None, 'x'), False),  # their columns sharded
     ((6, 40), (1,), P('x', None), False),  # rows sharded
     ((6, 40), (1,), P(None, 'x'), True),  # each row split
+    ((6, 24), (1,), P(None, 'x'), True),  # each row split into rows of 12: XLA sums the shards
   ],
 )
 def test_sharded_jit_keeps_the_shards_of_any_layout(kernel, shape, point_axes, spec, reduction):
@@ -404,7 +405,8 @@ def test_sharded_jit_keeps_the_shards_of_any_layout(kernel, shape, point_axes, s
   w, g, b = (jax.device_put(x, sharding) for x in random_arrays(shape))
   step = jax.jit(lambda *x: native.column_products(*x, point_axes=point_axes))
   text = step.lower(w, g, b).compile().as_text()
-  assert 'grassmann_optax_column_gram' in text
+  # Rows of 24 split in two are rows of 12 on each device: too short for the kernel.
+  assert ('grassmann_optax_column_gram' in text) == (shape != (6, 24))
   assert 'all-gather' not in text
   assert ('all-reduce' in text) == reduction
   products = step(w, g, b)

@@ -340,7 +340,7 @@ def _ffi_gram(w, g, b, point_axes) -> jax.Array:
   """The kernel on one device's operands: shape ``(6, *batch_shape)``."""
   batch_shape = _batch_shape(w.shape, point_axes)
   layout = kernel_layout(w.shape, point_axes)
-  if layout is None:  # a shard's layout fits whenever the whole array's does; kept for safety
+  if layout is None:  # a shard of rows cut below 16 elements by sharding: XLA reduces it
     return _stack(_xla_products(w, g, b, point_axes), batch_shape)
   outer, reduced, inner, run = layout
   out = jax.ShapeDtypeStruct((6, outer * inner), jnp.float32)
