@@ -1,6 +1,5 @@
-"""The CPU kernel for the column inner products: equal to XLA, used where it should be, optional."""
+"""The CPU kernel for the per-point inner products: exact, used where it should be, optional."""
 
-import math
 import os
 import platform
 import subprocess
@@ -36,12 +35,24 @@ def random_arrays(shape, seed=0):
   return tuple(jax.random.normal(key, shape, jnp.float32) for key in keys)
 
 
-def reference_products(w, g, b):
-  """The six products in float64, and the sums of their absolute terms (the scale of rounding)."""
-  x = [np.asarray(a, np.float64).reshape(math.prod(a.shape[:-1]), a.shape[-1]) for a in (w, g, b)]
-  products = [np.sum(x[i] * x[j], axis=0) for i, j in native._PAIRS]
-  scales = [np.sum(np.abs(x[i] * x[j]), axis=0) for i, j in native._PAIRS]
+def reference_products(w, g, b, point_axes=None):
+  """The six products in float64, and the sums of their absolute terms (the scale of rounding).
+
+  Each of the shape of ``w`` with the point axes (by default all but the last) set to 1.
+  """
+  axes = tuple(range(w.ndim - 1)) if point_axes is None else point_axes
+  x = [np.asarray(a, np.float64) for a in (w, g, b)]
+  products = [np.sum(x[i] * x[j], axis=axes, keepdims=True) for i, j in native._PAIRS]
+  scales = [np.sum(np.abs(x[i] * x[j]), axis=axes, keepdims=True) for i, j in native._PAIRS]
   return products, scales
+
+
+def assert_exact(products, expected, scales):
+  """float32 summation: an error of a few ulps of the sum of the absolute terms."""
+  for got, want, scale in zip(products, expected, scales, strict=True):
+    assert got.shape == want.shape
+    assert got.dtype == jnp.float32
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= 1e-6 * scale + 1e-30)
 
 
 def hlo(fn, *args) -> str:
@@ -57,11 +68,86 @@ def test_kernel_equals_the_exact_products(kernel, shape):
   if w.size:  # XLA drops a call on empty operands
     assert 'grassmann_optax_column_gram' in hlo(native.column_products, w, g, b)
   expected, scales = reference_products(w, g, b)
-  for got, want, scale in zip(products, expected, scales, strict=True):
+  for got in products:
     assert got.shape == (1,) * (len(shape) - 1) + (shape[-1],)
-    assert got.dtype == jnp.float32
-    # float32 summation: an error of a few ulps of the sum of the absolute terms.
-    assert np.all(np.abs(np.ravel(got) - want) <= 1e-6 * scale + 1e-30)
+  assert_exact(products, expected, scales)
+
+
+# (shape, point_axes, the kernel's (O, N1, I, N2) view or None where XLA reduces).
+LAYOUTS = [
+  pytest.param((27, 16), None, (1, 27, 16, 1), id='columns'),
+  pytest.param((27, 16), (0,), (1, 27, 16, 1), id='columns-explicit'),
+  pytest.param((40, 30), (1,), (40, 1, 1, 30), id='rows'),
+  pytest.param((40, 30), -1, (40, 1, 1, 30), id='rows-negative'),
+  pytest.param((6, 7, 30), (0, 1, 2), (1, 1, 1, 1260), id='whole-leaf'),
+  pytest.param((400, 400), (0, 1), (1, 1, 1, 160000), id='whole-leaf-chunks'),
+  pytest.param((16, 3, 24), (0, 2), (1, 16, 3, 24), id='heads'),
+  pytest.param((64, 4, 2, 64), (0, 3), (1, 64, 8, 64), id='qkv-heads'),
+  pytest.param((3, 20, 9), (1,), (3, 20, 9, 1), id='stacked-columns'),
+  pytest.param((3, 9, 20), (2,), (27, 1, 1, 20), id='stacked-rows'),
+  pytest.param((2, 16, 3, 24), (1, 3), (2, 16, 3, 24), id='stacked-heads'),
+  pytest.param((2, 256, 4, 128), (1, 3), (2, 256, 4, 128), id='stacked-heads-chunks'),
+  pytest.param((300, 7, 5), (0, 2), (1, 300, 7, 5), id='short-runs'),
+  pytest.param((30, 3, 12), (0, 2), (1, 30, 3, 12), id='short-runs-12'),
+  pytest.param((30, 3, 21), (0, 2), (1, 30, 3, 21), id='runs-with-tail'),
+  pytest.param((3, 1100), (1,), (3, 1, 1, 1100), id='runs-of-segments'),
+  pytest.param((2, 33, 3, 517), (1, 3), (2, 33, 3, 517), id='segments-with-tail'),
+  pytest.param((1, 7, 1, 30), (1, 3), (1, 1, 1, 210), id='size-1-axes'),
+  pytest.param((300, 1), (0,), (1, 300, 1, 1), id='one-column'),
+  pytest.param((1, 300), (1,), (1, 1, 1, 300), id='one-row'),
+  pytest.param((5, 1), (1,), (1, 1, 5, 1), id='points-of-one'),
+  pytest.param((5, 0), (1,), (1, 1, 5, 0), id='empty-points'),
+  pytest.param((0, 4, 3), (1,), (0, 4, 3, 1), id='no-points'),
+  pytest.param((3, 5, 2, 6, 4), (1, 3), None, id='outside-the-pattern'),
+  pytest.param((40, 5), (1,), None, id='rows-of-5'),
+]
+
+
+@pytest.mark.parametrize('shape, point_axes, view', LAYOUTS)
+def test_kernel_layouts(shape, point_axes, view):
+  assert native.kernel_layout(shape, native.normalize_point_axes(len(shape), point_axes)) == view
+
+
+@pytest.mark.parametrize('shape, point_axes, view', LAYOUTS)
+def test_products_of_every_layout_are_exact(kernel, shape, point_axes, view):
+  """Equal to float64 sums over the point axes; the kernel runs exactly where its view exists."""
+  w, g, b = random_arrays(shape)
+  products = jax.jit(lambda *x: native.column_products(*x, point_axes=point_axes))(w, g, b)
+  axes = native.normalize_point_axes(len(shape), point_axes)
+  expected, scales = reference_products(w, g, b, axes)
+  assert_exact(products, expected, scales)
+  if w.size:  # XLA drops a call on empty operands
+    text = hlo(lambda *x: native.column_products(*x, point_axes=point_axes), w, g, b)
+    assert ('grassmann_optax_column_gram' in text) == (view is not None)
+
+
+def test_point_axes_none_is_all_axes_but_the_last(kernel):
+  w, g, b = random_arrays((3, 4, 40, 24))
+  default = jax.jit(native.column_products)(w, g, b)
+  explicit = jax.jit(lambda *x: native.column_products(*x, point_axes=(2, 0, -3)))(w, g, b)
+  for a, c in zip(default, explicit, strict=True):
+    np.testing.assert_array_equal(a, c)
+
+
+def test_point_axes_are_checked():
+  w = jnp.ones((4, 5))
+  with pytest.raises(ValueError, match='empty'):
+    native.column_products(w, w, w, point_axes=())
+  with pytest.raises(ValueError, match='point axis 2 is out of range'):
+    native.column_products(w, w, w, point_axes=(0, 2))
+  with pytest.raises(ValueError, match='point axis -3 is out of range'):
+    native.column_products(w, w, w, point_axes=-3)
+  with pytest.raises(ValueError, match='out of range'):
+    native.column_products(jnp.ones(()), jnp.ones(()), jnp.ones(()), point_axes=0)
+  with pytest.raises(TypeError, match='integers'):
+    native.column_products(w, w, w, point_axes=(1.0,))
+  with pytest.raises(TypeError, match='integers'):
+    native.column_products(w, w, w, point_axes=True)
+  with pytest.raises(TypeError, match='integers'):
+    native.column_products(w, w, w, point_axes=1.0)
+  assert native.normalize_point_axes(3, (2, -1, 0)) == (0, 2)
+  assert native.normalize_point_axes(3, np.int64(-2)) == (1,)
+  assert native.normalize_point_axes(3, None) == (0, 1)
 
 
 def test_kernel_is_not_used_for_other_dtypes_or_when_disabled(kernel):
@@ -157,6 +243,56 @@ def test_vmap_over_an_ensemble_runs_the_kernel_per_member(kernel):
     np.testing.assert_allclose(batched[i], one(members[i], grads[i]), rtol=0, atol=1e-7)
 
 
+HEADS = (16, 3, 24)  # (embed, heads, head_dim): one point per head
+
+
+def heads_products(w, g, b):
+  return native.column_products(w, g, b, point_axes=(0, 2))
+
+
+def test_jvp_and_grad_per_head(kernel):
+  """The kernel's derivative over the point axes is that of the six XLA reductions."""
+  primals = random_arrays(HEADS, seed=1)
+  tangents = random_arrays(HEADS, seed=2)
+  assert 'grassmann_optax_column_gram' in hlo(heads_products, *primals)
+  got = jax.jvp(heads_products, primals, tangents)
+  with native.kernel_disabled():
+    want = jax.jvp(heads_products, primals, tangents)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # d(xᵀy) = dxᵀy + xᵀdy in float64, per head.
+  x, dx = ([np.asarray(a, np.float64) for a in arrays] for arrays in (primals, tangents))
+  for k, (i, j) in enumerate(native._PAIRS):
+    exact = np.sum(dx[i] * x[j] + x[i] * dx[j], axis=(0, 2), keepdims=True)
+    np.testing.assert_allclose(got[1][k], exact, rtol=1e-5, atol=1e-4)
+
+  def loss(w, g, b):
+    ww, wg, gg, wb, gb, bb = heads_products(w, g, b)
+    return jnp.sum(jnp.sin(ww) * wg + gg * wb - gb * bb)
+
+  with_kernel = jax.grad(loss, argnums=(0, 1, 2))(*primals)
+  with native.kernel_disabled():
+    with_xla = jax.grad(loss, argnums=(0, 1, 2))(*primals)
+  np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-4, atol=1e-3)
+  assert float(jnp.max(jnp.abs(with_kernel[0]))) > 1.0
+
+
+def test_vmap_per_head_runs_the_kernel_per_member(kernel):
+  members = random_arrays((3, *HEADS), seed=3)
+  batched = jax.jit(jax.vmap(heads_products))
+  assert 'grassmann_optax_column_gram' in batched.lower(*members).compile().as_text()
+  got = batched(*members)
+  for m in range(3):
+    one = heads_products(*(x[m] for x in members))
+    for a, c in zip(got, one, strict=True):
+      np.testing.assert_array_equal(a[m], c)
+  # One operand shared by the members: broadcast, the same products.
+  shared = jax.vmap(heads_products, in_axes=(0, None, 0))(members[0], members[1][0], members[2])
+  for m in range(3):
+    one = heads_products(members[0][m], members[1][0], members[2][m])
+    for a, c in zip(shared, one, strict=True):
+      np.testing.assert_array_equal(a[m], c)
+
+
 def test_a_failed_build_raises_with_the_compiler_output(tmp_path, monkeypatch):
   monkeypatch.setenv(native.ENV_CACHE_DIR, str(tmp_path))
   with pytest.raises(native.BuildError, match='could not run'):
@@ -249,6 +385,36 @@ def test_sharded_jit_keeps_the_shards(kernel, spec, reduction):
     assert np.all(np.abs(np.ravel(got) - want) <= 1e-6 * scale + 1e-30)
 
 
+@pytest.mark.parametrize(
+  'shape, point_axes, spec, reduction',
+  [
+    ((8, 4, 16), (0, 2), P(None, 'x', None), False),  # heads sharded
+    ((8, 4, 16), (0, 2), P('x', None, None), True),  # embed (a point axis) sharded
+    ((8, 4, 16), (0, 2), P(None, None, 'x'), True),  # head_dim (a point axis) sharded
+    ((4, 24, 10), (1,), P('x', None, None), False),  # stacked layers sharded
+    ((4, 24, 10), (1,), P(None, None, 'x'), False),  # their columns sharded
+    ((6, 40), (1,), P('x', None), False),  # rows sharded
+    ((6, 40), (1,), P(None, 'x'), True),  # each row split
+    ((6, 24), (1,), P(None, 'x'), True),  # each row split into rows of 12: XLA sums the shards
+  ],
+)
+def test_sharded_jit_keeps_the_shards_of_any_layout(kernel, shape, point_axes, spec, reduction):
+  """Batch axes stay sharded in the output; shards of point axes are added with one psum."""
+  mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
+  sharding = NamedSharding(mesh, spec)
+  w, g, b = (jax.device_put(x, sharding) for x in random_arrays(shape))
+  step = jax.jit(lambda *x: native.column_products(*x, point_axes=point_axes))
+  text = step.lower(w, g, b).compile().as_text()
+  # Rows of 24 split in two are rows of 12 on each device: too short for the kernel.
+  assert ('grassmann_optax_column_gram' in text) == (shape != (6, 24))
+  assert 'all-gather' not in text
+  assert ('all-reduce' in text) == reduction
+  products = step(w, g, b)
+  batch_spec = tuple(None if axis in point_axes else entry for axis, entry in enumerate(spec))
+  assert products[0].sharding.is_equivalent_to(NamedSharding(mesh, P(*batch_spec)), len(shape))
+  assert_exact(products, *reference_products(w, g, b, point_axes))
+
+
 def test_inside_shard_map_data_parallel(kernel):
   """The usual data-parallel step: gradients averaged over devices, the update run on each."""
   mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
@@ -279,17 +445,28 @@ VARIANT_SCRIPT = """
   from grassmann_optax._src import native
   print('variant', native.kernel_variant())
   digest = hashlib.sha256()
-  for seed, shape in enumerate([(3, 3, 64, 128), (130, 13), (1, 640), (5, 3, 7)]):
+  layouts = [
+    ((3, 3, 64, 128), None), ((130, 13), None), ((1, 640), None), ((5, 3, 7), None),
+    ((768, 1200), None), ((300, 70), (1,)), ((64, 5, 37), (0, 2)), ((2, 40, 3, 1029), (1, 3)),
+    ((400, 400), (0, 1)), ((90, 7, 6), (0, 2)), ((4, 30, 9), (1,)), ((20, 1029), (1,)),
+  ]
+  for seed, (shape, point_axes) in enumerate(layouts):
     keys = jax.random.split(jax.random.key(seed), 3)
     w, g, b = (jax.random.normal(key, shape) for key in keys)
-    for product in jax.jit(native.column_products)(w, g, b):
+    products = jax.jit(lambda *x: native.column_products(*x, point_axes=point_axes))(w, g, b)
+    for product in products:
       digest.update(np.asarray(product).tobytes())
   print('digest', digest.hexdigest())
 """
 
 
 def test_the_instruction_set_variants_return_the_same_bits(kernel, tmp_path):
-  """The AVX2 loop (where the processor has it) and the portable loop agree bit for bit."""
+  """The AVX2 loops (where the processor has them) and the portable loops agree bit for bit.
+
+  The layouts take the column loop (with panels of columns: 1200), the run loop (with tails and
+  segments: 37, 1029; per row: 70, 1029) and the column loop for short runs (6, 9), with one
+  chunk or several.
+  """
   runs = {
     name: run_python(VARIANT_SCRIPT, GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path), **env)
     for name, env in {'auto': {}, 'baseline': {native.ENV_VARIANT: 'baseline'}}.items()

@@ -1,10 +1,15 @@
-"""The six column inner products of a step in one pass on CPU: a C++ kernel behind ``jax.ffi``.
+"""The six per-point inner products of a step in one pass on CPU: a C++ kernel behind ``jax.ffi``.
 
-A fused SGD-G/Adam-G step needs, per column, ``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` ((F1) of
-``docs/algorithm.md``). On GPU XLA computes sibling reductions of the same operands in one fused
-pass. XLA:CPU does not: it evaluates each reduction as its own loop and so reads ``w``, ``g`` and
-``b`` nine times. On CPU :func:`column_products` therefore calls ``column_gram.cc``, which reads
-each array once.
+A fused SGD-G/Adam-G step needs, per point (a unit vector of the manifold, by default a column),
+``wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb`` ((F1) of ``docs/algorithm.md``). On GPU XLA computes sibling
+reductions of the same operands in one fused pass. XLA:CPU does not: it evaluates each reduction
+as its own loop and so reads ``w``, ``g`` and ``b`` nine times. On CPU :func:`column_products`
+therefore calls ``column_gram.cc``, which reads each array once.
+
+A point is made of the ``point_axes`` of a leaf; the other axes index points. The kernel reads
+every layout whose runs of point and batch axes follow ``[batch][point][batch][point]`` (columns,
+rows, whole leaves, attention heads, and stacks of those; :func:`kernel_layout`); XLA reduces the
+others. ``docs/kernel.md`` describes the layouts, the loops and their measured speed.
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``) against the XLA FFI headers of the installed jaxlib, and cached in
@@ -12,15 +17,16 @@ The kernel is compiled on first use with the system's C++ compiler (``$CXX``, el
 or the build fails, a warning says so once and the same products are computed by XLA, which is
 slower on CPU and otherwise identical. ``GRASSMANN_OPTAX_CPU_KERNEL=0`` turns the kernel off.
 
-On x86-64 processors with AVX2 the kernel runs an AVX2 build of its loop, chosen when it is
+On x86-64 processors with AVX2 the kernel runs an AVX2 build of its loops, chosen when it is
 loaded (:func:`kernel_variant` says which); ``GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline`` forces the
-portable loop. Each column is summed in row order in one vector lane and nothing is contracted
-into a fused multiply-add, so both return the same bits.
+portable loops. Both do the same float32 operations in the same order (each column summed in row
+order in one vector lane, each run in eight lanes added up in a fixed tree) and nothing is
+contracted into a fused multiply-add, so both return the same bits, whatever the threads do.
 
 Other backends, and storage dtypes other than float32, always use the XLA reductions. The
 kernel has a JVP rule (the products are bilinear), so the update stays differentiable; under
 ``vmap`` it runs once per batch member; under ``jit`` with sharded arrays each device reduces its
-own shard (a ``psum`` adds up shards of rows), so nothing is gathered.
+own shard (a ``psum`` adds up shards of point axes), so nothing is gathered.
 
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
@@ -30,6 +36,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -37,16 +44,15 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
-
-from grassmann_optax._src import manifold
 
 ENV_SWITCH = 'GRASSMANN_OPTAX_CPU_KERNEL'
 # Read by the kernel when it is loaded: 'baseline' forces the portable loop instead of AVX2.
@@ -56,6 +62,8 @@ SOURCE = Path(__file__).with_name('column_gram.cc')
 TARGET = 'grassmann_optax_column_gram'
 SYMBOL = 'GrassmannColumnGram'
 VARIANT_SYMBOL = 'GrassmannColumnGramVariant'
+# Runs of fewer elements take the kernel's column loop (kShortRun in column_gram.cc).
+SHORT_RUN = 16
 FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-ffp-contract=off')
 COMPILE_TIMEOUT_S = 300
 
@@ -220,14 +228,132 @@ def kernel_disabled() -> Iterator[None]:
 _PAIRS = ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2))
 
 
-def _xla_products(w, g, b) -> tuple[jax.Array, ...]:
+def normalize_point_axes(ndim: int, point_axes: int | Sequence[int] | None) -> tuple[int, ...]:
+  """The axes of a point, sorted, non-negative and unique; ``None`` is all axes but the last.
+
+  Raises:
+    TypeError: an axis is not an integer.
+    ValueError: no axis is given, or an axis is out of range for ``ndim`` axes.
+  """
+  if point_axes is None:
+    return tuple(range(ndim - 1))
+  if isinstance(point_axes, Iterable):
+    given = tuple(point_axes)
+  else:
+    given = (point_axes,)
+  if not given:
+    raise ValueError('point_axes is empty: a point needs at least one axis')
+  axes = set()
+  for axis in given:
+    if isinstance(axis, bool):
+      raise TypeError(f'point_axes must be integers, got {axis!r}')
+    try:
+      axis = operator.index(axis)
+    except TypeError:
+      raise TypeError(f'point_axes must be integers, got {axis!r}') from None
+    if not -ndim <= axis < ndim:
+      raise ValueError(f'point axis {axis} is out of range for an array with {ndim} axes')
+    axes.add(axis % ndim)
+  return tuple(sorted(axes))
+
+
+def kernel_layout(
+  shape: Sequence[int], point_axes: Sequence[int]
+) -> tuple[int, int, int, int] | None:
+  """The kernel's view ``(O, N1, I, N2)`` of an array of ``shape``, or ``None`` if it has none.
+
+  ``point_axes`` as :func:`normalize_point_axes` returns them. Axes of size 1 are left out
+  (either role fits them), except a last axis that is not a point axis, so that every layout of
+  columns keeps the column loop. Adjacent axes of the same role merge into a run; the runs must
+  follow ``[O][N1][I][N2]``: an optional run of batch axes, a run of point axes, an optional run of
+  batch axes and an optional run of point axes. Point ``(o, i)`` is ``x[o, :, i, :]`` of the
+  array read as ``(O, N1, I, N2)``; its index among the points is ``o * I + i``, the row-major
+  order of the batch axes. ``N2 == 1`` selects the column loop, ``N2 >= 16`` the run loop, and
+  ``1 < N2 < 16`` the column loop over ``I * N2`` columns whose sums are then added per point.
+  Where ``N1 == 1`` and ``N2 > 1`` (rows), all batch axes go to ``O``, which the kernel splits
+  across threads; rows shorter than 16 elements are left to XLA.
+
+  Example:
+    >>> from grassmann_optax._src import native
+    >>> native.kernel_layout((768, 2304), (0,)), native.kernel_layout((768, 2304), (1,))
+    ((1, 768, 2304, 1), (768, 1, 1, 2304))
+    >>> native.kernel_layout((12, 768, 12, 64), (1, 3))  # stacked heads
+    (12, 768, 12, 64)
+    >>> native.kernel_layout((2, 3, 4, 5, 6), (1, 3)) is None  # batch, point, batch, point, batch
+    True
+    >>> native.kernel_layout((1000, 4), (1,)) is None  # rows of 4
+    True
+  """
+  ndim = len(shape)
+  points = set(point_axes)
+  runs: list[list] = []  # [is a point run, size]
+  for axis, size in enumerate(shape):
+    is_point = axis in points
+    if size == 1 and (is_point or axis != ndim - 1):
+      continue
+    if runs and runs[-1][0] == is_point:
+      runs[-1][1] *= size
+    else:
+      runs.append([is_point, size])
+  view = [1, 1, 1, 1]  # O (batch), N1 (point), I (batch), N2 (point)
+  slot = 3
+  for is_point, size in reversed(runs):
+    while slot >= 0 and (slot % 2 == 1) != is_point:
+      slot -= 1
+    if slot < 0:
+      return None
+    view[slot] = size
+    slot -= 1
+  outer, reduced, inner, run = view
+  if reduced == 1 and run > 1:
+    if run < SHORT_RUN:
+      return None  # rows of a few elements: XLA reads them faster than either of the loops
+    # (O, 1, I, N2) is (O * I, 1, 1, N2): rows of runs, which the kernel splits by o.
+    return outer * inner, 1, 1, run
+  return outer, reduced, inner, run
+
+
+def _batch_shape(shape: Sequence[int], point_axes: Sequence[int]) -> tuple[int, ...]:
+  return tuple(size for axis, size in enumerate(shape) if axis not in point_axes)
+
+
+def _point_shape(shape: Sequence[int], point_axes: Sequence[int]) -> tuple[int, ...]:
+  """``shape`` with the point axes set to 1: one value per point, broadcastable against it."""
+  return tuple(1 if axis in point_axes else size for axis, size in enumerate(shape))
+
+
+def _dot(a: jax.Array, b: jax.Array, point_axes: tuple[int, ...]) -> jax.Array:
+  # For the default axes this is manifold.column_dot, the same reduction.
+  return jnp.sum(a * b, axis=point_axes, keepdims=True)
+
+
+def _xla_products(w, g, b, point_axes) -> tuple[jax.Array, ...]:
   x = (w, g, b)
-  return tuple(manifold.column_dot(x[i], x[j]) for i, j in _PAIRS)
+  return tuple(_dot(x[i], x[j], point_axes) for i, j in _PAIRS)
 
 
-def _ffi_gram(w, g, b) -> jax.Array:
-  out = jax.ShapeDtypeStruct((6, w.shape[-1]), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out, vmap_method='sequential')(w, g, b)
+def _stack(products, batch_shape) -> jax.Array:
+  return jnp.stack([p.reshape(batch_shape) for p in products])
+
+
+def _ffi_gram(w, g, b, point_axes) -> jax.Array:
+  """The kernel on one device's operands: shape ``(6, *batch_shape)``."""
+  batch_shape = _batch_shape(w.shape, point_axes)
+  layout = kernel_layout(w.shape, point_axes)
+  if layout is None:  # a shard of rows cut below 16 elements by sharding: XLA reduces it
+    return _stack(_xla_products(w, g, b, point_axes), batch_shape)
+  outer, reduced, inner, run = layout
+  out = jax.ShapeDtypeStruct((6, outer * inner), jnp.float32)
+  gram = jax.ffi.ffi_call(TARGET, out, vmap_method='sequential')(
+    w,
+    g,
+    b,
+    outer=np.int64(outer),
+    reduced=np.int64(reduced),
+    inner=np.int64(inner),
+    run=np.int64(run),
+  )
+  return gram.reshape((6, *batch_shape))
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:
@@ -241,92 +367,113 @@ def _operand_spec(shape) -> tuple:
   return spec + (None,) * (len(shape.shape) - len(spec))
 
 
-def _partition(mesh, arg_shapes, result_shape):
-  """Each device sums its own shard; shards along rows are then added up with ``psum``."""
-  del result_shape
-  spec = _operand_spec(arg_shapes[0])
-  row_axes = tuple(axis for entry in spec[:-1] for axis in _mesh_axes(entry))
-
-  def local(w, g, b):
-    gram = _ffi_gram(w, g, b)
-    return jax.lax.psum(gram, row_axes) if row_axes else gram
-
-  operand = NamedSharding(mesh, PartitionSpec(*spec))
-  return mesh, local, NamedSharding(mesh, PartitionSpec(None, spec[-1])), (operand,) * 3
-
-
-def _infer_sharding(mesh, arg_shapes, result_shape):
-  del result_shape
-  return NamedSharding(mesh, PartitionSpec(None, _operand_spec(arg_shapes[0])[-1]))
-
-
 @functools.cache
-def _partitioned_gram(ndim: int):
+def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
   """The kernel with a sharding rule, so that ``jit`` over sharded arrays keeps the shards.
 
-  Without it XLA's partitioner would gather every operand onto each device first. The columns
-  (last axis) stay sharded as they are; the other axes are reduced, with a ``psum`` across the
-  mesh axes that shard them.
+  Without it XLA's partitioner would gather every operand onto each device first. The rule names
+  one factor per axis: the batch axes stay sharded as they are in the output, the point axes are
+  reduced, each device summing its shard with a ``psum`` across the mesh axes that shard them.
   """
-  gram = custom_partitioning(_ffi_gram)
-  rows = [f'r{i}' for i in range(ndim - 1)]
-  operand = ' '.join([*rows, 'p'])
+  batch_axes = tuple(axis for axis in range(ndim) if axis not in point_axes)
+
+  def output_sharding(mesh, spec):
+    return NamedSharding(mesh, PartitionSpec(None, *(spec[axis] for axis in batch_axes)))
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    spec = _operand_spec(arg_shapes[0])
+    reduced = tuple(name for axis in point_axes for name in _mesh_axes(spec[axis]))
+
+    def local(w, g, b):
+      gram = _ffi_gram(w, g, b, point_axes)
+      return jax.lax.psum(gram, reduced) if reduced else gram
+
+    operand = NamedSharding(mesh, PartitionSpec(*spec))
+    return mesh, local, output_sharding(mesh, spec), (operand,) * 3
+
+  def infer_sharding(mesh, arg_shapes, result_shape):
+    del result_shape
+    return output_sharding(mesh, _operand_spec(arg_shapes[0]))
+
+  gram = custom_partitioning(lambda w, g, b: _ffi_gram(w, g, b, point_axes))
+  factors = [f'a{axis}' for axis in range(ndim)]
+  operand = ' '.join(factors)
+  result = ' '.join(['k', *(factors[axis] for axis in batch_axes)])
   gram.def_partition(
-    _partition,
-    infer_sharding_from_operands=_infer_sharding,
-    sharding_rule=f'{operand}, {operand}, {operand} -> k p',
-    reduction_factors=tuple(rows),
+    partition,
+    infer_sharding_from_operands=infer_sharding,
+    sharding_rule=f'{operand}, {operand}, {operand} -> {result}',
+    reduction_factors=tuple(factors[axis] for axis in point_axes),
   )
   return gram
 
 
-@jax.custom_batching.custom_vmap
-def _platform_gram(w, g, b) -> jax.Array:
-  return jax.lax.platform_dependent(
-    w, g, b, cpu=_partitioned_gram(w.ndim), default=lambda *x: _stack(_xla_products(*x))
-  )
+@functools.cache
+def _kernel_gram(point_axes: tuple[int, ...]):
+  """The kernel for points over ``point_axes``, differentiable and batchable: ``(6, *batch)``."""
 
+  @jax.custom_batching.custom_vmap
+  def platform_gram(w, g, b):
+    batch_shape = _batch_shape(w.shape, point_axes)
+    return jax.lax.platform_dependent(
+      w,
+      g,
+      b,
+      cpu=_partitioned_gram(w.ndim, point_axes),
+      default=lambda *x: _stack(_xla_products(*x, point_axes), batch_shape),
+    )
 
-@_platform_gram.def_vmap
-def _platform_gram_batched(axis_size, in_batched, w, g, b):
-  """Under ``vmap``, one call per batch member (the kernel reduces every axis but the last)."""
-  operands = tuple(
-    x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-    for x, batched in zip((w, g, b), in_batched, strict=True)
-  )
-  return jax.lax.map(lambda x: _platform_gram(*x), operands), True
+  @platform_gram.def_vmap
+  def platform_gram_batched(axis_size, in_batched, w, g, b):
+    """Under ``vmap``, one call per batch member (the kernel sees the member's layout)."""
+    operands = tuple(
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip((w, g, b), in_batched, strict=True)
+    )
+    return jax.lax.map(lambda x: platform_gram(*x), operands), True
 
+  @jax.custom_jvp
+  def gram(w, g, b):
+    return platform_gram(w, g, b)
 
-@jax.custom_jvp
-def _kernel_gram(w, g, b) -> jax.Array:
-  return _platform_gram(w, g, b)
+  @gram.defjvp
+  def gram_jvp(primals, tangents):
+    # d(xᵀy) = dxᵀy + xᵀdy for each of the six bilinear products.
+    x, dx = primals, tangents
+    derivative = [_dot(dx[i], x[j], point_axes) + _dot(x[i], dx[j], point_axes) for i, j in _PAIRS]
+    return gram(*primals), _stack(derivative, _batch_shape(x[0].shape, point_axes))
 
-
-@_kernel_gram.defjvp
-def _kernel_gram_jvp(primals, tangents):
-  # d(xᵀy) = dxᵀy + xᵀdy for each of the six bilinear products.
-  x, dx = primals, tangents
-  derivative = [
-    manifold.column_dot(dx[i], x[j]) + manifold.column_dot(x[i], dx[j]) for i, j in _PAIRS
-  ]
-  return _kernel_gram(*primals), _stack(derivative)
-
-
-def _stack(products) -> jax.Array:
-  return jnp.stack([p.reshape(-1) for p in products])
+  return gram
 
 
 def column_products(
-  w: jax.Array, g: jax.Array, b: jax.Array, *, allow_kernel: bool = True
+  w: jax.Array,
+  g: jax.Array,
+  b: jax.Array,
+  *,
+  point_axes: int | Sequence[int] | None = None,
+  allow_kernel: bool = True,
 ) -> tuple[jax.Array, ...]:
-  """``(wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb)`` per column, each of shape ``(1, ..., 1, p)``.
+  """``(wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb)`` per point, each of ``w``'s shape with point axes 1.
 
-  The inner products of (F1) in ``docs/algorithm.md``, from which every per-column coefficient
-  of a fused step follows. Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays
-  are float32 of one shape with at least one axis and the kernel is available; otherwise six XLA
-  reductions. Callers pass ``allow_kernel=False`` for arrays upcast from a narrower storage
-  dtype, whose conversion XLA fuses into its own reductions but would have to write out for the
-  kernel. Differentiable; runs per member under ``vmap``; keeps ``jit`` shardings local.
+  The inner products of (F1) in ``docs/algorithm.md``, from which every per-point coefficient of
+  a fused step follows (Cho & Lee, NeurIPS 2017, arXiv:1709.09603). A point (a unit vector of
+  the manifold) is made of the axes ``point_axes`` (an int or a tuple of ints, negative counting
+  from the end); every other axis indexes points. ``None`` means all axes but the last: the
+  columns of ``w.reshape(-1, p)``, each product of shape ``(1, ..., 1, p)``.
+
+  Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays are float32 of one shape
+  with at least one axis, the layout is one the kernel reads (see :func:`kernel_layout`: the
+  columns, rows, whole array, heads of a ``DenseGeneral`` kernel and stacks of those all are)
+  and the kernel is available; otherwise six XLA reductions. Callers pass ``allow_kernel=False``
+  for arrays upcast from a narrower storage dtype, whose conversion XLA fuses into its own
+  reductions but would have to write out for the kernel. Differentiable; runs per member under
+  ``vmap``; keeps ``jit`` shardings local.
+
+  Raises:
+    TypeError: a point axis is not an integer.
+    ValueError: ``point_axes`` is empty or names an axis ``w`` does not have.
 
   Example:
     >>> import jax.numpy as jnp, grassmann_optax as go
@@ -334,18 +481,24 @@ def column_products(
     >>> ww, wg, gg, wb, gb, bb = go.column_products(w, 2 * w, jnp.zeros_like(w))
     >>> ww.tolist(), wg.tolist(), bb.tolist()
     ([[1.0, 1.0]], [[2.0, 2.0]], [[0.0, 0.0]])
+    >>> heads = jnp.ones((4, 3, 2))  # (embed, heads, head_dim): one point per head
+    >>> ww, *_ = go.column_products(heads, heads, heads, point_axes=(0, 2))
+    >>> ww.shape, ww.ravel().tolist()
+    ((1, 3, 1), [8.0, 8.0, 8.0])
   """
+  axes = normalize_point_axes(w.ndim, point_axes)
   arrays = (w, g, b)
   usable = (
     allow_kernel
     and w.ndim >= 1
     and all(x.dtype == jnp.float32 and x.shape == w.shape for x in arrays)
+    and kernel_layout(w.shape, axes) is not None
     # Only a CPU process builds the kernel: GPU and TPU users need no compiler and get no warning.
     and jax.default_backend() == 'cpu'
     and kernel_available()
   )
   if not usable:
-    return _xla_products(w, g, b)
-  gram = _kernel_gram(w, g, b)
-  shape = (1,) * (w.ndim - 1) + (w.shape[-1],)
+    return _xla_products(w, g, b, axes)
+  gram = _kernel_gram(axes)(w, g, b)
+  shape = _point_shape(w.shape, axes)
   return tuple(gram[k].reshape(shape) for k in range(6))
