@@ -133,9 +133,9 @@ def test_point_axes_are_checked():
   w = jnp.ones((4, 5))
   with pytest.raises(ValueError, match='empty'):
     native.column_products(w, w, w, point_axes=())
-  with pytest.raises(ValueError, match='point axis 2 is out of range'):
+  with pytest.raises(ValueError, match='point axis 2 of the array is out of range'):
     native.column_products(w, w, w, point_axes=(0, 2))
-  with pytest.raises(ValueError, match='point axis -3 is out of range'):
+  with pytest.raises(ValueError, match='point axis -3 of the array is out of range'):
     native.column_products(w, w, w, point_axes=-3)
   with pytest.raises(ValueError, match='out of range'):
     native.column_products(jnp.ones(()), jnp.ones(()), jnp.ones(()), point_axes=0)
@@ -145,7 +145,9 @@ def test_point_axes_are_checked():
     native.column_products(w, w, w, point_axes=True)
   with pytest.raises(TypeError, match='integers'):
     native.column_products(w, w, w, point_axes=1.0)
-  assert native.normalize_point_axes(3, (2, -1, 0)) == (0, 2)
+  assert native.normalize_point_axes(3, (2, 0)) == (0, 2)
+  with pytest.raises(ValueError, match='twice'):
+    native.normalize_point_axes(3, (2, -1, 0))
   assert native.normalize_point_axes(3, np.int64(-2)) == (1,)
   assert native.normalize_point_axes(3, None) == (0, 1)
 

@@ -187,7 +187,7 @@ def test_point_axes_as_a_pytree_a_callable_and_through_the_aliases():
 
 @pytest.mark.parametrize(
   'point_axes, message',
-  [((2,), 'name axes'), ((), 'empty'), ((0, -2), 'twice')],
+  [((2,), 'out of range'), ((), 'empty'), ((0, -2), 'twice')],
 )
 def test_bad_point_axes_are_refused_with_the_leaf_named(point_axes, message):
   with pytest.raises(ValueError, match=message):

@@ -79,11 +79,9 @@ def _leaf(layout, g_stored, x_stored, w_stored, omega) -> _Leaf:
 
 def _products(leaf: _Leaf, g: jax.Array) -> jax.Array:
   """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point, shape ``(6, points)``."""
-  if leaf.layout.point == tuple(range(leaf.w.ndim - 1)):
-    products = native.column_products(leaf.w, g, leaf.x, allow_kernel=leaf.allow_kernel)
-  else:
-    pairs = ((leaf.w, leaf.w), (leaf.w, g), (g, g), (leaf.w, leaf.x), (g, leaf.x), (leaf.x, leaf.x))
-    products = [manifold.column_dot(a, b, leaf.layout.point) for a, b in pairs]
+  products = native.column_products(
+    leaf.w, g, leaf.x, point_axes=leaf.layout.point, allow_kernel=leaf.allow_kernel
+  )
   return jnp.stack([s.reshape(-1) for s in products])
 
 

@@ -36,7 +36,6 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import operator
 import os
 import platform
 import shutil
@@ -44,7 +43,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -53,6 +52,8 @@ import jaxlib
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
+
+from grassmann_optax._src import points
 
 ENV_SWITCH = 'GRASSMANN_OPTAX_CPU_KERNEL'
 # Read by the kernel when it is loaded: 'baseline' forces the portable loop instead of AVX2.
@@ -233,28 +234,9 @@ def normalize_point_axes(ndim: int, point_axes: int | Sequence[int] | None) -> t
 
   Raises:
     TypeError: an axis is not an integer.
-    ValueError: no axis is given, or an axis is out of range for ``ndim`` axes.
+    ValueError: no axis, an axis out of range for ``ndim`` axes, or an axis named twice.
   """
-  if point_axes is None:
-    return tuple(range(ndim - 1))
-  if isinstance(point_axes, Iterable):
-    given = tuple(point_axes)
-  else:
-    given = (point_axes,)
-  if not given:
-    raise ValueError('point_axes is empty: a point needs at least one axis')
-  axes = set()
-  for axis in given:
-    if isinstance(axis, bool):
-      raise TypeError(f'point_axes must be integers, got {axis!r}')
-    try:
-      axis = operator.index(axis)
-    except TypeError:
-      raise TypeError(f'point_axes must be integers, got {axis!r}') from None
-    if not -ndim <= axis < ndim:
-      raise ValueError(f'point axis {axis} is out of range for an array with {ndim} axes')
-    axes.add(axis % ndim)
-  return tuple(sorted(axes))
+  return points.normalize(point_axes, ndim, 'the array')
 
 
 def kernel_layout(

@@ -18,7 +18,8 @@ pytree given for the whole params also serves a transform that sees part of them
 """
 
 import math
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -37,19 +38,33 @@ def is_spec(x) -> bool:
 
 
 def normalize(spec: Spec, ndim: int, name: str = 'the leaf') -> tuple[int, ...]:
-  """Sorted, non-negative point axes of a leaf with ``ndim`` axes; ``None``: all but the last."""
+  """Sorted, non-negative point axes of a leaf with ``ndim`` axes; ``None``: all but the last.
+
+  Raises:
+    TypeError: an axis is not an integer.
+    ValueError: no axis, an axis out of range, or an axis named twice.
+  """
   if spec is None:
     return tuple(range(ndim - 1))
-  axes = (spec,) if isinstance(spec, int) else tuple(spec)
-  if not axes:
+  given = tuple(spec) if isinstance(spec, Iterable) else (spec,)
+  if not given:
     raise ValueError(f'point_axes of {name} is empty: a point needs at least one axis.')
-  bad = [a for a in axes if not -ndim <= a < ndim]
-  if bad:
-    raise ValueError(f'point_axes {axes} of {name} name axes {bad} that a {ndim}-d leaf lacks.')
-  normalized = tuple(sorted({a % ndim for a in axes}))
-  if len(normalized) != len(axes):
-    raise ValueError(f'point_axes {axes} of {name} name an axis twice.')
-  return normalized
+  axes = []
+  for axis in given:
+    if isinstance(axis, bool):
+      raise TypeError(f'point_axes of {name} must be integers, got {axis!r}.')
+    try:
+      axis = operator.index(axis)
+    except TypeError:
+      raise TypeError(f'point_axes of {name} must be integers, got {axis!r}.') from None
+    if not -ndim <= axis < ndim:
+      raise ValueError(
+        f'point axis {axis} of {name} is out of range for {ndim} axes (point_axes {given}).'
+      )
+    axes.append(axis % ndim)
+  if len(set(axes)) != len(axes):
+    raise ValueError(f'point_axes {given} of {name} name an axis twice.')
+  return tuple(sorted(axes))
 
 
 class Layout(NamedTuple):
