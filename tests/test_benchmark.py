@@ -169,7 +169,13 @@ def test_main_writes_the_table_and_json(tmp_path, monkeypatch, capsys):
   monkeypatch.setitem(
     benchmark.SETTINGS,
     'quick',
-    dict(update_net=(10, 1), train_net=(10, 1, 2), repeats=1, sample_s=(0.0, 0.0)),
+    dict(
+      update_net=(10, 1),
+      train_net=(10, 1, 2),
+      transformer=dict(layers=1, width=32, heads=2, vocab=64, context=16),
+      repeats=1,
+      sample_s=(0.0, 0.0),
+    ),
   )
   monkeypatch.setattr(benchmark, 'update_candidates', tiny_candidates)
   monkeypatch.setattr(benchmark, 'train_step_candidates', lambda: {'sgd': benchmark.sgd_baseline})
@@ -179,7 +185,10 @@ def test_main_writes_the_table_and_json(tmp_path, monkeypatch, capsys):
 
   written = json.loads(path.read_text())
   assert written == json.loads(json.dumps(report, ensure_ascii=False))
-  assert set(written) >= {'machine', 'load_average', 'update', 'train_step', 'state'}
+  assert set(written) >= {'machine', 'load_average', 'update', 'train_step', 'state', 'transformer'}
+  transformer = written['transformer']
+  assert set(transformer['times']) == {'optax.adamw', 'optax.adam', 'adamg point_axes'}
+  assert transformer['ratios']['adamg(point_axes) / adamw'] > 0
   assert written['machine']['backend'] == jax.default_backend()
   assert written['machine']['cpu_count'] > 0
   assert written['train_step']['times']['sgd']['images_per_s'] > 0
@@ -187,6 +196,7 @@ def test_main_writes_the_table_and_json(tmp_path, monkeypatch, capsys):
     assert 'no GPU' in written['gpu_train_step']['skipped']
   table = capsys.readouterr().out
   assert 'adamg(ω=0) / adam' in table and 'load average' in table and 'WRN-10-1' in table
+  assert 'adamg(point_axes) / adamw' in table
 
 
 def test_sgd_baseline_decays_every_parameter():
@@ -302,3 +312,25 @@ def test_repeat_ratio_ranges_pair_the_samples_of_each_repeat():
   ranges = benchmark.repeat_ratio_ranges(times, {'a / b': ('a', 'b'), 'a / c': ('a', 'c')})
 
   assert ranges == {'a / b': [1.0, 2.0]}
+
+
+def test_the_transformer_tree_is_gpt2_small_with_every_layout():
+  shapes = benchmark.transformer_param_shapes()
+  leaves = jax.tree.leaves(shapes)
+  assert sum(int(np.prod(leaf.shape)) for leaf in leaves) == 124_439_808
+  assert len(leaves) == 196
+  labels, point_axes = benchmark.transformer_groups(shapes)
+  assert labels['wte'] == 'grassmann' and point_axes['wte'] == (1,)
+  assert point_axes['h0']['query']['kernel'] == (0, 2)
+  assert point_axes['h0']['fc']['kernel'] is None and labels['h0']['fc']['bias'] == 'euclidean'
+  tiny = benchmark.transformer_param_shapes(layers=1, width=8, heads=2, vocab=10, context=4)
+  labels, point_axes = benchmark.transformer_groups(tiny)
+  params = benchmark.random_points(0, tiny, labels, point_axes)
+  np.testing.assert_allclose(np.linalg.norm(params['wte'], axis=1), 1, rtol=1e-6)
+  query = np.asarray(params['h0']['query']['kernel'])
+  np.testing.assert_allclose(np.sqrt(np.sum(query**2, axis=(0, 2))), 1, rtol=1e-6)
+  tx = benchmark.transformer_candidates(labels, point_axes)['adamg point_axes']()
+  grads = benchmark.random_points(1, tiny, labels, None, scale=1e-2)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(np.linalg.norm(new['wte'], axis=1), 1, rtol=1e-5)

@@ -18,7 +18,11 @@ Four measurements, all in one process so that every candidate sees the same mach
    parameter against SGD-G and Adam-G with ω = 0.1. With a GPU backend (or ``--gpu``) also
    WRN-28-10 at batch 128 in images per second.
 3. **Optimizer-state bytes** on the WRN-28-10 tree, from ``jax.eval_shape`` of ``init``.
-4. A table on stdout and the same figures as JSON (``--json``, default ``benchmark.json``).
+4. **A Transformer**: the update of :func:`grassmann_optax.adamg` with ``point_axes`` on the
+   parameter tree of GPT-2 small (124M parameters, 196 leaves of several layouts: rows of the
+   embeddings, heads of the query, key and value kernels, columns of the others) against
+   ``optax.adamw``, and the state bytes of both.
+5. A table on stdout and the same figures as JSON (``--json``, default ``benchmark.json``).
 
 Every time is the median over repeats; each repeat runs the candidates in a rotated order, so
 that slow phases of a shared machine fall on all of them alike. Next to each ratio of medians the
@@ -233,6 +237,94 @@ def random_tree(seed: int, shapes: Any, scale: float = 0.05) -> Any:
   return jax.device_put(arrays)
 
 
+def transformer_param_shapes(
+  layers: int = 12,
+  width: int = 768,
+  heads: int = 12,
+  vocab: int = 50257,
+  context: int = 1024,
+  dtype=jnp.float32,
+) -> dict[str, Any]:
+  """The parameter shapes of a GPT-2 style decoder (GPT-2 small by default: 124M parameters).
+
+  Per layer: LayerNorms ``ln_1``, ``ln_2``; ``DenseGeneral`` query, key and value kernels
+  ``(width, heads, head_dim)``, the output kernel ``(heads, head_dim, width)``, and the MLP's
+  ``fc`` ``(width, 4 width)`` and ``proj`` ``(4 width, width)``, each with a bias.
+  """
+
+  def array(*shape):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+  def layer_norm():
+    return {'scale': array(width), 'bias': array(width)}
+
+  head_dim = width // heads
+  params: dict[str, Any] = {
+    'wte': array(vocab, width),
+    'wpe': array(context, width),
+    'ln_f': layer_norm(),
+  }
+  for index in range(layers):
+    attention = {
+      name: {'kernel': array(width, heads, head_dim), 'bias': array(heads, head_dim)}
+      for name in ('query', 'key', 'value')
+    }
+    params[f'h{index}'] = {
+      'ln_1': layer_norm(),
+      **attention,
+      'out': {'kernel': array(heads, head_dim, width), 'bias': array(width)},
+      'ln_2': layer_norm(),
+      'fc': {'kernel': array(width, 4 * width), 'bias': array(4 * width)},
+      'proj': {'kernel': array(4 * width, width), 'bias': array(width)},
+    }
+  return params
+
+
+def transformer_groups(shapes: Any) -> tuple[Any, Any]:
+  """Labels and point axes of a normalised Transformer (nGPT and QK-norm style).
+
+  The embedding tables' rows, each head of the query, key and value kernels, and the columns of
+  the other kernels are points; biases and LayerNorm parameters are Euclidean.
+  """
+
+  def label(path, leaf):
+    del leaf
+    names = [getattr(key, 'key', '') for key in path]
+    return go.GRASSMANN if names[-1] in ('kernel', 'wte', 'wpe') else go.EUCLIDEAN
+
+  def axes(path, leaf):
+    del leaf
+    names = [getattr(key, 'key', '') for key in path]
+    if names[-1] in ('wte', 'wpe'):
+      return (1,)
+    if names[-1] == 'kernel' and names[-2] in ('query', 'key', 'value'):
+      return (0, 2)
+    return None
+
+  with_path = jax.tree_util.tree_map_with_path
+  return with_path(label, shapes), with_path(axes, shapes)
+
+
+def random_points(seed: int, shapes: Any, labels: Any, point_axes: Any, scale=0.05) -> Any:
+  """Random arrays: unit points on the manifold (by ``point_axes``), ``scale·N(0, 1)`` elsewhere."""
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree.flatten(shapes)
+  specs = treedef.flatten_up_to(point_axes) if point_axes is not None else [None] * len(leaves)
+
+  def draw(shape, label, spec):
+    x = rng.standard_normal(tuple(shape.shape), dtype=np.float32)
+    if label != go.GRASSMANN:
+      return scale * x
+    axes = tuple(range(x.ndim - 1)) if spec is None else spec
+    return x / np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
+
+  arrays = [
+    draw(leaf, label, spec)
+    for leaf, label, spec in zip(leaves, treedef.flatten_up_to(labels), specs, strict=True)
+  ]
+  return jax.device_put(treedef.unflatten(arrays))
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizers.
 
@@ -307,6 +399,28 @@ def update_candidates() -> dict[str, Callable[[], optax.GradientTransformation]]
     'adamg ω=0.1': lambda: adamg(OMEGA),
     'sgdg chain ω=0': lambda: sgdg_chain(0.0),
     'adamg chain ω=0': lambda: adamg_chain(0.0),
+  }
+
+
+ADAMW_LEARNING_RATE = 1e-3
+TRANSFORMER_RATIOS = {
+  'adamg(point_axes) / adamw': ('adamg point_axes', 'optax.adamw'),
+  'adamg(point_axes) / adam': ('adamg point_axes', 'optax.adam'),
+}
+
+
+def transformer_candidates(labels, point_axes) -> dict[str, Callable[[], Any]]:
+  """AdamW and Adam against Adam-G on the Transformer's points (ω = 0: no orthogonality)."""
+  return {
+    'optax.adamw': lambda: optax.adamw(ADAMW_LEARNING_RATE, weight_decay=0.1),
+    'optax.adam': lambda: optax.adam(ADAMW_LEARNING_RATE),
+    'adamg point_axes': lambda: go.adamg(
+      ADAMW_LEARNING_RATE,
+      ADAMG_LEARNING_RATES[1],
+      omega=0.0,
+      param_labels=labels,
+      point_axes=point_axes,
+    ),
   }
 
 
@@ -599,6 +713,42 @@ def benchmark_update(
   }
 
 
+def benchmark_transformer(shapes: Any, *, repeats: int, min_sample_s: float = 0.2) -> dict:
+  """Times the update of each Transformer candidate; the state bytes of each."""
+  labels, point_axes = transformer_groups(shapes)
+  params = random_points(0, shapes, labels, point_axes)
+  grads = random_points(1, shapes, labels, None, scale=1e-3)
+  candidates = transformer_candidates(labels, point_axes)
+  steps = {}
+  for name, make_tx in candidates.items():
+    tx = make_tx()
+    own_params = copy_tree(params)
+    steps[name] = (make_update_step(tx), (own_params, tx.init(own_params)), (grads,))
+  del params
+  runners, compile_s = compile_runners(steps)
+  del steps
+  times = time_interleaved(runners, repeats=repeats, min_sample_s=min_sample_s)
+  for name, seconds in compile_s.items():
+    times[name]['compile_s'] = seconds
+  leaves = jax.tree.leaves(shapes)
+  return {
+    'num_params': sum(int(np.prod(leaf.shape)) for leaf in leaves),
+    'num_leaves': len(leaves),
+    'num_manifold_params': sum(
+      int(np.prod(leaf.shape)) for leaf in manifold_leaves(shapes, labels)
+    ),
+    'times': times,
+    'ratios': ratios(times, TRANSFORMER_RATIOS),
+    'ratio_ranges': repeat_ratio_ranges(times, TRANSFORMER_RATIOS),
+    'targets': {},
+    'state_bytes': {
+      name: tree_nbytes(jax.eval_shape(make_tx().init, shapes))
+      for name, make_tx in candidates.items()
+    },
+    'param_bytes': tree_nbytes(shapes),
+  }
+
+
 def benchmark_train_step(
   depth: int,
   widen_factor: int,
@@ -770,6 +920,21 @@ def format_state(state: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def format_transformer(section: Mapping[str, Any]) -> list[str]:
+  title = (
+    f'4. optimizer update + apply_updates (jit, donated) on {section["tree"]}: '
+    f'{section["num_params"] / 1e6:.2f}M params in {section["num_leaves"]} leaves, '
+    f'{section["num_manifold_params"] / 1e6:.2f}M on the manifold; {section["repeats"]} '
+    f'repeats, {section["elapsed_s"]:.0f} s'
+  )
+  lines = format_times(title, section)
+  params = section['param_bytes']
+  lines.append('  optimizer state:')
+  for name, nbytes in section['state_bytes'].items():
+    lines.append(f'  {name:28s} {nbytes / 2**20:10.2f} MiB  = {nbytes / params:.4f}× params')
+  return lines
+
+
 def format_report(report: Mapping[str, Any]) -> str:
   sections = [
     format_header(report),
@@ -777,6 +942,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     format_train_step(report['train_step']),
     format_train_step(report['gpu_train_step']),
     format_state(report['state']),
+    format_transformer(report['transformer']),
   ]
   return '\n\n'.join('\n'.join(lines) for lines in sections)
 
@@ -799,8 +965,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # What each mode measures: (depth, widen factor) of the update tree, (depth, widen factor, batch)
 # of the training step, repeats, and the shortest timed sample of each section.
 SETTINGS = {
-  'full': dict(update_net=(28, 10), train_net=(16, 4, 32), repeats=9, sample_s=(0.3, 0.5)),
-  'quick': dict(update_net=(16, 4), train_net=(10, 4, 16), repeats=3, sample_s=(0.05, 0.0)),
+  'full': dict(
+    update_net=(28, 10),
+    train_net=(16, 4, 32),
+    transformer={},
+    repeats=9,
+    sample_s=(0.3, 0.5),
+  ),
+  'quick': dict(
+    update_net=(16, 4),
+    train_net=(10, 4, 16),
+    transformer=dict(layers=2, width=256, heads=4, vocab=4096, context=256),
+    repeats=3,
+    sample_s=(0.05, 0.0),
+  ),
 }
 GPU_TRAIN_NET = (28, 10, 128)
 
@@ -838,6 +1016,21 @@ def train_step_section(
   return {'title': title, **result}
 
 
+def transformer_section(config: Mapping[str, int], repeats: int, sample_s: float) -> dict:
+  shapes = transformer_param_shapes(**config)
+  tree = (
+    'GPT-2 small'
+    if not config
+    else 'a small GPT-2 ({})'.format(', '.join(f'{name} {value}' for name, value in config.items()))
+  )
+  print(f'4. optimizer update on {tree} ...', flush=True)
+  return {
+    'tree': tree,
+    'repeats': repeats,
+    **benchmark_transformer(shapes, repeats=repeats, min_sample_s=sample_s),
+  }
+
+
 def gpu_section(requested: bool, repeats: int) -> dict:
   depth, widen_factor, batch_size = GPU_TRAIN_NET
   if jax.default_backend() != 'gpu':
@@ -868,6 +1061,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   )
   report['gpu_train_step'] = timed(lambda: gpu_section(args.gpu, repeats))
   report['state'] = {'tree': 'WRN-28-10', **state_bytes(wide_resnet_shapes(28, 10)[0])}
+  report['transformer'] = timed(
+    lambda: transformer_section(settings['transformer'], repeats, update_sample_s)
+  )
   report['load_average']['end'] = load_average()
 
   print()
