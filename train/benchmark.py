@@ -217,24 +217,8 @@ def count_parameters(shapes: Any) -> tuple[int, int]:
 
 
 def random_tree(seed: int, shapes: Any, scale: float = 0.05) -> Any:
-  """Random arrays of ``shapes``: unit columns on the manifold, ``scale·N(0, 1)`` elsewhere.
-
-  Drawn with NumPy and put on the device once: no program to compile per leaf shape.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(shape, label):
-    x = rng.standard_normal(shape, dtype=np.float32)
-    if label != go.GRASSMANN:
-      return scale * x
-    columns = x.reshape(-1, shape[-1])
-    return (columns / np.linalg.norm(columns, axis=0)).reshape(shape)
-
-  labels = go.grassmann_labels(shapes)
-  arrays = jax.tree.map(
-    lambda s, label: draw(tuple(s.shape), label).astype(s.dtype), shapes, labels
-  )
-  return jax.device_put(arrays)
+  """Random arrays of ``shapes``: unit columns on the manifold, ``scale·N(0, 1)`` elsewhere."""
+  return random_points(seed, shapes, go.grassmann_labels(shapes), None, scale)
 
 
 def transformer_param_shapes(
@@ -306,7 +290,10 @@ def transformer_groups(shapes: Any) -> tuple[Any, Any]:
 
 
 def random_points(seed: int, shapes: Any, labels: Any, point_axes: Any, scale=0.05) -> Any:
-  """Random arrays: unit points on the manifold (by ``point_axes``), ``scale·N(0, 1)`` elsewhere."""
+  """Random arrays: unit points on the manifold (by ``point_axes``), ``scale·N(0, 1)`` elsewhere.
+
+  Drawn with NumPy and put on the device once: no program to compile per leaf shape.
+  """
   rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree.flatten(shapes)
   specs = treedef.flatten_up_to(point_axes) if point_axes is not None else [None] * len(leaves)
@@ -658,6 +645,26 @@ def target_results(measured: Mapping[str, float], targets: Mapping[str, Sequence
 # The measurements.
 
 
+def update_steps(candidates, params: Any, grads: Any) -> dict[str, tuple]:
+  """One donated update step per candidate, each on its own copy of ``params``."""
+  steps = {}
+  for name, make_tx in candidates.items():
+    tx = make_tx()
+    own_params = copy_tree(params)
+    steps[name] = (make_update_step(tx), (own_params, tx.init(own_params)), (grads,))
+  return steps
+
+
+def time_steps(steps: dict[str, tuple], *, repeats: int, min_sample_s: float) -> dict:
+  """Compiles ``steps`` (emptied on the way, to free their buffers) and times them interleaved."""
+  runners, compile_s = compile_runners(steps)
+  steps.clear()
+  times = time_interleaved(runners, repeats=repeats, min_sample_s=min_sample_s)
+  for name, seconds in compile_s.items():
+    times[name]['compile_s'] = seconds
+  return times
+
+
 def benchmark_update(
   shapes: Any,
   candidates: Mapping[str, Callable[[], optax.GradientTransformation]],
@@ -676,11 +683,7 @@ def benchmark_update(
   """
   params = random_tree(seed, shapes)
   grads = random_tree(seed + 1, shapes, scale=1e-2)
-  steps = {}
-  for name, make_tx in candidates.items():
-    tx = make_tx()
-    own_params = copy_tree(params)
-    steps[name] = (make_update_step(tx), (own_params, tx.init(own_params)), (grads,))
+  steps = update_steps(candidates, params, grads)
   if with_products_pass:
     labels = go.grassmann_labels(params)
     for name, read_only in ((PRODUCTS_PASS, False), (READ_PASS, True)):
@@ -695,11 +698,7 @@ def benchmark_update(
       (grads, combination_coefficients(params, labels)),
     )
   del params
-  runners, compile_s = compile_runners(steps)
-  del steps
-  times = time_interleaved(runners, repeats=repeats, min_sample_s=min_sample_s)
-  for name, seconds in compile_s.items():
-    times[name]['compile_s'] = seconds
+  times = time_steps(steps, repeats=repeats, min_sample_s=min_sample_s)
   measured = ratios(times, UPDATE_RATIOS)
   measured.update(floor_ratios(times, FLOOR_RATIOS))
   num_params, num_manifold = count_parameters(shapes)
@@ -719,17 +718,9 @@ def benchmark_transformer(shapes: Any, *, repeats: int, min_sample_s: float = 0.
   params = random_points(0, shapes, labels, point_axes)
   grads = random_points(1, shapes, labels, None, scale=1e-3)
   candidates = transformer_candidates(labels, point_axes)
-  steps = {}
-  for name, make_tx in candidates.items():
-    tx = make_tx()
-    own_params = copy_tree(params)
-    steps[name] = (make_update_step(tx), (own_params, tx.init(own_params)), (grads,))
+  steps = update_steps(candidates, params, grads)
   del params
-  runners, compile_s = compile_runners(steps)
-  del steps
-  times = time_interleaved(runners, repeats=repeats, min_sample_s=min_sample_s)
-  for name, seconds in compile_s.items():
-    times[name]['compile_s'] = seconds
+  times = time_steps(steps, repeats=repeats, min_sample_s=min_sample_s)
   leaves = jax.tree.leaves(shapes)
   return {
     'num_params': sum(int(np.prod(leaf.shape)) for leaf in leaves),
@@ -782,11 +773,7 @@ def benchmark_train_step(
       (*own, tx.init(own[0])),
       (images, labels, dropout_key),
     )
-  runners, compile_s = compile_runners(steps)
-  del steps
-  times = time_interleaved(runners, repeats=repeats, min_sample_s=min_sample_s)
-  for name, seconds in compile_s.items():
-    times[name]['compile_s'] = seconds
+  times = time_steps(steps, repeats=repeats, min_sample_s=min_sample_s)
   for result in times.values():
     result['images_per_s'] = 1e3 * batch_size / result['median_ms']
   measured = ratios(times, TRAIN_STEP_TARGETS)
