@@ -310,20 +310,9 @@ def test_transformer_study_notebook():
   table_text = tagged_text(nb, 'table')
   header, table = markdown_table(table_text)
   fresh_header, fresh_table = markdown_table(tagged_text(fresh, 'table'))
-  assert (
-    header
-    == fresh_header
-    == [
-      'optimizer',
-      'peak rate',
-      'test accuracy (%)',
-      'range',
-      'test loss',
-      'train loss',
-      'found groups: max dev.',
-      'whole kernels: max dev.',
-    ]
-  )
+  assert header == fresh_header
+  read = ['test accuracy (%)', 'range', 'found groups: max dev.', 'whole kernels: max dev.']
+  assert [header[i] for i in (2, 3, 6, 7)] == read  # the columns read below
   assert (
     list(table)
     == list(fresh_table)
