@@ -352,3 +352,17 @@ def test_callable_labels_under_inject_hyperparams_need_static_args():
   )
   new = _train_one_step(right, params)
   np.testing.assert_allclose(jnp.linalg.norm(new['k'].reshape(-1, 8), axis=0), 1, atol=1e-6)
+
+
+def test_find_scale_invariant_does_not_take_a_chance_orthogonality_for_invariance():
+  """A gradient orthogonal to w at one point, by construction, but not at points near it."""
+  rs = np.random.RandomState(0)
+  w = rs.randn(6, 5)
+  a = rs.randn(6, 5)
+  a -= np.sum(a * w, axis=0) * w / np.sum(w * w, axis=0)  # each column of a ⊥ that of w
+  params = {'w': jnp.asarray(w)}
+  loss = lambda p: jnp.sum(jnp.asarray(a) * p['w'])
+  once = go.find_scale_invariant(loss, params, draws=1, undercomplete_only=False)
+  assert once.param_labels == {'w': 'grassmann'}
+  found = go.find_scale_invariant(loss, params, undercomplete_only=False)
+  assert found.param_labels == {'w': 'euclidean'}

@@ -123,6 +123,24 @@ def _invariant_points(w: np.ndarray, g: np.ndarray, layout: points.Layout, tol: 
   return bool(np.all(inner <= bound))
 
 
+def _perturbed(params: Any, seed: int) -> Any:
+  """``params`` moved to a nearby generic point: each leaf plus 10% of its scale in noise.
+
+  Leaves at zero (fresh biases) get noise of 1e-3: a network can be scale-invariant at zero
+  biases only (a ReLU is positively homogeneous), which training does not keep.
+  """
+  rng = np.random.default_rng(seed)
+
+  def move(x):
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+      return x
+    scale = max(float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))), 1e-2) if x.size else 0
+    return (x + 0.1 * scale * rng.standard_normal(x.shape)).astype(x.dtype)
+
+  return jax.tree.map(move, params)
+
+
 def find_scale_invariant(
   loss_fn: Callable[..., jax.Array],
   params: Any,
@@ -130,6 +148,8 @@ def find_scale_invariant(
   tol: float = 1e-3,
   undercomplete_only: bool = True,
   groupings: str = 'any',
+  draws: int = 2,
+  seed: int = 0,
 ) -> ScaleInvariance:
   r"""Finds the scale-invariant leaves, and how their points are grouped, from one gradient.
 
@@ -147,9 +167,14 @@ def find_scale_invariant(
   leaf invariant per column is also invariant as a whole; the columns are the finer structure).
   A leaf whose gradient is identically zero tells nothing and stays Euclidean. The test is
   necessary, not sufficient: evaluate ``loss_fn`` in training mode (batch statistics), on a real
-  batch, with random (not zero) parameters. BatchNorm's ε breaks the invariance slightly (cosines
-  of about ε/Var, measured up to 4e-4), while leaves that are not invariant show cosines of 0.1
-  and more: hence the default ``tol``.
+  batch. BatchNorm's ε breaks the invariance slightly (cosines of about ε/Var, measured up to
+  4e-4): hence the default ``tol``. A point of ``n`` elements that is not invariant has, by
+  chance, a cosine of about ``0.8/√n`` or less, which for a whole matrix (a single point of
+  10⁴ elements and more) can fall below ``tol``; so each grouping must pass at ``draws``
+  gradients: at ``params``, and at points near it (every leaf plus 10% of its scale in noise,
+  from ``seed``), where a chance cosine does not repeat. Networks whose normalisations have a
+  small ε (LayerNorm, RMSNorm, QK-norm) pass at much smaller ``tol`` (1e-5), which rules out
+  chance cosines further.
 
   Args:
     loss_fn: ``loss_fn(params, *args) -> scalar``.
@@ -161,6 +186,8 @@ def find_scale_invariant(
       can be given to :func:`sgdg` and :func:`adamg` as is.
     groupings: ``'any'`` (every grouping of the axes) or ``'columns'`` (only the columns of
       ``reshape(-1, shape[-1])``, the paper's layout).
+    draws: how many gradients a grouping must pass at (``params``, then nearby points).
+    seed: seed of the nearby points.
 
   Returns:
     A :class:`ScaleInvariance`: ``param_labels``, a label pytree with the structure of
@@ -184,11 +211,23 @@ def find_scale_invariant(
   """
   if groupings not in ('any', 'columns'):
     raise ValueError(f"groupings={groupings!r}: expected 'any' or 'columns'.")
-  grads = jax.grad(loss_fn)(params, *args)
+  if draws < 1:
+    raise ValueError(f'draws={draws}: at least one gradient is needed.')
+  grad_fn = jax.grad(loss_fn)
+  at = [params] + [_perturbed(params, seed + k) for k in range(draws - 1)]
+  samples = [(point, grad_fn(point, *args)) for point in at]
+  leaves, treedef = jax.tree.flatten(params)
+  per_leaf = [
+    [
+      (np.asarray(w, np.float64), np.asarray(g, np.float64))
+      for w, g in zip(treedef.flatten_up_to(point), treedef.flatten_up_to(grads), strict=True)
+    ]
+    for point, grads in samples
+  ]
 
-  def find(w, g):
-    w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
-    if w.ndim < 2 or not np.any(g != 0):
+  def find(pairs):
+    w, g = pairs[0]
+    if w.ndim < 2 or not all(np.any(g != 0) for _, g in pairs):
       return EUCLIDEAN, None
     candidates = _candidate_layouts(w.ndim)[: 1 if groupings == 'columns' else None]
     best = None
@@ -198,15 +237,14 @@ def find_scale_invariant(
       if size < 2 or (undercomplete_only and size <= per_group):
         continue
       better = best is None or layout.num_points(w.shape) > best.num_points(w.shape)
-      if better and _invariant_points(w, g, layout, tol):
+      if better and all(_invariant_points(w, g, layout, tol) for w, g in pairs):
         best = layout
     if best is None:
       return EUCLIDEAN, None
     default = best.point == tuple(range(w.ndim - 1))
     return GRASSMANN, None if default else best.point
 
-  leaves, treedef = jax.tree.flatten(params)
-  found = [find(w, g) for w, g in zip(leaves, treedef.flatten_up_to(grads), strict=True)]
+  found = [find([draw[index] for draw in per_leaf]) for index in range(len(leaves))]
   return ScaleInvariance(
     param_labels=treedef.unflatten([label for label, _ in found]),
     point_axes=treedef.unflatten([axes for _, axes in found]),
