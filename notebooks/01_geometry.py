@@ -259,7 +259,7 @@ plt.show()
 #
 # Which weights should live on the manifold? The paper's code uses a naming rule ((L1)): conv
 # kernels whose fan-in is larger than their number of outputs; `grassmann_labels` implements it.
-# `find_scale_invariant` asks the network instead ((P4)): one gradient evaluation in training
+# `find_scale_invariant` asks the network instead ((P4)): gradients in training
 # mode, and Euler's test above on every grouping of each leaf's axes into points ((P1): the
 # columns, the rows, the heads of a 3-D kernel, the whole leaf, ...). A leaf is labelled
 # `'grassmann'` when every point of some grouping is orthogonal to its gradient within `tol`, and

@@ -151,7 +151,7 @@ def find_scale_invariant(
   draws: int = 2,
   seed: int = 0,
 ) -> ScaleInvariance:
-  r"""Finds the scale-invariant leaves, and how their points are grouped, from one gradient.
+  r"""Finds the scale-invariant leaves, and how their points are grouped, from two gradients.
 
   If ``L(c·w_j) = L(w_j)`` for every ``c > 0`` and every point ``w_j`` (as for a conv kernel
   followed by BatchNorm, per column; a projection followed by a per-head RMSNorm, per head; a
