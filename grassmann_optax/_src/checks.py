@@ -37,33 +37,15 @@ def fan_in_and_out(shape: tuple[int, ...]) -> tuple[int, int]:
   return math.prod(shape[:-1]), shape[-1]
 
 
-def has_manifold_rows(shape: tuple[int, ...]) -> bool:
-  """Whether the column view ``reshape(-1, shape[-1])`` has the >= 2 rows of a point of G(1, n)."""
-  return len(shape) >= 2 and fan_in_and_out(shape)[0] >= 2
-
-
-def manifold_leaf_problem(
-  shape: tuple[int, ...], dtype, point_size: int | None = None
-) -> str | None:
-  """Why a leaf of this shape and dtype cannot be a set of points of G(1, n), or None.
-
-  ``point_size`` is the number of elements of one point; by default that of a column of
-  ``reshape(-1, shape[-1])``.
-  """
+def manifold_leaf_problem(dtype, point_size: int) -> str | None:
+  """Why a leaf of this dtype, with points of ``point_size`` elements, cannot lie on G(1, n)."""
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     kind = 'complex' if jnp.issubdtype(dtype, jnp.complexfloating) else 'not floating-point'
     return (
       f'has dtype {jnp.dtype(dtype).name} ({kind}); the manifold optimizers move real unit '
       'vectors and need a real floating-point leaf (float32, bfloat16, float64, ...)'
     )
-  if point_size is None:
-    if not has_manifold_rows(shape):
-      n, p = fan_in_and_out(shape)
-      return (
-        'is viewed as reshape(-1, shape[-1]) and a point of G(1, n) needs at least 2 rows '
-        f'(got n={n} rows, p={p} columns)'
-      )
-  elif point_size < 2:
+  if point_size < 2:
     return (
       f'has points of {point_size} element along its point axes, and a point of G(1, n) needs '
       'at least 2 (with the default point axes, the columns of reshape(-1, shape[-1]) need at '
@@ -72,15 +54,14 @@ def manifold_leaf_problem(
   return None
 
 
-def check_manifold_leaves(tree: Any, transform_name: str, layouts=None) -> None:
+def check_manifold_leaves(tree: Any, transform_name: str, layouts) -> None:
   """Every leaf must be real floating-point, with points of at least 2 elements.
 
-  ``layouts``: the :class:`points.Layout` of each leaf, in order; default: columns.
+  ``layouts``: the :class:`points.Layout` of each leaf, in order.
   """
-  for index, (name, leaf) in enumerate(named_leaves(tree)):
+  for (name, leaf), layout in zip(named_leaves(tree), layouts, strict=True):
     shape = tuple(getattr(leaf, 'shape', ()))
-    size = None if layouts is None else layouts[index].point_size(shape)
-    problem = manifold_leaf_problem(shape, getattr(leaf, 'dtype', None), size)
+    problem = manifold_leaf_problem(getattr(leaf, 'dtype', None), layout.point_size(shape))
     if problem:
       raise ValueError(
         f'{transform_name}: leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '

@@ -134,7 +134,7 @@ def _split(columns: jax.Array, leaves: list[_Leaf], *, broadcast: bool) -> list[
     if broadcast:
       shape = leaf.layout.per_point_shape(leaf.w.shape)
     else:
-      shape = tuple(leaf.w.shape[a] for a in leaf.layout.batch)
+      shape = leaf.layout.batch_shape(leaf.w.shape)
     out.append(part.reshape(*columns.shape[:-1], *shape))
     start += leaf.num_points
   return out
@@ -395,7 +395,7 @@ def _mix_init(params, layouts):
   """``(1, 0)`` per point: the stored buffer is the transported one."""
 
   def init(layout, w):
-    shape = tuple(w.shape[a] for a in layout.batch)
+    shape = layout.batch_shape(w.shape)
     dtype = manifold.compute_dtype(w)
     return jnp.stack([jnp.ones(shape, dtype), jnp.zeros(shape, dtype)])
 

@@ -308,7 +308,7 @@ def check_labels(
       continue
     shape = tuple(leaf.shape)
     n, p = layout.point_size(shape), layout.points_per_group(shape)
-    problem = checks.manifold_leaf_problem(shape, getattr(leaf, 'dtype', None), n)
+    problem = checks.manifold_leaf_problem(getattr(leaf, 'dtype', None), n)
     if problem:
       raise ValueError(
         f'The grassmann leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '

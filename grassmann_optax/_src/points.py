@@ -84,8 +84,12 @@ class Layout(NamedTuple):
   def points_per_group(self, shape) -> int:
     return shape[self.batch[-1]] if self.batch else 1
 
+  def batch_shape(self, shape) -> tuple[int, ...]:
+    """The shape of per-point state: the batch axes of the leaf."""
+    return tuple(shape[a] for a in self.batch)
+
   def num_points(self, shape) -> int:
-    return math.prod(shape[a] for a in self.batch)
+    return math.prod(self.batch_shape(shape))
 
   def per_point_shape(self, shape) -> tuple[int, ...]:
     """The shape of per-point scalars that broadcast against the leaf (1 on point axes)."""
@@ -126,9 +130,3 @@ def check_names(params: Any, point_axes: PointAxes) -> None:
   extra = sorted(set(_named_specs(point_axes)) - names)
   if extra:
     raise ValueError(f'point_axes names {extra[0]!r}, which is not a leaf of the params.')
-
-
-def layouts_tree(tree: Any, point_axes: PointAxes) -> Any:
-  """:func:`resolve` as a tree with the structure of ``tree``."""
-  treedef = jax.tree.structure(tree)
-  return jax.tree.unflatten(treedef, resolve(tree, point_axes))

@@ -77,8 +77,7 @@ def per_point_zeros(params, layouts: list[points.Layout]):
   """One zero per point (float32 or wider), shaped by the batch axes of each leaf."""
 
   def zeros(layout, w):
-    shape = tuple(w.shape[a] for a in layout.batch)
-    return jnp.zeros(shape, manifold.compute_dtype(w))
+    return jnp.zeros(layout.batch_shape(w.shape), manifold.compute_dtype(w))
 
   return map_leaves(zeros, layouts, params)
 
@@ -494,7 +493,7 @@ def initial_radius(params, layouts: list[points.Layout]):
   """The norm of every point of ``params``, shaped by the batch axes of each leaf."""
 
   def norm(layout, w):
-    shape = tuple(w.shape[a] for a in layout.batch)
-    return manifold.column_norm(manifold.upcast(w), layout.point).reshape(shape)
+    norm = manifold.column_norm(manifold.upcast(w), layout.point)
+    return norm.reshape(layout.batch_shape(w.shape))
 
   return map_leaves(norm, layouts, params)
