@@ -4,12 +4,6 @@ Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (arXiv:170
 """
 
 from grassmann_optax._src.alias import adamg, euclidean_sgd, grassmann_partition, sgdg
-from grassmann_optax._src.fused import (
-  AdamgManifoldState,
-  SgdgManifoldState,
-  adamg_manifold_update,
-  sgdg_manifold_update,
-)
 from grassmann_optax._src.initializers import unit_initializer
 from grassmann_optax._src.labels import (
   EUCLIDEAN,
@@ -19,51 +13,47 @@ from grassmann_optax._src.labels import (
   grassmann_labels,
   is_undercomplete_conv,
 )
-from grassmann_optax._src.native import column_products
-from grassmann_optax._src.native import kernel_disabled as cpu_kernel_disabled
-from grassmann_optax._src.native import kernel_variant as cpu_kernel_variant
 from grassmann_optax._src.orthogonality import orthogonality_penalty
+from grassmann_optax._src.steps import (
+  Basis,
+  GrassmannAdamState,
+  GrassmannSgdState,
+  grassmann_adam,
+  grassmann_sgd,
+)
 from grassmann_optax._src.transforms import (
   ExpMapUpdateState,
-  GrassmannAdamMomentsState,
-  GrassmannMomentumState,
   add_orthogonality_gradient,
   exp_map_update,
-  grassmann_adam_moments,
   grassmann_clip,
-  grassmann_momentum,
+  project_params,
   project_to_tangent,
 )
 
 __version__ = '0.1.0'
 
 __all__ = (
-  'AdamgManifoldState',
+  'Basis',
   'EUCLIDEAN',
   'ExpMapUpdateState',
   'GRASSMANN',
-  'GrassmannAdamMomentsState',
-  'GrassmannMomentumState',
+  'GrassmannAdamState',
+  'GrassmannSgdState',
   'ScaleInvariance',
-  'SgdgManifoldState',
   'add_orthogonality_gradient',
   'adamg',
-  'adamg_manifold_update',
-  'column_products',
-  'cpu_kernel_disabled',
-  'cpu_kernel_variant',
   'euclidean_sgd',
   'exp_map_update',
   'find_scale_invariant',
-  'grassmann_adam_moments',
+  'grassmann_adam',
   'grassmann_clip',
   'grassmann_labels',
-  'grassmann_momentum',
   'grassmann_partition',
+  'grassmann_sgd',
   'is_undercomplete_conv',
   'orthogonality_penalty',
+  'project_params',
   'project_to_tangent',
   'sgdg',
-  'sgdg_manifold_update',
   'unit_initializer',
 )

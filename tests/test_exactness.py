@@ -1,7 +1,9 @@
 """The library against the original algorithm (``tests/reference.py``) outside the golden regime.
 
-Large learning rates, no clipping, steps of more than π/2, long runs in float64, gradients up to
-the dtype's maximum, non-finite gradients, and derivatives of the update.
+Every route a user takes: the README's chain, the same with the projection and clipping as
+transforms of their own, and the aliases. Large learning rates, no clipping, steps of more than
+π/2, long runs in float64, radial, tiny and huge gradients, gradients up to the dtype's maximum,
+zero points, non-finite gradients, and derivatives of the update.
 """
 
 import jax
@@ -26,10 +28,25 @@ def gradients(rs, steps, low=-2.0, high=1.0, n=N, p=P):
   return [rs.randn(n, p) * 10 ** rs.uniform(low, high, size=p) for _ in range(steps)]
 
 
-def fused(name, lr, **hp):
+def step(name, lr, *, grad_clip=0.1):
   if name == 'sgdg':
-    return go.sgdg_manifold_update(lr, momentum=0.9, **hp)
-  return go.adamg_manifold_update(lr, **hp)
+    return go.grassmann_sgd(lr, 0.9, grad_clip=grad_clip)
+  return go.grassmann_adam(lr, grad_clip=grad_clip)
+
+
+def chain(name, lr, *, grad_clip=0.1, omega=0.0):
+  """The README's chain: the orthogonality term, then the manifold step."""
+  return optax.chain(go.add_orthogonality_gradient(omega), step(name, lr, grad_clip=grad_clip))
+
+
+def pieces(name, lr, *, grad_clip=0.1, omega=0.0):
+  """The same with the projection and clipping as transforms of their own."""
+  return optax.chain(
+    go.add_orthogonality_gradient(omega),
+    go.project_to_tangent(),
+    go.grassmann_clip(grad_clip),
+    step(name, lr, grad_clip=None),
+  )
 
 
 def alias(name, lr, *, omega=0.0, **hp):
@@ -37,16 +54,7 @@ def alias(name, lr, *, omega=0.0, **hp):
   return factory(0.01, lr, omega=omega, param_labels={'w': 'grassmann'}, **hp)
 
 
-def chain(name, lr, *, grad_clip=0.1, omega=0.0):
-  moments = go.grassmann_momentum(0.9) if name == 'sgdg' else go.grassmann_adam_moments()
-  return optax.chain(
-    go.add_orthogonality_gradient(omega),
-    go.project_to_tangent(),
-    go.grassmann_clip(grad_clip),
-    moments,
-    optax.scale_by_learning_rate(lr),
-    go.exp_map_update(),
-  )
+ROUTES = {'chain': chain, 'pieces': pieces, 'alias': alias}
 
 
 def expected_points(name, w0, grads, lr, **hp):
@@ -95,16 +103,18 @@ def x64():
     ('sgdg', 4.0, 0.1, -2, 1, 40),  # clipped, but η ν/(1 − γ) = 4 rad
   ],
 )
-@pytest.mark.parametrize('route', ['fused', 'alias'])
+@pytest.mark.parametrize('route', sorted(ROUTES))
 def test_large_steps_follow_the_original_algorithm(
   x64, route, name, lr, grad_clip, low, high, steps
 ):
   rs = np.random.RandomState(0)
   w0, grads = unit_columns(rs), gradients(rs, steps, low, high)
   expected = expected_points(name, w0, grads, lr, grad_clip=grad_clip)
-  make = fused if route == 'fused' else alias
-  got = library_points(make(name, lr, grad_clip=grad_clip), w0, grads, wrap=route == 'alias')
-  assert max_difference(got, expected) < 1e-9
+  tx = ROUTES[route](name, lr, grad_clip=grad_clip)
+  got = library_points(tx, w0, grads, wrap=route == 'alias')
+  # Projecting twice (the piece, then the step) removes the originals' ε-sized normal part of h
+  # twice: a difference of about 1e-8 per step.
+  assert max_difference(got, expected) < (1e-6 if route == 'pieces' else 1e-9)
 
 
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
@@ -119,111 +129,172 @@ def test_steps_of_a_right_angle_are_exact(x64, name):
     y = w0 / (np.linalg.norm(w0, axis=0) + 1e-8)
     h = grads[0] - np.sum(y * grads[0], axis=0) * y
     lr = (np.pi / 2) / np.linalg.norm(h[:, 0])
-    tx = go.sgdg_manifold_update(lr, momentum=0.5, grad_clip=None)
+    tx = go.grassmann_sgd(lr, 0.5, grad_clip=None)
     expected = [
       o[0] for o in reference.sgdg_trajectory(w0, grads, lr, momentum=0.5, grad_clip=None)
     ]
   else:
     lr = np.pi / 2 + 1e-6
-    tx = go.adamg_manifold_update(lr, grad_clip=None)
+    tx = go.grassmann_adam(lr, grad_clip=None)
     expected = expected_points('adamg', w0, grads, lr, grad_clip=None)
   got = library_points(tx, w0, grads)
   assert max_difference(got, expected) < 1e-9
 
 
+@pytest.mark.parametrize('route', ['chain', 'alias'])
 @pytest.mark.parametrize(
   'name, lr, omega', [('sgdg', 0.2, 0.1), ('adamg', 0.05, 0.1), ('sgdg', 0.02, 0.0)]
 )
-def test_300_float64_steps_at_the_paper_settings_stay_on_the_original(x64, name, lr, omega):
+def test_300_float64_steps_at_the_paper_settings_stay_on_the_original(x64, route, name, lr, omega):
   rs = np.random.RandomState(2)
   w0, grads = unit_columns(rs), gradients(rs, 300, -4.5, 0.5)
   hp = {'grad_clip': 0.1, 'omega': omega}
   expected = expected_points(name, w0, grads, lr, **hp)
-  got = library_points(fused(name, lr, **hp), w0, grads)
+  got = library_points(ROUTES[route](name, lr, **hp), w0, grads, wrap=route == 'alias')
   assert max_difference(got, expected) < 1e-10
 
 
-def test_fused_buffers_are_the_original_buffers_after_large_steps(x64):
-  """The stored buffer, decoded with ``mix``, is the originals' transported buffer (τ = −η b)."""
+@pytest.mark.parametrize('route', ['chain', 'alias'])
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+@pytest.mark.parametrize('scale', [1e-30, 1e-12, 1e12, 1e30])
+def test_tiny_and_huge_gradients_follow_the_original(x64, route, name, scale):
+  """Gradients many orders of magnitude from 1, 30 steps. Unclipped SGD-G steps of a huge
+  gradient turn a point by about 1e11 rad and more, an angle whose last bits decide where the
+  point lands (in the originals too), so it is compared clipped only."""
+  rs = np.random.RandomState(10)
+  w0 = unit_columns(rs)
+  grads = [g * scale for g in gradients(rs, 30, -1, 1)]
+  lr = 0.2 if name == 'sgdg' else 0.05
+  clips = (0.1,) if name == 'sgdg' and scale > 1 else (0.1, None)
+  for grad_clip in clips:
+    expected = expected_points(name, w0, grads, lr, grad_clip=grad_clip)
+    tx = ROUTES[route](name, lr, grad_clip=grad_clip)
+    got = library_points(tx, w0, grads, wrap=route == 'alias')
+    assert max_difference(got, expected) < 1e-6, grad_clip
+
+
+@pytest.mark.parametrize('route', ['chain', 'alias'])
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_radial_gradients_follow_the_original(x64, route, name):
+  """Gradients along the current points (their tangent part is the originals' ε and rounding)
+  plus a small tangent noise, 300 steps, from points of norm 1 and 3."""
+  rs = np.random.RandomState(11)
+  w0 = unit_columns(rs) * np.where(np.arange(P) % 2, 1.0, 3.0)
+  sizes = rs.uniform(1, 10, size=(300, P))
+  noise = rs.randn(300, N, P) * 1e-3
+  gradient = lambda k, w: sizes[k] * np.asarray(w) + noise[k]
+  lr = 0.2 if name == 'sgdg' else 0.05
+  # The original, step by step.
+  w, buffer, v = reference.columns(w0), np.zeros((N, P)), np.zeros((1, P))
+  expected = []
+  for k in range(300):
+    if name == 'sgdg':
+      w, buffer = reference.sgdg_step(w, gradient(k, w), buffer, lr)
+    else:
+      w, buffer, v = reference.adamg_step(w, gradient(k, w), buffer, v, k + 1, lr)
+    expected.append(w)
+  # The library.
+  tx = ROUTES[route](name, lr)
+  params = {'w': jnp.asarray(w0)} if route == 'alias' else jnp.asarray(w0)
+  state, update = tx.init(params), jax.jit(tx.update)
+  got = []
+  for k in range(300):
+    w = params['w'] if route == 'alias' else params
+    g = jnp.asarray(gradient(k, w))
+    updates, state = update({'w': g} if route == 'alias' else g, state, params)
+    params = optax.apply_updates(params, updates)
+    got.append(np.asarray(params['w'] if route == 'alias' else params))
+  assert max_difference(got, expected) < 1e-6
+
+
+def test_buffers_are_the_original_buffers_after_large_steps(x64):
+  """The stored buffer, decoded with its basis, is the originals' transported buffer (τ = −η b)."""
   rs = np.random.RandomState(3)
   w0, grads = unit_columns(rs), gradients(rs, 10, -1, 0.5)
   lr = 1.5
   expected = reference.sgdg_trajectory(w0, grads, lr, grad_clip=None)
-  tx = go.sgdg_manifold_update(lr, grad_clip=None)
+  tx = go.grassmann_sgd(lr, grad_clip=None)
   w = jnp.asarray(w0)
   state = tx.init(w)
   mixed = 0
   for g, (point, tau) in zip(grads, expected, strict=True):
     updates, state = jax.jit(tx.update)(jnp.asarray(g), state, w)
     w = w + updates
-    buffer = state.mix[0] * state.trace + state.mix[1] * w
-    mixed += int(jnp.sum(state.mix[0] != 1))
+    buffer = state.basis.on_buffer * state.trace + state.basis.on_point * w
+    mixed += int(jnp.sum(state.basis.on_buffer != 1))
     np.testing.assert_allclose(w, point, atol=1e-10)
     np.testing.assert_allclose(-lr * buffer, tau, atol=1e-9)
   assert mixed > 0, 'no step came close enough to a right angle to use the mixed basis'
 
 
+# Scale: overflow and zero points ---------------------------------------------------------------
+
+
+def _clipped_gradient(rs, n=N, p=P):
+  """Gradients whose every column has a tangent part far above ν = 0.1, so it is clipped."""
+  g = rs.randn(n, p)
+  g[:, 3] *= 1e-1
+  return g
+
+
+@pytest.mark.parametrize('make', [chain, alias], ids=['chain', 'alias'])
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
-def test_the_chain_is_exact_below_a_right_angle_and_says_so_beyond(x64, name):
-  """The documented limit of the chain's lazy transport, on both sides."""
-  rs = np.random.RandomState(4)
-  w0, grads = unit_columns(rs), gradients(rs, 6, -1, 0)
-  # Below: Adam-G steps of about 1 rad; SGD-G clipped, at most η ν/(1 − γ) = 1 rad.
-  lr_below = 1.0
-  hp = {'grad_clip': 0.1}
-  below = max_difference(
-    library_points(chain(name, lr_below, **hp), w0, grads),
-    expected_points(name, w0, grads, lr_below, **hp),
-  )
-  assert below < 1e-6
-  # Beyond: steps of 1.5 to 3 rad.
-  lr_beyond = 2.0 if name == 'adamg' else 15.0
-  beyond = max_difference(
-    library_points(chain(name, lr_beyond, **hp), w0, grads),
-    expected_points(name, w0, grads, lr_beyond, **hp),
-  )
-  assert beyond > 0.1
-  assert go.grassmann_momentum.__doc__.count('π/2') >= 2
-  assert go.grassmann_adam_moments.__doc__.count('π/2') >= 2
-
-
-# Overflow --------------------------------------------------------------------------------------
-
-
-def _big_and_small(dtype, rs):
-  """Gradients whose largest element is the dtype's maximum, and the same scaled down."""
-  g = rs.randn(N, P)
-  g[:, 3] *= 1e-3  # columns of different sizes
-  big = jnp.asarray(g / np.abs(g).max() * float(jnp.finfo(dtype).max), dtype)
-  small = (big.astype(jnp.float32) * 2.0**-120).astype(dtype)
-  return big, small
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('make', [fused, alias], ids=['fused', 'alias'])
-@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
-def test_gradients_up_to_the_dtype_maximum_give_the_clipped_step(name, make, dtype):
+def test_the_clipped_step_is_the_same_at_every_scale(name, make):
+  """``c·g`` gives the update of ``g`` for every finite ``c`` at which ``g`` is clipped: the
+  overflow rescue is exact at every scale, including where squares are finite but their products
+  are not (about 1e19 in float32)."""
   rs = np.random.RandomState(5)
-  w = jnp.asarray(unit_columns(rs), dtype)
-  big, small = _big_and_small(dtype, rs)
-  tx = make(name, 0.2, grad_clip=0.1, omega=0.0)
+  w = jnp.asarray(unit_columns(rs), jnp.float32)
+  g = _clipped_gradient(rs)
+  g = g / np.abs(g).max()
   wrap = make is alias
+  tx = make(name, 0.2, grad_clip=0.1)
   params = {'w': w} if wrap else w
+  update = jax.jit(tx.update)
 
-  def update(g):
-    updates, state = jax.jit(tx.update)({'w': g} if wrap else g, tx.init(params), params)
-    return updates['w'] if wrap else updates
+  def step(c):
+    grads = jnp.asarray(g * c, jnp.float32)
+    updates, _ = update({'w': grads} if wrap else grads, tx.init(params), params)
+    return np.asarray(updates['w'] if wrap else updates)
 
-  u_big, u_small = update(big), update(small)
-  assert bool(jnp.all(jnp.isfinite(u_big.astype(jnp.float32))))
-  np.testing.assert_allclose(
-    u_big.astype(jnp.float32), u_small.astype(jnp.float32), atol=1e-6 if dtype == jnp.float32 else 0
-  )
+  reference_update = step(1.0)
+  for c in (10.0, 1e10, 1e17, 1e19, 3e19, 1e25, 1e30, 2.0**126, float(np.finfo(np.float32).max)):
+    got = step(c)
+    assert np.all(np.isfinite(got)), c
+    np.testing.assert_allclose(got, reference_update, atol=1e-6, err_msg=f'scale {c:g}')
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_one_column_near_the_float32_maximum_is_clipped_among_normal_ones(name):
+  """Partial overflow: one column's squares overflow, the others are ordinary; every column's
+  tangent gradient is still clipped to ν, and the ordinary ones move as without that column."""
+  rs = np.random.RandomState(12)
+  w = jnp.asarray(unit_columns(rs), jnp.float32)
+  g = rs.randn(N, P)
+  big = g.copy()
+  big[:, 4] = g[:, 4] / np.abs(g[:, 4]).max() * 2.0**126
+  h_norm = lambda x: np.linalg.norm(x - np.sum(np.asarray(w) * x, axis=0) * np.asarray(w), axis=0)
+  assert np.all(h_norm(g) > 0.1)
+  tx = step(name, 1.0, grad_clip=0.1)
+  state = tx.init(w)
+  if name == 'sgdg':  # with zero momentum at step 1, the step is η·clip(h): θ = ν per column
+    (u_big, _), (u_g, _) = (tx.update(jnp.asarray(x, jnp.float32), state, w) for x in (big, g))
+    angles = np.arccos(np.clip(np.sum(np.asarray(w + u_big) * np.asarray(w), axis=0), -1, 1))
+    np.testing.assert_allclose(angles, 0.1, atol=1e-4)
+  else:
+    (u_big, _), (u_g, _) = (tx.update(jnp.asarray(x, jnp.float32), state, w) for x in (big, g))
+  others = np.arange(P) != 4
+  np.testing.assert_allclose(np.asarray(u_big)[:, others], np.asarray(u_g)[:, others], atol=1e-6)
+  # The big column moved like the same column scaled down.
+  scaled = g.copy()
+  scaled[:, 4] = g[:, 4] / np.abs(g[:, 4]).max()
+  u_scaled, _ = tx.update(jnp.asarray(scaled, jnp.float32), state, w)
+  np.testing.assert_allclose(np.asarray(u_big)[:, 4], np.asarray(u_scaled)[:, 4], atol=1e-6)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_the_chain_clips_huge_gradients_like_small_ones(dtype):
-  """Norms and inner products of the chain do not overflow (gradients up to 2^127)."""
+def test_the_standalone_pieces_clip_huge_gradients_like_small_ones(dtype):
+  """Norms and inner products of project_to_tangent and grassmann_clip do not overflow."""
   rs = np.random.RandomState(6)
   w = jnp.asarray(unit_columns(rs), dtype)
   g = rs.randn(N, P)
@@ -235,6 +306,38 @@ def test_the_chain_clips_huge_gradients_like_small_ones(dtype):
   np.testing.assert_allclose(h_big.astype(jnp.float32), h_small.astype(jnp.float32), atol=1e-6)
 
 
+@pytest.mark.parametrize('make', ['sgdg', 'adamg', 'exp_map'])
+@pytest.mark.parametrize('size', [0.0, 1e-38, 1e-41, 1e-12])
+def test_a_zero_or_tiny_point_is_on_the_sphere_after_its_first_step(make, size):
+  """A point shorter than the ε of unit() has no direction; its first step puts it on the sphere
+  (in the direction of the step), and the other points move as without it."""
+  rs = np.random.RandomState(13)
+  w = np.asarray(unit_columns(rs), np.float32)
+  w[:, 2] = size
+  w = jnp.asarray(w)
+  g = jnp.asarray(rs.randn(N, P), jnp.float32)
+  if make == 'exp_map':
+    tx = optax.chain(go.project_to_tangent(), optax.scale(-0.1), go.exp_map_update(radius=2.0))
+    radius = 2.0
+  else:
+    tx = step('sgdg' if make == 'sgdg' else 'adamg', 0.05)
+    radius = 1.0
+  state = tx.init(w)
+  u, state = jax.jit(tx.update)(g, state, w)
+  new = w + u
+  norms = np.linalg.norm(np.asarray(new), axis=0)
+  np.testing.assert_allclose(norms, radius, rtol=1e-6)
+  # The new point lies along the descent direction −g of that column (its projection at a zero
+  # point is g itself).
+  cosine = np.dot(np.asarray(new[:, 2]), -np.asarray(g[:, 2])) / (
+    norms[2] * np.linalg.norm(g[:, 2])
+  )
+  assert cosine > 0.999
+  if make != 'exp_map':  # and the next step goes on from there, staying on the sphere
+    u, _ = jax.jit(tx.update)(g, state, new)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(new + u), axis=0), 1.0, rtol=1e-6)
+
+
 # Non-finite gradients --------------------------------------------------------------------------
 
 
@@ -244,33 +347,35 @@ def test_a_non_finite_column_is_held_and_does_not_spread(name):
   params = {'w': jnp.asarray(unit_columns(rs), jnp.float32)}
   grads = [jnp.asarray(g, jnp.float32) for g in gradients(rs, 3)]
   tx = alias(name, 0.2, omega=0.1)
-  step = jax.jit(tx.update)
+  update = jax.jit(tx.update)
   state = tx.init(params)
-  updates, state = step({'w': grads[0]}, state, params)
+  updates, state = update({'w': grads[0]}, state, params)
   params = optax.apply_updates(params, updates)
   # Step 2: one NaN element in column 2; every other column moves as with a finite gradient.
   bad = grads[1].at[5, 2].set(jnp.nan)
   clean = grads[1].at[:, 2].set(0.0)
-  u_bad, state_bad = step({'w': bad}, state, params)
-  u_clean, _ = step({'w': clean}, state, params)
+  u_bad, state_bad = update({'w': bad}, state, params)
+  u_clean, _ = update({'w': clean}, state, params)
   others = np.arange(P) != 2
-  np.testing.assert_array_equal(u_bad['w'][:, others], u_clean['w'][:, others])
+  # The orthogonality term couples the columns: a NaN column's term is NaN for the others too,
+  # unless it is held out, which the test then shows.
+  np.testing.assert_allclose(u_bad['w'][:, others], u_clean['w'][:, others], atol=1e-6)
   np.testing.assert_array_equal(u_bad['w'][:, 2], 0)
-  manifold_state = state_bad.inner_states['grassmann'].inner_state
-  old_state = state.inner_states['grassmann'].inner_state
+  manifold_state = state_bad.inner_states['grassmann'].inner_state[1]
+  old_state = state.inner_states['grassmann'].inner_state[1]
   buffer = 'trace' if name == 'sgdg' else 'mu'
   np.testing.assert_array_equal(
     getattr(manifold_state, buffer)['w'][:, 2], getattr(old_state, buffer)['w'][:, 2]
   )
   # Step 3, through the orthogonality term that couples the columns: still all finite.
   params = optax.apply_updates(params, u_bad)
-  updates, _ = step({'w': grads[2]}, state_bad, params)
+  updates, _ = update({'w': grads[2]}, state_bad, params)
   assert bool(jnp.all(jnp.isfinite(optax.apply_updates(params, updates)['w'])))
 
 
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
 def test_apply_if_finite_skips_a_step_with_a_non_finite_gradient(name):
-  """The remedy the README shows: the whole step is skipped and counted."""
+  """The remedy the docs show: the whole step is skipped and counted."""
   rs = np.random.RandomState(8)
   params = {'w': jnp.asarray(unit_columns(rs), jnp.float32), 'b': jnp.zeros(P)}
   labels = {'w': 'grassmann', 'b': 'euclidean'}
@@ -289,13 +394,13 @@ def test_apply_if_finite_skips_a_step_with_a_non_finite_gradient(name):
 # Derivatives -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('route', ['fused', 'alias', 'chain'])
+@pytest.mark.parametrize('route', ['chain', 'alias'])
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
 def test_the_update_is_differentiable_at_a_zero_buffer_and_a_zero_gradient_column(name, route):
   rs = np.random.RandomState(9)
   w = jnp.asarray(unit_columns(rs), jnp.float32)
   g = jnp.asarray(rs.randn(N, P), jnp.float32).at[:, 1].set(0.0)
-  tx = {'fused': fused, 'alias': alias, 'chain': chain}[route](name, 0.2, omega=0.1)
+  tx = ROUTES[route](name, 0.2, omega=0.1)
   wrap = route == 'alias'
 
   def moved(w):  # a meta-learning style objective of the updated parameters

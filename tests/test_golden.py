@@ -1,10 +1,11 @@
 """The library reproduces the original SGDG/AdamG trajectories (tests/data/golden) to 1e-6.
 
-Three routes, each over all six golden runs, in float32: the public aliases (fused manifold
-step), a chain assembled by hand from the public transforms, and the fused manifold transforms
-inside a hand-built partition. Parameters are compared at every step, and so are the buffers:
-the Euclidean momentum as stored, the manifold buffers after transport (the fused state holds
-them transported; the chain's lazily-stored ones are transported here, independently).
+Three routes, each over all six golden runs, in float32: the public aliases; the README's chain
+(the orthogonality term and a manifold step inside a plain ``optax.partition``, with Optax's own
+Nesterov SGD); and the same with the projection and clipping done by the standalone transforms
+before the step. Parameters are compared at every step, and so are the buffers: the Euclidean
+momentum as stored, the manifold buffers transported to the current point (decoded from the
+stored buffer and its per-point basis).
 """
 
 import chex
@@ -20,21 +21,13 @@ from tests import golden, reference
 ATOL = 1e-6
 
 
-def hand_chain(name: str, hp: dict) -> optax.GradientTransformation:
-  """SGD-G / Adam-G assembled from the public transforms, as a user would."""
-  moments = (
-    go.grassmann_momentum(hp['momentum'])
-    if name == 'sgdg'
-    else go.grassmann_adam_moments(b1=hp['momentum'], b2=0.99, eps=1e-8)
-  )
-  manifold = optax.chain(
-    go.add_orthogonality_gradient(hp['omega']),
-    go.project_to_tangent(),
-    go.grassmann_clip(hp['grad_clip']),
-    moments,
-    optax.scale_by_learning_rate(hp['grassmann_learning_rate']),
-    go.exp_map_update(),
-  )
+def manifold_step(name: str, hp: dict, grad_clip):
+  if name == 'sgdg':
+    return go.grassmann_sgd(hp['grassmann_learning_rate'], hp['momentum'], grad_clip=grad_clip)
+  return go.grassmann_adam(hp['grassmann_learning_rate'], hp['momentum'], grad_clip=grad_clip)
+
+
+def _partition(manifold, hp):
   euclidean = optax.chain(
     optax.add_decayed_weights(hp['weight_decay'], mask={'conv': False, 'bias': False, 'fc': True}),
     optax.sgd(hp['learning_rate'], momentum=hp['momentum'], nesterov=True),
@@ -42,22 +35,23 @@ def hand_chain(name: str, hp: dict) -> optax.GradientTransformation:
   return optax.partition({'grassmann': manifold, 'euclidean': euclidean}, golden.LABELS)
 
 
-def fused_partition(name: str, hp: dict) -> optax.GradientTransformation:
-  if name == 'sgdg':
-    manifold = go.sgdg_manifold_update(
-      hp['grassmann_learning_rate'],
-      momentum=hp['momentum'],
-      grad_clip=hp['grad_clip'],
-      omega=hp['omega'],
-    )
-  else:
-    manifold = go.adamg_manifold_update(
-      hp['grassmann_learning_rate'], b1=hp['momentum'], grad_clip=hp['grad_clip'], omega=hp['omega']
-    )
-  euclidean = go.euclidean_sgd(
-    hp['learning_rate'], momentum=hp['momentum'], weight_decay=hp['weight_decay']
+def readme_chain(name: str, hp: dict) -> optax.GradientTransformation:
+  """SGD-G / Adam-G assembled from the public transforms, as the README shows."""
+  manifold = optax.chain(
+    go.add_orthogonality_gradient(hp['omega']), manifold_step(name, hp, hp['grad_clip'])
   )
-  return go.grassmann_partition(manifold, euclidean, golden.LABELS)
+  return _partition(manifold, hp)
+
+
+def pieces_chain(name: str, hp: dict) -> optax.GradientTransformation:
+  """The same, with projection and clipping as transforms of their own before the step."""
+  manifold = optax.chain(
+    go.add_orthogonality_gradient(hp['omega']),
+    go.project_to_tangent(),
+    go.grassmann_clip(hp['grad_clip']),
+    manifold_step(name, hp, None),
+  )
+  return _partition(manifold, hp)
 
 
 def alias(name: str, hp: dict) -> optax.GradientTransformation:
@@ -65,7 +59,7 @@ def alias(name: str, hp: dict) -> optax.GradientTransformation:
   return factory(**hp, param_labels=golden.LABELS)
 
 
-ROUTES = {'alias': alias, 'chain': hand_chain, 'fused': fused_partition}
+ROUTES = {'alias': alias, 'chain': readme_chain, 'pieces': pieces_chain}
 
 
 def run(tx, data, variant):
@@ -106,22 +100,14 @@ def _states_of(state, cls):
   return found
 
 
-def manifold_buffers(route: str, name: str, state, params) -> tuple[jax.Array, jax.Array | None]:
+def manifold_buffers(name: str, state, params) -> tuple[jax.Array, jax.Array | None]:
   """The manifold buffer transported to the current point (gradient units), and Adam-G's ``v``."""
-  if route == 'chain':
-    y, _ = go_unit(params['conv'])
-    if name == 'sgdg':
-      (momentum,) = _states_of(state, go.GrassmannMomentumState)
-      return transport(y, momentum.trace['conv']), None
-    (moments,) = _states_of(state, go.GrassmannAdamMomentsState)
-    return transport(y, moments.mu['conv']), moments.nu['conv']
-  if name == 'sgdg':
-    (fused,) = _states_of(state, go.SgdgManifoldState)
-    buffer, mix = fused.trace['conv'], fused.mix['conv']
-    return mix[0] * buffer + mix[1] * params['conv'], None
-  (fused,) = _states_of(state, go.AdamgManifoldState)
-  buffer, mix = fused.mu['conv'], fused.mix['conv']
-  return mix[0] * buffer + mix[1] * params['conv'], fused.nu['conv']
+  cls = go.GrassmannSgdState if name == 'sgdg' else go.GrassmannAdamState
+  (step,) = _states_of(state, cls)
+  buffer = step.trace['conv'] if name == 'sgdg' else step.mu['conv']
+  basis = jax.tree.map(lambda tree: tree['conv'], step.basis, is_leaf=lambda x: isinstance(x, dict))
+  transported = basis.on_buffer * buffer + basis.on_point * params['conv']
+  return transported, None if name == 'sgdg' else step.nu['conv']
 
 
 @pytest.mark.parametrize('route', sorted(ROUTES))
@@ -140,7 +126,7 @@ def test_buffers_match_golden(name, variant, route):
       atol=ATOL,
       rtol=0,
     )
-    buffer, v = manifold_buffers('chain' if route == 'chain' else 'fused', name, state, params)
+    buffer, v = manifold_buffers(name, state, params)
     if name == 'sgdg':  # the originals' buffer holds the learning rate: τ = −η_G b
       expected = golden.conv_rows_to_flax(data[f'{variant}_conv_mom'])[k]
       np.testing.assert_allclose(-hp['grassmann_learning_rate'] * buffer, expected, atol=ATOL)
@@ -170,19 +156,3 @@ def test_the_reference_transcription_reproduces_the_original(name, variant):
   for k, (point, buffer, *_) in enumerate(out):
     np.testing.assert_allclose(point, rows(data[f'{variant}_conv'][k]), atol=2e-7, rtol=0)
     np.testing.assert_allclose(buffer, buffers[k].T, atol=2e-8, rtol=0)
-
-
-def go_unit(w):
-  norm = jnp.linalg.norm(w.reshape(-1, w.shape[-1]), axis=0)
-  return w / (norm + 1e-8), norm
-
-
-def transport(y_new, b):
-  """(T1): ‖b‖ P(b)/‖P(b)‖ at the new point, computed independently of the library."""
-  cols_y, cols_b = y_new.reshape(-1, y_new.shape[-1]), b.reshape(-1, b.shape[-1])
-  projected = cols_b - jnp.sum(cols_y * cols_b, axis=0) * cols_y
-  p_norm = jnp.linalg.norm(projected, axis=0)
-  scale = jnp.where(
-    p_norm > 0, jnp.linalg.norm(cols_b, axis=0) / jnp.where(p_norm > 0, p_norm, 1), 0
-  )
-  return (projected * scale).reshape(b.shape)

@@ -197,7 +197,7 @@ def test_grassmann_leaf_with_fewer_than_two_rows():
   labels = {'conv': {'kernel': 'grassmann'}, 'head': {'bias': 'grassmann'}}
   with pytest.raises(ValueError, match=r"'head/bias'.*at least 2 rows"):
     go.adamg(0.1, 0.1, param_labels=labels).init(PARAMS)
-  for transform in (go.project_to_tangent(), go.grassmann_momentum(), go.exp_map_update()):
+  for transform in (go.project_to_tangent(), go.grassmann_sgd(0.1), go.exp_map_update()):
     with pytest.raises(ValueError, match=r"leaf 'x'.*at least 2 rows"):
       transform.init({'x': jnp.ones((1, 4))})
 
@@ -231,11 +231,9 @@ def test_manifold_leaves_must_be_real_floating_point(dtype, kind):
   transforms = [
     go.add_orthogonality_gradient(0.1),
     go.project_to_tangent(),
-    go.grassmann_momentum(),
-    go.grassmann_adam_moments(),
     go.exp_map_update(),
-    go.sgdg_manifold_update(0.1),
-    go.adamg_manifold_update(0.1),
+    go.grassmann_sgd(0.1),
+    go.grassmann_adam(0.1),
   ]
   for transform in transforms:
     with pytest.raises(ValueError, match=rf"leaf 'kernel'.*{kind}"):
@@ -270,10 +268,8 @@ def _update_with(tx, init_params, params, grads):
       lambda: go.adamg(0.1, 0.1, param_labels=lambda p: {'conv': 'grassmann', 'bias': 'euclidean'}),
       1,
     ),
-    (lambda: go.sgdg_manifold_update(0.1), 0),
-    (lambda: go.adamg_manifold_update(0.1), 0),
-    (lambda: go.grassmann_momentum(), 0),
-    (lambda: go.grassmann_adam_moments(), 0),
+    (lambda: go.grassmann_sgd(0.1), 0),
+    (lambda: go.grassmann_adam(0.1), 0),
     (lambda: go.project_to_tangent(), 0),
     (lambda: go.exp_map_update(), 0),
     (lambda: go.euclidean_sgd(0.1), 0),
@@ -309,10 +305,10 @@ def test_update_on_other_trees_than_at_init_names_the_leaf(make, labelled):
     (lambda: go.adamg(0.1, 0.1, eps=-1e-8), 'eps=-1e-08'),
     (lambda: go.sgdg(0.1, 0.1, omega=-0.1), 'omega=-0.1'),
     (lambda: go.sgdg(0.1, 0.1, momentum=1.5), 'momentum=1.5'),
-    (lambda: go.grassmann_momentum(-0.1), 'momentum=-0.1'),
+    (lambda: go.grassmann_sgd(0.1, -0.1), 'momentum=-0.1'),
     (lambda: go.sgdg(0.1, 0.1, weight_decay=float('nan')), 'weight_decay=nan'),
     (lambda: go.grassmann_clip(-0.1), 'grad_clip=-0.1'),
-    (lambda: go.grassmann_adam_moments(b2=1.0), 'b2=1.0'),
+    (lambda: go.grassmann_adam(0.1, b2=1.0), 'b2=1.0'),
   ],
 )
 def test_hyperparameters_outside_their_range_are_refused(make, message):
@@ -325,8 +321,8 @@ def test_hyperparameters_outside_their_range_are_refused(make, message):
   [
     go.add_orthogonality_gradient(0.1),
     go.project_to_tangent(),
-    go.grassmann_momentum(),
-    go.grassmann_adam_moments(),
+    go.grassmann_sgd(0.1),
+    go.grassmann_adam(0.1),
     go.exp_map_update(),
     go.sgdg(0.1, 0.1),
     go.adamg(0.1, 0.1),

@@ -7,7 +7,7 @@ import jax
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, fused, points, transforms
+from grassmann_optax._src import checks, docstrings, points, steps, transforms
 from grassmann_optax._src import labels as labels_lib
 
 _NO_MANIFOLD_LEAF = (
@@ -26,18 +26,20 @@ def _traces(state) -> list:
 
 def _checked_against_init(
   tx: optax.GradientTransformation, name: str
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """``tx``, whose ``update`` names the leaf where the updates differ from the params at init.
 
   The momentum buffers (``optax.TraceState``) have the shape of the params at ``init``.
   """
 
-  def update_fn(updates, state, params=None):
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
     for trace in _traces(state):
       checks.check_same_tree(updates, trace.trace, 'the updates', 'the params given to init', name)
-    return tx.update(updates, state, params)
+    return tx.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformation(tx.init, update_fn)
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def euclidean_sgd(
@@ -47,7 +49,7 @@ def euclidean_sgd(
   nesterov: bool = True,
   weight_decay: ArrayLike | None = 5e-4,
   weight_decay_mask: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Coupled L2 decay then (Nesterov) momentum SGD: the Euclidean branch of the aliases.
 
   .. math::
@@ -66,7 +68,7 @@ def euclidean_sgd(
     weight_decay_mask: which leaves get decay, as in :func:`optax.add_decayed_weights`.
 
   Returns:
-    An :class:`optax.GradientTransformation`.
+    An :class:`optax.GradientTransformationExtraArgs`.
 
   Example:
     >>> import jax, jax.numpy as jnp, grassmann_optax as go
@@ -99,7 +101,7 @@ def grassmann_partition(
   point_axes: points.PointAxes = None,
   require_undercomplete: bool = True,
   name: str = 'grassmann_partition',
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """``optax.partition`` over ``'grassmann'``/``'euclidean'`` labels, checked.
 
   ``init`` raises a ValueError naming the leaf when the labels do not match the params, use an
@@ -121,14 +123,14 @@ def grassmann_partition(
     name: how messages name the optimizer.
 
   Returns:
-    An :class:`optax.GradientTransformation`.
+    An :class:`optax.GradientTransformationExtraArgs`; extra arguments of ``update`` (such as
+    ``value=``) reach both branches.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
     >>> params = {'conv': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8)),
     ...           'bias': jnp.zeros(8)}
-    >>> tx = go.grassmann_partition(
-    ...     go.adamg_manifold_update(0.05, grad_clip=None), optax.adam(1e-3), None)
+    >>> tx = go.grassmann_partition(go.grassmann_adam(0.05), optax.adam(1e-3), None)
     >>> state = tx.init(params)
   """
   label_fn = lambda params: labels_lib.resolve_labels(params, param_labels)
@@ -147,14 +149,15 @@ def grassmann_partition(
       warnings.warn(message, UserWarning, stacklevel=2)
     return inner.init(params)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     if params is not None:
       checks.check_same_tree(updates, params, 'the updates', 'the params', name)
-    return inner.update(updates, state, params)
+    return inner.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@docstrings.fill
 def sgdg(
   learning_rate: optax.ScalarOrSchedule,
   grassmann_learning_rate: optax.ScalarOrSchedule,
@@ -168,10 +171,11 @@ def sgdg(
   param_labels: labels_lib.ParamLabels | None = None,
   point_axes: points.PointAxes = None,
   radius: ArrayLike | str | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""SGD-G: Riemannian momentum SGD on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
-  For every column ``w`` of a manifold leaf, with ``y = unit(w)`` ((S1)-(S7), Algorithm 1):
+  For every point ``w`` of a manifold leaf (by default every column), with ``y = unit(w)``
+  (Algorithm 1; (S1)-(S7) of ``docs/algorithm.md``):
 
   .. math::
     h &= \mathrm{proj}_y(g + 2\omega(YY^\top Y - Y)), \quad \hat h = \mathrm{clip}(h, \nu), \\
@@ -179,30 +183,32 @@ def sgdg(
     w \leftarrow \exp_y(-\eta_G\, b).
 
   All other leaves: ``θ ← θ − η (δ + γ b)``, ``b ← γ b + δ``, ``δ = g + λθ`` with ``λ`` only on
-  kernels ((N1)-(N3)). The manifold step is one fused update, equal to the chain
-  ``add_orthogonality_gradient → project_to_tangent → grassmann_clip → grassmann_momentum →
-  scale_by_learning_rate → exp_map_update``.
+  kernels ((N1)-(N3)). It is this chain of public transforms::
+
+    grassmann_partition(
+        optax.chain(add_orthogonality_gradient(omega),
+                    grassmann_sgd(grassmann_learning_rate, momentum, grad_clip=grad_clip)),
+        euclidean_sgd(learning_rate, momentum=momentum, nesterov=nesterov,
+                      weight_decay=weight_decay),
+        param_labels)
 
   Args:
     learning_rate: η for the Euclidean leaves (0.01 in the paper's CIFAR recipe), or a schedule.
     grassmann_learning_rate: η_G for the manifold leaves (0.2), or a schedule.
     momentum: γ for both parts (0.9).
     nesterov: Nesterov momentum for the Euclidean leaves (True in the paper).
-    grad_clip: ν, the per-column clipping threshold (0.1), or ``None``.
+    grad_clip: {{grad_clip}}
     omega: ω, the orthogonality strength (0.1); 0 skips the term.
     weight_decay: coupled L2 λ for the Euclidean kernels (5e-4); never on manifold leaves.
     weight_decay_mask: which Euclidean leaves get decay, as in :func:`optax.add_decayed_weights`;
       default: leaves with ``ndim >= 2``.
     param_labels: label tree or callable ``params -> labels``; default :func:`grassmann_labels`.
       Under :func:`optax.inject_hyperparams`, name a callable in ``static_args``.
-    point_axes: the axes of each manifold leaf that form one point: ``None`` (the columns, as
-      in the paper), an int or a tuple of ints, a pytree of those, or a callable
-      ``params -> pytree`` (section 10 of ``docs/algorithm.md``).
-    radius: ``None`` (unit points), a positive number, or ``'init'`` (each point keeps its norm
-      at ``init``).
+    point_axes: {{point_axes}}
+    radius: {{radius}}
 
   Returns:
-    An :class:`optax.GradientTransformation`; its ``update`` needs ``params``.
+    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs ``params``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
@@ -214,32 +220,22 @@ def sgdg(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
 
-  References:
-    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  {{references}}
   """
-  return grassmann_partition(
-    fused.sgdg_manifold_update(
-      grassmann_learning_rate,
-      momentum=momentum,
-      grad_clip=grad_clip,
-      omega=omega,
-      point_axes=point_axes,
-      radius=radius,
-    ),
-    euclidean_sgd(
-      learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
-    ),
-    param_labels,
-    point_axes=point_axes,
-    require_undercomplete=not transforms.is_static_zero(omega),
-    name='sgdg',
+  manifold_step = steps.grassmann_sgd(
+    grassmann_learning_rate, momentum, grad_clip=grad_clip, point_axes=point_axes, radius=radius
   )
+  euclidean = euclidean_sgd(
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+  )
+  return _hybrid('sgdg', manifold_step, euclidean, omega, param_labels, point_axes)
 
 
+@docstrings.fill
 def adamg(
   learning_rate: optax.ScalarOrSchedule,
   grassmann_learning_rate: optax.ScalarOrSchedule,
@@ -256,11 +252,11 @@ def adamg(
   param_labels: labels_lib.ParamLabels | None = None,
   point_axes: points.PointAxes = None,
   radius: ArrayLike | str | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Adam-G: Riemannian Adam on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
-  For every column of a manifold leaf, with ``y = unit(w)`` and step ``t`` ((A1)-(A11),
-  Algorithm 2):
+  For every point of a manifold leaf, with ``y = unit(w)`` and step ``t`` (Algorithm 2;
+  (A1)-(A11) of ``docs/algorithm.md``):
 
   .. math::
     \hat h &= \mathrm{clip}(\mathrm{proj}_y(g + 2\omega(YY^\top Y - Y)), \nu), \\
@@ -269,10 +265,9 @@ def adamg(
     w &\leftarrow \exp_y\!\Big(-\eta_G \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
       \tfrac{m}{\sqrt{v+\epsilon}}\Big),
 
-  with one scalar ``v`` per column. The Euclidean leaves get Nesterov momentum SGD with coupled
-  decay, as in :func:`sgdg` (the paper uses Adam only on the manifold). The manifold step is one
-  fused update, equal to the chain ``add_orthogonality_gradient → project_to_tangent →
-  grassmann_clip → grassmann_adam_moments → scale_by_learning_rate → exp_map_update``.
+  with one scalar ``v`` per point. The Euclidean leaves get Nesterov momentum SGD with coupled
+  decay, as in :func:`sgdg` (the paper uses Adam only on the manifold). It is the chain of
+  :func:`sgdg` with :func:`grassmann_adam` in place of :func:`grassmann_sgd`.
 
   Args:
     learning_rate: η for the Euclidean leaves (0.01), or a schedule.
@@ -282,19 +277,16 @@ def adamg(
     eps: ε inside the square root (1e-8).
     momentum: γ of the Euclidean Nesterov momentum (0.9).
     nesterov: Nesterov momentum for the Euclidean leaves.
-    grad_clip: ν (0.1), or ``None``.
+    grad_clip: {{grad_clip}}
     omega: ω (0.1); 0 skips the term.
     weight_decay: coupled L2 λ for the Euclidean kernels (5e-4).
     weight_decay_mask: which Euclidean leaves get decay; default: leaves with ``ndim >= 2``.
     param_labels: label tree or callable ``params -> labels``; default :func:`grassmann_labels`.
-    point_axes: the axes of each manifold leaf that form one point: ``None`` (the columns, as
-      in the paper), an int or a tuple of ints, a pytree of those, or a callable
-      ``params -> pytree`` (section 10 of ``docs/algorithm.md``).
-    radius: ``None`` (unit points), a positive number, or ``'init'`` (each point keeps its norm
-      at ``init``).
+    point_axes: {{point_axes}}
+    radius: {{radius}}
 
   Returns:
-    An :class:`optax.GradientTransformation`; its ``update`` needs ``params``.
+    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs ``params``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
@@ -306,29 +298,28 @@ def adamg(
     >>> updates, state = tx.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
 
-  References:
-    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  {{references}}
   """
+  manifold_step = steps.grassmann_adam(
+    grassmann_learning_rate, b1, b2, eps, grad_clip=grad_clip, point_axes=point_axes, radius=radius
+  )
+  euclidean = euclidean_sgd(
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+  )
+  return _hybrid('adamg', manifold_step, euclidean, omega, param_labels, point_axes)
+
+
+def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes):
+  """The aliases' chain: the orthogonality term and a manifold step, ``euclidean`` elsewhere."""
   return grassmann_partition(
-    fused.adamg_manifold_update(
-      grassmann_learning_rate,
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      grad_clip=grad_clip,
-      omega=omega,
-      point_axes=point_axes,
-      radius=radius,
-    ),
-    euclidean_sgd(
-      learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
-    ),
+    optax.chain(transforms.add_orthogonality_gradient(omega, point_axes=point_axes), manifold_step),
+    euclidean,
     param_labels,
     point_axes=point_axes,
     require_undercomplete=not transforms.is_static_zero(omega),
-    name='adamg',
+    name=name,
   )

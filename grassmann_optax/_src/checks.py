@@ -12,6 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+# The message of optax's own transforms that need params (``optax._src.base.NO_PARAMS_MSG``,
+# not exported at the top level).
+NO_PARAMS_MSG = (
+  'You are using a transformation that requires the current value of parameters, but you are '
+  'not passing `params` when calling `update`.'
+)
+
 
 def leaf_name(path) -> str:
   """A readable name for a pytree path, e.g. ``params/conv0/kernel``."""
@@ -54,18 +61,39 @@ def manifold_leaf_problem(dtype, point_size: int) -> str | None:
   return None
 
 
-def check_manifold_leaves(tree: Any, transform_name: str, layouts) -> None:
+def undercomplete_problem(shape: tuple[int, ...], layout) -> str | None:
+  """Why the points of a group cannot be mutually orthogonal, the target of (R1); else None.
+
+  ``p`` unit points of ``n`` elements can be orthogonal only if ``n > p`` (the paper's rule: a
+  conv kernel's fan-in must exceed its outputs).
+  """
+  n, p = layout.point_size(shape), layout.points_per_group(shape)
+  if n > p:
+    return None
+  what = 'fan-in' if layout.point == tuple(range(len(shape) - 1)) else 'point size'
+  return (
+    f'has {what} {n} <= {p} points per group: its {p} unit points cannot be mutually '
+    f'orthogonal in R^{n}, the target of the orthogonality term'
+  )
+
+
+def check_manifold_leaves(
+  tree: Any, transform_name: str, layouts, *, undercomplete: bool = False
+) -> None:
   """Every leaf must be real floating-point, with points of at least 2 elements.
 
-  ``layouts``: the :class:`points.Layout` of each leaf, in order.
+  ``layouts``: the :class:`points.Layout` of each leaf, in order. With ``undercomplete``, the
+  points of each group must also have more elements than the group has points.
   """
   for (name, leaf), layout in zip(named_leaves(tree), layouts, strict=True):
     shape = tuple(getattr(leaf, 'shape', ()))
     problem = manifold_leaf_problem(getattr(leaf, 'dtype', None), layout.point_size(shape))
+    if problem is None and undercomplete:
+      problem = undercomplete_problem(shape, layout)
     if problem:
       raise ValueError(
         f'{transform_name}: leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
-        'Label it as euclidean instead.'
+        'Label it as euclidean, or choose other point_axes.'
       )
 
 
@@ -142,11 +170,24 @@ def check_hyperparameters(**values) -> None:
 
 
 def check_radius(radius) -> None:
-  """``radius`` is None, ``'init'``, or a positive finite number (or a traced value)."""
+  """``radius`` is None, ``'init'``, or a positive finite number (a scalar, or a traced one).
+
+  Raises:
+    TypeError: a string other than ``'init'``, a bool, or an array with axes.
+    ValueError: a number that is not finite and > 0.
+  """
   if radius is None or (isinstance(radius, str) and radius == 'init'):
     return
-  if isinstance(radius, str):
-    raise ValueError(f"radius={radius!r}: expected None, 'init' or a positive number.")
+  expected = "expected None, 'init' or a positive finite number"
+  if isinstance(radius, str | bool) or not (
+    isinstance(radius, numbers.Real) or getattr(radius, 'shape', None) == ()
+  ):
+    shape = getattr(radius, 'shape', None)
+    what = f'an array of shape {shape}' if shape is not None else repr(radius)
+    raise TypeError(
+      f'radius={what}: {expected} (one radius for every point). For a radius per point, '
+      "use radius='init': each point keeps its norm at init."
+    )
   number = _concrete(radius)
   if number is not None and not (math.isfinite(number) and number > 0):
     raise ValueError(f'radius={radius!r} is out of range: it must be finite and > 0.')

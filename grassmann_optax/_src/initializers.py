@@ -3,9 +3,10 @@
 import jax
 import jax.numpy as jnp
 
-from grassmann_optax._src import manifold
+from grassmann_optax._src import docstrings, manifold
 
 
+@docstrings.fill
 def unit_initializer():
   """A Flax initializer whose columns are random unit vectors.
 
@@ -23,8 +24,7 @@ def unit_initializer():
     >>> bool(jnp.allclose(jnp.linalg.norm(w.reshape(-1, 32), axis=0), 1.0, atol=1e-6))
     True
 
-  References:
-    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  {{references}}
   """
 
   def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from grassmann_optax._src import checks, points
+from grassmann_optax._src import checks, docstrings, points
 
 GRASSMANN = 'grassmann'
 EUCLIDEAN = 'euclidean'
@@ -60,6 +61,7 @@ def is_undercomplete_conv(path, leaf) -> bool:
   return len(shape) == 4 and n > p
 
 
+@docstrings.fill
 def grassmann_labels(params: Any, *, predicate: Predicate | None = None) -> Any:
   """Labels each leaf ``'grassmann'`` or ``'euclidean'``.
 
@@ -84,8 +86,7 @@ def grassmann_labels(params: Any, *, predicate: Predicate | None = None) -> Any:
     >>> go.grassmann_labels(params)
     {'conv': 'grassmann', 'dense': 'euclidean'}
 
-  References:
-    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  {{references}}
   """
   rule = predicate or is_undercomplete_conv
   return jax.tree_util.tree_map_with_path(
@@ -141,6 +142,23 @@ def _perturbed(params: Any, seed: int) -> Any:
   return jax.tree.map(move, params)
 
 
+def _float_gradients(loss_fn, params, args) -> list:
+  """The gradient of every real floating-point leaf (None for the others: integer step counts,
+  masks), as a list in the order of the leaves."""
+  leaves, treedef = jax.tree.flatten(params)
+  floating = [jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) for x in leaves]
+  chosen = [x for x, f in zip(leaves, floating, strict=True) if f]
+
+  def loss_of(chosen):
+    it = iter(chosen)
+    full = [next(it) if f else x for x, f in zip(leaves, floating, strict=True)]
+    return loss_fn(treedef.unflatten(full), *args)
+
+  grads = iter(jax.grad(loss_of)(chosen))
+  return [next(grads) if f else None for f in floating]
+
+
+@docstrings.fill
 def find_scale_invariant(
   loss_fn: Callable[..., jax.Array],
   params: Any,
@@ -181,9 +199,11 @@ def find_scale_invariant(
     params: parameters at which to evaluate the gradient.
     *args: further arguments of ``loss_fn`` (a batch, ...).
     tol: tolerance on the cosine between each point and its gradient (default 1e-3).
-    undercomplete_only: also require more elements per point than points per group (for the
-      columns of a conv kernel: fan-in > outputs, the paper's rule (L1)), so that the result
-      can be given to :func:`sgdg` and :func:`adamg` as is.
+    undercomplete_only: also require the finest invariant grouping to have more elements per
+      point than points per group (for the columns of a conv kernel: fan-in > outputs, the
+      paper's rule (L1)), so that the result can be given to :func:`sgdg` and :func:`adamg` as
+      is; a leaf whose finest grouping fails it stays Euclidean (a square kernel followed by
+      BatchNorm, say), rather than being constrained along a coarser grouping.
     groupings: ``'any'`` (every grouping of the axes) or ``'columns'`` (only the columns of
       ``reshape(-1, shape[-1])``, the paper's layout).
     draws: how many gradients a grouping must pass at (``params``, then nearby points).
@@ -206,40 +226,50 @@ def find_scale_invariant(
     >>> found.param_labels, found.point_axes
     ({'v': 'euclidean', 'w': 'grassmann'}, {'v': None, 'w': None})
 
-  References:
-    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  {{references}}
   """
   if groupings not in ('any', 'columns'):
     raise ValueError(f"groupings={groupings!r}: expected 'any' or 'columns'.")
   if draws < 1:
     raise ValueError(f'draws={draws}: at least one gradient is needed.')
-  grad_fn = jax.grad(loss_fn)
   at = [params] + [_perturbed(params, seed + k) for k in range(draws - 1)]
-  samples = [(point, grad_fn(point, *args)) for point in at]
   leaves, treedef = jax.tree.flatten(params)
+  samples = [(point, _float_gradients(loss_fn, point, args)) for point in at]
+  names = [name for name, _ in checks.named_leaves(params)]
   per_leaf = [
     [
-      (np.asarray(w, np.float64), np.asarray(g, np.float64))
-      for w, g in zip(treedef.flatten_up_to(point), treedef.flatten_up_to(grads), strict=True)
+      (np.asarray(w), None if g is None else np.asarray(g, np.float64))
+      for w, g in zip(treedef.flatten_up_to(point), grads, strict=True)
     ]
     for point, grads in samples
   ]
+  for draw, (_, grads) in enumerate(samples):
+    for name, g in zip(names, grads, strict=True):
+      if g is not None and not bool(np.all(np.isfinite(g))):
+        where = 'at params' if draw == 0 else f'at a point near params (draw {draw})'
+        raise ValueError(
+          f'find_scale_invariant: the gradient of leaf {name!r} is not finite {where}, so '
+          'nothing can be told from it. Evaluate loss_fn on a real batch, in training mode, at '
+          'params where it is finite.'
+        )
 
   def find(pairs):
     w, g = pairs[0]
-    if w.ndim < 2 or not all(np.any(g != 0) for _, g in pairs):
+    if g is None or w.ndim < 2 or not all(np.any(g != 0) for _, g in pairs):
       return EUCLIDEAN, None
+    pairs = [(np.asarray(w, np.float64), g) for w, g in pairs]
+    w = pairs[0][0]
     candidates = _candidate_layouts(w.ndim)[: 1 if groupings == 'columns' else None]
     best = None
     for axes in candidates:
       layout = points.Layout.of(w.shape, axes)
-      size, per_group = layout.point_size(w.shape), layout.points_per_group(w.shape)
-      if size < 2 or (undercomplete_only and size <= per_group):
+      if layout.point_size(w.shape) < 2:
         continue
       better = best is None or layout.num_points(w.shape) > best.num_points(w.shape)
       if better and all(_invariant_points(w, g, layout, tol) for w, g in pairs):
         best = layout
-    if best is None:
+    # The finest invariant grouping decides; a coarser one is not taken in its place.
+    if best is None or (undercomplete_only and checks.undercomplete_problem(w.shape, best)):
       return EUCLIDEAN, None
     default = best.point == tuple(range(w.ndim - 1))
     return GRASSMANN, None if default else best.point
@@ -307,17 +337,15 @@ def check_labels(
     if label != GRASSMANN:
       continue
     shape = tuple(leaf.shape)
-    n, p = layout.point_size(shape), layout.points_per_group(shape)
-    problem = checks.manifold_leaf_problem(getattr(leaf, 'dtype', None), n)
+    problem = checks.manifold_leaf_problem(getattr(leaf, 'dtype', None), layout.point_size(shape))
     if problem:
       raise ValueError(
         f'The grassmann leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
         'Label it euclidean.'
       )
-    if require_undercomplete and n <= p:
-      what = 'fan-in' if layout.point == tuple(range(len(shape) - 1)) else 'point size'
+    undercomplete = checks.undercomplete_problem(shape, layout) if require_undercomplete else None
+    if undercomplete:
       raise ValueError(
-        f'The grassmann leaf {name!r} of shape {shape} has {what} {n} <= {p} points per group: '
-        f'its {p} unit points cannot be mutually orthogonal in R^{n}, so the paper keeps such '
+        f'The grassmann leaf {name!r} of shape {shape} {undercomplete}, so the paper keeps such '
         'kernels Euclidean. Label it euclidean, or choose other point_axes.'
       )

@@ -1,11 +1,16 @@
-"""Geometry of G(1, n) on the points of one array.
+"""Geometry of the sphere G(1, n) on the points of one array, once per operation.
 
 An array holds points of the Grassmann manifold G(1, n), each a unit vector made of its elements
 along the *point axes* ``axes`` (:mod:`points`); by default all axes but the last, so that an
 array of shape ``(..., p)`` holds the ``p`` columns of ``x.reshape(-1, p)``, ``n =
-prod(shape[:-1])``. Every function here acts on each point independently; norms and inner
+prod(shape[:-1])``. Every function acts on each point independently.
+
+Each operation is written once, as per-point scalar coefficients (``*_coefficient(s)``,
+functions of per-point inner products such as ``wᵀw`` and ``wᵀg``): the standalone transforms
+apply them to inner products they reduce themselves, and the fused steps (:mod:`steps`) to the
+inner products of one pass over the stored point, the gradient and the buffer. Norms and inner
 products reduce over the point axes with ``keepdims``, so no layout needs a reshape or a
-transpose. The docstrings say "column" for "point" where the default layout makes them the same.
+transpose.
 
 The labels (G1)-(G7) and (R2) are those of ``docs/algorithm.md``, the project's write-up of the
 per-vector operations of Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017
@@ -36,19 +41,70 @@ def _point_axes(x: jax.Array, axes) -> tuple[int, ...]:
   return tuple(range(x.ndim - 1)) if axes is None else axes
 
 
-def column_dot(a: jax.Array, b: jax.Array, axes=None) -> jax.Array:
-  """Per-point inner product ``aᵀb``: shape ``(1, ..., 1, p)`` for columns, 1 on point axes."""
-  return jnp.sum(a * b, axis=_point_axes(a, axes), keepdims=True)
+# Per-point scalars. Arguments are per-point arrays of any shape; they broadcast.
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
   """``sqrt(x)`` for ``x >= 0``, with derivative 0 instead of infinity at 0.
 
-  Norms of zero columns (a zero buffer, a zero gradient column) are common; with this the update
+  Norms of zero points (a zero buffer, a zero gradient column) are common; with this the update
   stays differentiable there.
   """
   positive = x > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den`` where ``den != 0``, else 0 (no NaN in either branch's gradient)."""
+  nonzero = den != 0
+  return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+
+
+def inverse_norm(ww: jax.Array) -> jax.Array:
+  """(G2) ``a = 1/(‖w‖ + ε)``, so that ``unit(w) = a·w``."""
+  return 1 / (safe_sqrt(ww) + UNIT_EPS)
+
+
+def is_degenerate(a: jax.Array, ww: jax.Array) -> jax.Array:
+  """Points shorter than the ε of (G2): ``unit(w)`` is not a direction (a zero point, say)."""
+  return a * a * ww < 0.25
+
+
+def tangent_coefficient(a: jax.Array, wg: jax.Array) -> jax.Array:
+  """(G3) ``c`` with ``proj_y(g) = g − c·w`` at ``y = a·w``: ``c = a²·wᵀg``."""
+  return a * a * wg
+
+
+def tangent_norm_sq(a: jax.Array, ww: jax.Array, wg: jax.Array, gg: jax.Array) -> jax.Array:
+  """(G3) ``‖g − a²(wᵀg) w‖² = gᵀg − a²(wᵀg)²(2 − a² wᵀw)``, at least 0."""
+  a2 = a * a
+  return jnp.maximum(gg - a2 * wg * wg * (2 - a2 * ww), 0)
+
+
+def clip_coefficient(norm: jax.Array, max_norm, scale=1) -> jax.Array:
+  """(G4) ``k`` with ``clip(h, ν) = k·(h/s)``: ``ν/‖h/s‖`` where ``‖h‖ > ν``, else ``s``.
+
+  ``norm`` is ``‖h/s‖`` for a power of two ``s`` (``scale``) that keeps the sums of ``h/s``
+  finite (F10); ``k`` is computed from it directly, so that it stays a normal number however
+  large ``‖h‖`` is.
+  """
+  if max_norm is None:
+    return jnp.broadcast_to(jnp.asarray(scale, norm.dtype), norm.shape)
+  clipped = safe_divide(jnp.asarray(max_norm, norm.dtype), norm)
+  return jnp.where(norm * scale > max_norm, clipped, scale)
+
+
+def geodesic_coefficients(theta: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(G5) ``(cos θ, sin θ/(θ + ε))``: ``exp_y(d) = cos θ·y + sin θ/(θ + ε)·d``, ``θ = ‖d‖``."""
+  return jnp.cos(theta), jnp.sin(theta) / (theta + UNIT_EPS)
+
+
+# Per-point reductions of arrays.
+
+
+def column_dot(a: jax.Array, b: jax.Array, axes=None) -> jax.Array:
+  """Per-point inner product ``aᵀb``: shape ``(1, ..., 1, p)`` for columns, 1 on point axes."""
+  return jnp.sum(a * b, axis=_point_axes(a, axes), keepdims=True)
 
 
 def column_norm(x: jax.Array, axes=None) -> jax.Array:
@@ -57,11 +113,11 @@ def column_norm(x: jax.Array, axes=None) -> jax.Array:
 
 
 def column_scale(x: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
-  """Per column, a power of two ``s`` near ``max|x_j|`` where that maximum exceeds 1, else 1.
+  """Per point, a power of two ``s`` near ``max|x_j|`` where that maximum exceeds 1, else 1.
 
-  Returns ``(s, 1/s)``, shape ``(1, ..., 1, p)``, with ``max|x_j|/s < 4``. Dividing a column by
+  Returns ``(s, 1/s)``, shape ``(1, ..., 1, p)``, with ``max|x_j|/s < 4``. Dividing a point by
   a power of two is exact, so ``x/s`` has the digits of ``x`` with a smaller exponent, and its
-  squares and inner products cannot overflow. Non-finite columns get ``s = 1``.
+  squares and inner products cannot overflow. Non-finite points get ``s = 1``.
   """
   peak = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=_point_axes(x, axes), keepdims=True)
   _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1))
@@ -71,13 +127,25 @@ def column_scale(x: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
   return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
 
 
-def rescue_overflow(x: jax.Array, sums: jax.Array, rescaled, axes=None) -> tuple[jax.Array, ...]:
-  """``(1, 1, sums)``, or ``(s, 1/s, rescaled(x/s))`` if some of ``sums`` overflowed.
+def large(sums: jax.Array) -> jax.Array:
+  """Whether some of ``sums`` (of squares of a point) are too large for the per-point maths.
 
-  ``s`` is :func:`column_scale` of ``x``; ``sums`` are column reductions of ``x`` (sums of
-  squares, inner products) and ``rescaled`` computes the same reductions of a scaled copy. The
-  scale is computed only when some sum is infinite (``lax.cond``), so finite sums cost one
-  comparison and no extra pass over ``x``.
+  Beyond ``2^(max_exp/2 − 4)`` the products and squares of the per-point maths (a clipping factor
+  squared times a sum of squares, say) can overflow or underflow, so the sums are recomputed on
+  points divided by a power of two (:func:`column_scale`). NaN is not large: a NaN point stays
+  NaN however it is scaled.
+  """
+  limit = 2.0 ** (jnp.finfo(sums.dtype).maxexp // 2 - 4)
+  return jnp.any(jnp.isinf(sums) | (sums > limit))
+
+
+def rescued(x: jax.Array, squares: jax.Array, values, rescaled, axes=None):
+  """``(1, 1, values)``, or ``(s, 1/s, rescaled(x/s))`` if some of ``squares`` are :func:`large`.
+
+  ``s`` is :func:`column_scale` of ``x``; ``squares`` are per-point sums of squares that decide
+  (``xᵀx``, or the square of an inner product), ``values`` the per-point reductions of ``x``
+  wanted, and ``rescaled`` computes the same reductions of a scaled copy. The scale is computed
+  only when needed (``lax.cond``), so usual sums cost one comparison and no extra pass over ``x``.
   """
 
   def scaled():
@@ -85,14 +153,11 @@ def rescue_overflow(x: jax.Array, sums: jax.Array, rescaled, axes=None) -> tuple
     return scale, inverse, rescaled(x * inverse)
 
   point = _point_axes(x, axes)
-  one = jnp.ones(tuple(1 if a in point else n for a, n in enumerate(x.shape)), sums.dtype)
-  return jax.lax.cond(jnp.any(jnp.isinf(sums)), scaled, lambda: (one, one, sums))
+  one = jnp.ones(tuple(1 if a in point else n for a, n in enumerate(x.shape)), squares.dtype)
+  return jax.lax.cond(large(squares), scaled, lambda: (one, one, values))
 
 
-def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-  """``num / den`` where ``den != 0``, else 0 (no NaN in either branch's gradient)."""
-  nonzero = den != 0
-  return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+# The operations on arrays, from the coefficients above.
 
 
 def unit(x: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
@@ -101,70 +166,58 @@ def unit(x: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
   return x / (norm + UNIT_EPS), norm
 
 
-def project(y: jax.Array, g: jax.Array, axes=None) -> jax.Array:
-  """(G3, paper Eq. 6) tangent projection ``g − (yᵀg) y`` at the unit columns ``y``.
+def project(w: jax.Array, g: jax.Array, axes=None) -> jax.Array:
+  """(G3, paper Eq. 6) tangent projection ``g − (yᵀg) y`` at ``y = unit(w)``.
 
-  Where ``yᵀg`` would overflow, it is computed on ``g`` divided by a power of two and scaled
+  Where ``wᵀg`` would overflow, it is computed on ``g`` divided by a power of two and scaled
   back, so the result is finite wherever it fits its dtype.
   """
-  inner = column_dot(y, g, axes)
-  scale, _, inner = rescue_overflow(g, inner, lambda scaled: column_dot(y, scaled, axes), axes)
-  return g - (inner * scale) * y
+  a = inverse_norm(column_dot(w, w, axes))
+  wg = column_dot(w, g, axes)
+  scale, _, wg = rescued(g, wg * wg, wg, lambda scaled: column_dot(w, scaled, axes), axes)
+  return g - (tangent_coefficient(a, wg) * scale) * w
 
 
 def clip_by_column_norm(h: jax.Array, max_norm, axes=None) -> jax.Array:
-  """(G4) ``h · ν/‖h‖`` for columns with ``‖h‖ > ν``, else ``h`` (no epsilon).
+  """(G4) ``h · ν/‖h‖`` for points with ``‖h‖ > ν``, else ``h`` (no epsilon).
 
-  Columns whose sum of squares overflows are divided by a power of two before their norm is
-  taken, so every finite ``h`` gets the clipped column it would get scaled down.
+  Points whose sum of squares is too large are divided by a power of two before their norm is
+  taken, so every finite ``h`` gets the clipped point it would get scaled down.
   """
   squares = column_dot(h, h, axes)
-  scale, inverse, squares = rescue_overflow(h, squares, lambda x: column_dot(x, x, axes), axes)
+  scale, inverse, squares = rescued(h, squares, squares, lambda x: column_dot(x, x, axes), axes)
   norm = safe_sqrt(squares)  # ‖h‖ / scale
-  clipped = (h * inverse) * safe_divide(jnp.asarray(max_norm, norm.dtype), norm)
-  return jnp.where(norm * scale > max_norm, clipped, h)
+  return (h * inverse) * clip_coefficient(norm, max_norm, scale)
 
 
-def _direction(d: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
-  """``u = d/(‖d‖ + ε)`` and ``θ = ‖d‖``, as in the originals' ``gexp``/``gpt``/``gpt2``."""
+def exp_map(w: jax.Array, d: jax.Array, axes=None, radius=None) -> jax.Array:
+  """(G5, paper Eq. 7) ``R·exp_y(d) = R·(y cos θ + d sin θ/(θ + ε))``, ``y = unit(w)``.
+
+  ``radius`` ``R`` (per point, broadcastable, or None for 1). A point shorter than ε
+  (:func:`is_degenerate`, a zero point, say) has no direction for ``y``: it moves to
+  ``−R·d/‖d‖``, the direction of its step, so that it is back on the sphere.
+  """
+  ww = column_dot(w, w, axes)
+  a = inverse_norm(ww)
   theta = column_norm(d, axes)
-  return d / (theta + UNIT_EPS), theta
-
-
-def exp_map(y: jax.Array, d: jax.Array, axes=None) -> jax.Array:
-  """(G5, paper Eq. 7) geodesic step ``exp_y(d) = y cos θ + u sin θ``."""
-  u, theta = _direction(d, axes)
-  return y * jnp.cos(theta) + u * jnp.sin(theta)
-
-
-def transport_step(y: jax.Array, d: jax.Array, axes=None) -> jax.Array:
-  """(G6, paper Eq. 9) ``d`` transported along its own geodesic: ``θ (u cos θ − y sin θ)``."""
-  u, theta = _direction(d, axes)
-  return theta * (u * jnp.cos(theta) - y * jnp.sin(theta))
+  cos, sinc = geodesic_coefficients(theta)
+  on_w, on_d = a * cos, sinc
+  degenerate = is_degenerate(a, ww)
+  on_w = jnp.where(degenerate, 0, on_w)
+  on_d = jnp.where(degenerate, safe_divide(jnp.ones_like(theta), theta), on_d)
+  if radius is not None:
+    on_w, on_d = radius * on_w, radius * on_d
+  return on_w * w + on_d * d
 
 
 def transport(y: jax.Array, a: jax.Array, d: jax.Array, axes=None) -> jax.Array:
   """(G7, paper Eq. 8) tangent ``a`` transported along the geodesic of ``d``.
 
-  ``pt_y(a; d) = a − (uᵀa) (y sin θ + u (1 − cos θ))``.
+  ``pt_y(a; d) = a − (uᵀa) (y sin θ + u (1 − cos θ))``, ``u = d/(θ + ε)``, ``θ = ‖d‖``.
   """
-  u, theta = _direction(d, axes)
+  theta = column_norm(d, axes)
+  u = d / (theta + UNIT_EPS)
   return a - column_dot(u, a, axes) * (y * jnp.sin(theta) + u * (1 - jnp.cos(theta)))
-
-
-def transport_to(y_new: jax.Array, b: jax.Array, axes=None) -> jax.Array:
-  """(T1) Transport a buffer ``b`` to the point ``y_new`` that a step along ``−b`` led to.
-
-  When the last step was ``d = −c b`` (``c > 0`` per column, as in SGD-G and Adam-G) and turned
-  the column by ``θ``, the tangent projection ``P(b) = b − (y'ᵀb) y'`` at the new point ``y'``
-  equals ``cos θ`` times the parallel transport of ``b``. So ``‖b‖ P(b)/‖P(b)‖`` is the parallel
-  transport (G6, G7) **while θ < π/2**, up to the originals' factor ``θ/(θ + ε)``; past π/2 it
-  has the wrong sign, and near π/2 it is ill-conditioned. It needs neither the old point nor the
-  step, which is what lets a transform of a chain carry its own buffer (``docs/algorithm.md``,
-  section 7). Columns with ``P(b) = 0`` transport to zero.
-  """
-  projected = project(y_new, b, axes)
-  return projected * safe_divide(column_norm(b, axes), column_norm(projected, axes))
 
 
 def group_matrices(x: jax.Array, axes=None) -> tuple[jax.Array, callable]:

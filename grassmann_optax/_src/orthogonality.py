@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from grassmann_optax._src import docstrings, manifold, points
 from grassmann_optax._src import labels as labels_lib
-from grassmann_optax._src import manifold, points
 
 
+@docstrings.fill
 def orthogonality_penalty(
   params: Any, labels: Any, omega: ArrayLike, *, point_axes: points.PointAxes = None
 ) -> jax.Array:
@@ -40,8 +41,7 @@ def orthogonality_penalty(
     >>> float(go.orthogonality_penalty({'w': w}, {'w': 'grassmann'}, 0.5))
     0.5
 
-  References:
-    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
+  {{references}}
   """
   labels = labels_lib.resolve_labels(params, labels)
   labels_lib.check_labels(params, labels, require_undercomplete=False, point_axes=point_axes)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from grassmann_optax._src import checks
 
@@ -30,11 +31,67 @@ Spec = None | int | Sequence[int]
 PointAxes = Spec | Any | Callable[[Any], Any]
 
 
+_EXPECTED = (
+  'expected None, an int, a tuple of ints, a pytree of those with the paths of the params, or a '
+  'callable params -> pytree'
+)
+
+
+def _is_integer(x) -> bool:
+  if isinstance(x, bool | np.bool_):
+    return False
+  try:
+    operator.index(x)
+  except TypeError:
+    return False
+  return True
+
+
+def _integer_array(x) -> bool:
+  """A NumPy or JAX integer array of at most one axis: a list of axes."""
+  dtype = getattr(x, 'dtype', None)
+  return (
+    dtype is not None
+    and getattr(x, 'ndim', 2) <= 1
+    and np.issubdtype(dtype, np.integer)
+    and not isinstance(x, jax.core.Tracer)
+  )
+
+
 def is_spec(x) -> bool:
-  """A spec for one leaf: None, an int, or a tuple/list of ints."""
-  if x is None or isinstance(x, int):
+  """A spec for one leaf: None, an int, a tuple/list of ints, or an integer array."""
+  if x is None or _is_integer(x) or _integer_array(x):
     return True
-  return isinstance(x, tuple | list) and all(isinstance(a, int) for a in x)
+  return isinstance(x, tuple | list) and all(_is_integer(a) for a in x)
+
+
+def _as_spec(x) -> Spec:
+  if _integer_array(x):
+    return tuple(int(a) for a in np.ravel(x)) if np.ndim(x) else int(x)
+  return x
+
+
+def check_spec_tree(point_axes, where: str = 'point_axes') -> None:
+  """Raises a TypeError unless ``point_axes`` is a spec, a pytree of specs or a callable.
+
+  A top-level tuple or list is read as one spec, so it must hold integers: ``(0, None)`` is a
+  mistake, not a pytree.
+  """
+  if callable(point_axes) or is_spec(point_axes):
+    return
+  if isinstance(point_axes, tuple | list) and not hasattr(point_axes, '_fields'):
+    raise TypeError(
+      f'{where}={point_axes!r}: a tuple or list of point axes must hold integers only '
+      f'({_EXPECTED}).'
+    )
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(point_axes)):
+    raise TypeError(f'{where}={point_axes!r}: {_EXPECTED}.')
+  for path, spec in jax.tree_util.tree_flatten_with_path(point_axes, is_leaf=is_spec)[0]:
+    if not is_spec(spec):
+      raise TypeError(
+        f'{where}: the entry {spec!r} for {checks.leaf_name(path)!r} is not a spec of point '
+        f'axes ({_EXPECTED}).'
+      )
 
 
 def normalize(spec: Spec, ndim: int, name: str = 'the leaf') -> tuple[int, ...]:
@@ -46,6 +103,7 @@ def normalize(spec: Spec, ndim: int, name: str = 'the leaf') -> tuple[int, ...]:
   """
   if spec is None:
     return tuple(range(ndim - 1))
+  spec = _as_spec(spec)
   given = tuple(spec) if isinstance(spec, Iterable) else (spec,)
   if not given:
     raise ValueError(f'point_axes of {name} is empty: a point needs at least one axis.')
@@ -98,23 +156,29 @@ class Layout(NamedTuple):
 
 def _named_specs(point_axes) -> dict[str, Spec]:
   pairs = jax.tree_util.tree_flatten_with_path(point_axes, is_leaf=is_spec)[0]
-  return {checks.leaf_name(path): spec for path, spec in pairs}
+  return {checks.leaf_name(path): _as_spec(spec) for path, spec in pairs}
+
+
+def specs_for(tree: Any, point_axes: PointAxes) -> PointAxes:
+  """``point_axes`` for ``tree``: a callable is called on it, and the result checked."""
+  if callable(point_axes):
+    point_axes = point_axes(tree)
+    check_spec_tree(point_axes, 'point_axes(params)')
+  return point_axes
 
 
 def resolve(tree: Any, point_axes: PointAxes) -> list[Layout]:
   """The layout of every leaf of ``tree``, in the order of ``jax.tree.leaves(tree)``.
 
   Raises:
-    ValueError: a spec that does not fit its leaf, or a pytree of specs with a leaf that names
-      no leaf of ``tree``'s params.
+    TypeError: ``point_axes`` (or what a callable returns) is not a spec or a pytree of specs.
+    ValueError: a spec that does not fit its leaf.
   """
   leaves = checks.named_leaves(tree)
-  if callable(point_axes):
-    point_axes = point_axes(tree)
+  point_axes = specs_for(tree, point_axes)
   if is_spec(point_axes):
-    return [
-      Layout.of(tuple(getattr(leaf, 'shape', ())), point_axes, repr(name)) for name, leaf in leaves
-    ]
+    spec = _as_spec(point_axes)
+    return [Layout.of(tuple(getattr(leaf, 'shape', ())), spec, repr(name)) for name, leaf in leaves]
   specs = _named_specs(point_axes)
   return [
     Layout.of(tuple(getattr(leaf, 'shape', ())), specs.get(name), repr(name))
@@ -124,7 +188,8 @@ def resolve(tree: Any, point_axes: PointAxes) -> list[Layout]:
 
 def check_names(params: Any, point_axes: PointAxes) -> None:
   """A pytree of specs must name only leaves of ``params`` (a typo would pass silently)."""
-  if callable(point_axes) or is_spec(point_axes):
+  point_axes = specs_for(params, point_axes)
+  if is_spec(point_axes):
     return
   names = {name for name, _ in checks.named_leaves(params)}
   extra = sorted(set(_named_specs(point_axes)) - names)

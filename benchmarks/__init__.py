@@ -1,0 +1,1 @@
+"""Benchmarks of grassmann_optax against Optax, run from the repository root."""

@@ -1,0 +1,724 @@
+"""The SGD-G and Adam-G steps of the manifold leaves: one pass of inner products, two of writes.
+
+Every quantity of one SGD-G or Adam-G step of a point ((S3)-(S7), (A3)-(A11) of
+``docs/algorithm.md``) is a combination ``c_x·x + c_g·g + c_w·w`` of the point's stored value
+``w``, its gradient ``g`` and its stored buffer ``x``, with per-point scalar coefficients that
+follow from the six inner products ``wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx`` ((F1)-(F9)). So a step reads
+each array once to reduce the inner products, once to write the new buffer and once to write
+the new point, and the per-point maths between runs on one value per point.
+
+The buffer is transported *eagerly*, when it is written, along the step just taken, exactly as
+the originals do ((G6) for SGD-G, (G7) for Adam-G): the step equals the original algorithm for
+every learning rate and gradient size, steps past π/2 and π included. That is why these
+transforms take the learning rate and end with the geodesic step: a transform that stores a
+buffer must know the step its point takes, and a transform of an Optax chain sees only the
+updates it returns, not what later transforms make of them (``docs/algorithm.md``, section 7).
+
+Gradients whose sums are too large for float arithmetic are recomputed divided by a power of two
+per point (F10); a point whose gradient is not finite keeps its value and buffer for that step
+(F11); a point shorter than the ε of ``unit()`` moves onto the sphere in the direction of its step
+(F12).
+"""
+
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from grassmann_optax._src import checks, docstrings, manifold, native, points, tuning
+
+# Points whose transported buffer would be written with a factor 1/κ, |κ| below this (a step of
+# about a right angle), store it in a mixed basis instead ((F9) of docs/algorithm.md).
+_MIXED_BELOW = 0.5
+
+
+class Gram(NamedTuple):
+  """Inner products of each point's ``w``, ``ĝ = g/scale`` and stored buffer ``x`` (F1).
+
+  Every field has one value per point. ``scale`` is a power of two where the gradient's sums are
+  too large (F10), else 1.
+  """
+
+  ww: jax.Array
+  wg: jax.Array
+  gg: jax.Array
+  wx: jax.Array
+  gx: jax.Array
+  xx: jax.Array
+  scale: jax.Array
+  inverse: jax.Array  # 1 / scale
+
+  @property
+  def a(self) -> jax.Array:
+    """(F2) ``1/(‖w‖ + ε)``: ``y = a·w``."""
+    return manifold.inverse_norm(self.ww)
+
+
+class Combination(NamedTuple):
+  """Per-point coefficients of the vector ``x·X + g·Ĝ + w·W`` on the stored arrays."""
+
+  x: jax.Array
+  g: jax.Array
+  w: jax.Array
+
+  def dot_w(self, gram: Gram) -> jax.Array:
+    return self.x * gram.wx + self.g * gram.wg + self.w * gram.ww
+
+  def norm(self, gram: Gram) -> jax.Array:
+    """Its norm, from the Gram matrix of ``(x, ĝ, w)``."""
+    sq = (
+      self.x**2 * gram.xx
+      + self.g**2 * gram.gg
+      + self.w**2 * gram.ww
+      + 2 * self.x * self.g * gram.gx
+      + 2 * self.x * self.w * gram.wx
+      + 2 * self.g * self.w * gram.wg
+    )
+    return manifold.safe_sqrt(jnp.maximum(sq, 0))
+
+
+class Basis(NamedTuple):
+  """Per point, the buffer transported to the current point is ``on_buffer·x + on_point·w``.
+
+  ``(1, 0)``, the stored buffer itself, except after a step of about a right angle, where the
+  stored buffer is kept in a mixed basis ((F9) of ``docs/algorithm.md``), and after the step of
+  a point shorter than ε, whose buffer starts again from zero (F12).
+  """
+
+  on_buffer: Any
+  on_point: Any
+
+
+class Step(NamedTuple):
+  """Per-point coefficients of one step: the new stored buffer, the update and the new basis."""
+
+  buffer: Combination  # the new stored buffer x' on (x, ĝ, w)
+  on_w: jax.Array  # update = on_w·w + on_buffer·x'
+  on_buffer: jax.Array
+  basis: Basis
+
+
+def clipped_gradient(gram: Gram, max_norm) -> tuple[jax.Array, jax.Array]:
+  """(F3), (F4) ``ĥ = k·(ĝ − a²(wᵀĝ) w)``: returns ``k`` and ``‖ĥ‖²``."""
+  h_sq = manifold.tangent_norm_sq(gram.a, gram.ww, gram.wg, gram.gg)  # (‖h‖/scale)²
+  norm = manifold.safe_sqrt(h_sq)
+  k = manifold.clip_coefficient(norm, max_norm, gram.scale)
+  return k, k * k * h_sq
+
+
+def moved_buffer(gram: Gram, basis: Basis, decay, grad_weight, k) -> Combination:
+  """(F5) ``decay·b + grad_weight·ĥ`` with ``b = on_buffer·x + on_point·w``."""
+  on_g = grad_weight * k
+  return Combination(
+    x=decay * basis.on_buffer,
+    g=on_g,
+    w=decay * basis.on_point - on_g * manifold.tangent_coefficient(gram.a, gram.wg),
+  )
+
+
+def geodesic_step(gram: Gram, moved: Combination, sigma, radius, *, own_direction: bool) -> Step:
+  """(F6)-(F9), (F12) The step ``d = −σ·B`` along the geodesic, ``B`` = ``moved``, and the buffer
+  ``B`` transported along it.
+
+  With ``n = ‖B‖``, ``θ = |σ| n``, ``r = θ/(θ + ε)`` and ``S = sign(σ)·r·sin θ``, the new point is
+  ``y' = cos θ·y − S·B/n`` (G5) and the transported buffer is ``κ B + n λ y``, with ``κ = r cos θ,
+  λ = sign(σ) sin θ`` for a buffer that is the step's own direction, SGD-G's (G6), and
+  ``κ = 1 − r²(1 − cos θ), λ = S`` for Adam-G's first moment (G7). Where ``|κ| ≥ 1/2`` the
+  transported buffer is stored and the update is written from it and ``w``; elsewhere (a step of
+  about a right angle, where that would divide by ``κ ≈ 0``) the stored buffer is
+  ``B + sign(S)·n·y``, from which both the update and, at the next step, the transported buffer
+  follow with factors no larger than about 3. With ``radius`` ``R`` (per point, or None for 1)
+  the new point is stored as ``R·y'``.
+  """
+  n = moved.norm(gram)
+  theta = jnp.abs(sigma) * n
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  inverse_t = 1 / (theta + manifold.UNIT_EPS)
+  r = theta * inverse_t
+  q = sigma * sin * inverse_t  # S / n
+  s_big = q * n  # S
+  if own_direction:
+    kappa, lam = r * cos, jnp.sign(sigma) * sin
+  else:
+    kappa, lam = 1 - r**2 * (1 - cos), s_big
+  a = gram.a
+  stored = jnp.abs(kappa) >= _MIXED_BELOW
+  sign_s = jnp.where(s_big < 0, -1.0, 1.0).astype(n.dtype)
+  kappa_safe = jnp.where(stored, kappa, 1)
+  d_safe = jnp.where(stored, 1, cos + jnp.abs(s_big))
+  both = 1 / (kappa_safe * d_safe)  # one division for 1/κ and 1/D
+  inverse_kappa, inverse_d = d_safe * both, kappa_safe * both
+  # Stored transported buffer x' = κ B + n λ y; update = (a cos θ − 1 + S λ a/κ) w − (q/κ) x'.
+  # Mixed basis x' = B + sign(S) n y; update = (a cos θ − 1 + |S| a) w − q x'.
+  on_b = jnp.where(stored, kappa, 1)
+  on_y = jnp.where(stored, n * lam, sign_s * n)
+  on_y_new = a * cos + jnp.where(stored, s_big * lam * a * inverse_kappa, jnp.abs(s_big) * a)
+  on_buffer = -q * jnp.where(stored, inverse_kappa, 1)
+  # At the next step the transported buffer is on_buffer'·x' + on_point'·y' (F9).
+  rest = lam - kappa * sign_s
+  to_point = n * rest * inverse_d
+  if radius is not None:
+    on_y_new, on_buffer, to_point = radius * on_y_new, radius * on_buffer, to_point / radius
+  basis = Basis(
+    on_buffer=jnp.where(stored, 1, kappa + rest * s_big * inverse_d),
+    on_point=jnp.where(stored, 0, to_point),
+  )
+  buffer = Combination(x=on_b * moved.x, g=on_b * moved.g, w=on_b * moved.w + on_y * a)
+  step = Step(buffer=buffer, on_w=on_y_new - 1, on_buffer=on_buffer, basis=basis)
+  return _degenerate_step(gram, moved, n, radius, step)
+
+
+def _degenerate_step(gram: Gram, moved: Combination, n, radius, step: Step) -> Step:
+  """(F12) A point shorter than ε has no direction ``y``: it moves to ``−R·B/n``, the direction
+  of its step, on the sphere, and its buffer starts again from zero. With ``n = 0`` it stays."""
+  degenerate = manifold.is_degenerate(gram.a, gram.ww)
+  on_new = -manifold.safe_divide(jnp.ones_like(n), n)
+  if radius is not None:
+    on_new = radius * on_new
+  zero = jnp.zeros_like(n)
+  return Step(
+    buffer=Combination(
+      *(jnp.where(degenerate, m, s) for m, s in zip(moved, step.buffer, strict=True))
+    ),
+    on_w=jnp.where(degenerate, jnp.where(n > 0, -1.0, 0.0), step.on_w),
+    on_buffer=jnp.where(degenerate, on_new, step.on_buffer),
+    basis=Basis(*(jnp.where(degenerate, zero, b) for b in step.basis)),
+  )
+
+
+class _Part(NamedTuple):
+  """Manifold leaves in their compute dtype: one leaf, or equal small leaves stacked on axis 0."""
+
+  w: jax.Array
+  g: jax.Array
+  x: jax.Array
+  layout: points.Layout
+  members: tuple[int, ...]  # the leaves' indices
+  allow_kernel: bool  # the three arrays are stored in the compute dtype
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return self.layout.batch_shape(self.w.shape)
+
+  @property
+  def num_points(self) -> int:
+    return self.layout.num_points(self.w.shape)
+
+  def stack(self, per_leaf: list) -> jax.Array:
+    """Per-point values of the members (batch-shaped), as this part's batch shape."""
+    if len(self.members) == 1:
+      return per_leaf[self.members[0]]
+    return jnp.stack([per_leaf[i] for i in self.members])
+
+  def unstack(self, value: jax.Array, out: list) -> None:
+    if len(self.members) == 1:
+      out[self.members[0]] = value
+    else:
+      for j, i in enumerate(self.members):
+        out[i] = value[j]
+
+
+def _parts(layouts, g_leaves, x_leaves, w_leaves) -> list[_Part]:
+  signatures = [
+    (tuple(w.shape), str(w.dtype), str(g.dtype), str(x.dtype), layout)
+    for layout, g, x, w in zip(layouts, g_leaves, x_leaves, w_leaves, strict=True)
+  ]
+  parts = []
+  for members in tuning.stacks(signatures, [w.size for w in w_leaves]):
+    first = members[0]
+    allow_kernel = all(
+      a.dtype == manifold.compute_dtype(w_leaves[first])
+      for a in (g_leaves[first], x_leaves[first], w_leaves[first])
+    )
+    if len(members) == 1:
+      arrays = [manifold.upcast(tree[first]) for tree in (w_leaves, g_leaves, x_leaves)]
+      layout = layouts[first]
+    else:
+      arrays = [
+        manifold.upcast(jnp.stack([tree[i] for i in members]))
+        for tree in (w_leaves, g_leaves, x_leaves)
+      ]
+      layout = points.Layout(
+        point=tuple(a + 1 for a in layouts[first].point),
+        batch=(0, *(a + 1 for a in layouts[first].batch)),
+      )
+    parts.append(_Part(*arrays, layout, tuple(members), allow_kernel))
+  return parts
+
+
+def _products(part: _Part, g: jax.Array) -> jax.Array:
+  """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point of ``part``, shape ``(6, points)``."""
+  products = native.column_products(
+    part.w,
+    g,
+    part.x,
+    point_axes=part.layout.point,
+    allow_kernel=part.allow_kernel and tuning.use_cpu_kernel(),
+  )
+  return jnp.stack([s.reshape(-1) for s in products])
+
+
+def _gram(parts: list[_Part]) -> Gram:
+  """The inner products of every point of a group of parts, one vector per product (F1, F10)."""
+  sums = jnp.concatenate([_products(part, part.g) for part in parts], axis=1)
+
+  def rescaled():
+    scales = [manifold.column_scale(part.g, part.layout.point) for part in parts]
+    products = [_products(part, part.g * inv) for part, (_, inv) in zip(parts, scales, strict=True)]
+    flat = lambda index: jnp.concatenate([pair[index].reshape(-1) for pair in scales])
+    return flat(0).astype(sums.dtype), flat(1).astype(sums.dtype), jnp.concatenate(products, 1)
+
+  one = jnp.ones(sums.shape[1:], sums.dtype)
+  scale, inverse, s = jax.lax.cond(manifold.large(sums[2]), rescaled, lambda: (one, one, sums))
+  return Gram(*s, scale=scale, inverse=inverse)
+
+
+def _flat(per_part: list[jax.Array], parts: list[_Part], dtype) -> jax.Array:
+  return jnp.concatenate([v.reshape(-1).astype(dtype) for v in per_part])
+
+
+def _split(vector: jax.Array, parts: list[_Part], *, broadcast: bool) -> list[jax.Array]:
+  """A vector over the points of ``parts`` as one array per part (batch-shaped, or shaped to
+  broadcast against the part with ``broadcast``); a leading axis of ``vector`` is kept."""
+  out, start = [], 0
+  for part in parts:
+    piece = vector[..., start : start + part.num_points]
+    shape = part.layout.per_point_shape(part.w.shape) if broadcast else part.batch_shape
+    out.append(piece.reshape(*vector.shape[:-1], *shape))
+    start += part.num_points
+  return out
+
+
+def _write(gram: Gram, step: Step, parts: list[_Part]) -> tuple[list, list]:
+  """The element passes of every part: its new stored buffer, then its update (F11).
+
+  Points whose gradient is not finite keep their buffer and get a zero update. The test is a
+  select in the buffer pass only; the update pass reads the kept (finite) buffer with zero
+  coefficients.
+  """
+  finite = jnp.isfinite(gram.gg)
+  coefficients = tuning.per_point(
+    step.buffer.x,
+    step.buffer.g,
+    step.buffer.w,
+    jnp.where(finite, step.on_w, 0),
+    jnp.where(finite, step.on_buffer, 0),
+    gram.inverse,
+    finite.astype(gram.ww.dtype),
+  )
+  updates, buffers = [], []
+  for part, c in zip(parts, _split(coefficients, parts, broadcast=True), strict=True):
+    on_x, on_g, on_w, update_w, update_x, inverse, kept = (v.astype(part.w.dtype) for v in c)
+    new_x = jnp.where(kept > 0, on_x * part.x + on_g * (part.g * inverse) + on_w * part.w, part.x)
+    updates.append(update_w * part.w + update_x * new_x)
+    buffers.append(new_x)
+  return updates, buffers
+
+
+PointStep = Callable[[Gram, dict[str, jax.Array]], tuple[Step, dict[str, jax.Array]]]
+
+
+def _fused_step(updates, buffers, params, per_point: dict, *, point_axes, point_step):
+  """One step of every manifold leaf of ``updates``.
+
+  ``per_point`` maps names to lists (one entry per leaf, batch-shaped) of per-point state:
+  ``on_buffer`` and ``on_point`` (the :class:`Basis`), ``radius`` with ``radius='init'``, and
+  the rule's own.
+  ``point_step(gram, vectors)`` gets them as vectors over the points and returns the
+  :class:`Step` and the new per-point state (same names, minus ``radius``). Points whose gradient
+  is not finite keep their state. Returns the updates, the new buffers (trees) and the new
+  per-point state (lists over the leaves).
+  """
+  g_leaves, treedef = jax.tree.flatten(updates)
+  x_leaves, w_leaves = (treedef.flatten_up_to(tree) for tree in (buffers, params))
+  parts = _parts(points.resolve(params, point_axes), g_leaves, x_leaves, w_leaves)
+  new_updates, new_buffers = [None] * len(g_leaves), [None] * len(g_leaves)
+  new_state = {name: [None] * len(g_leaves) for name in per_point if name != 'radius'}
+  for group in tuning.groups([str(p.w.dtype) for p in parts], [p.w.size for p in parts]):
+    group_parts = [parts[i] for i in group]
+    gram = _gram(group_parts)
+    vectors = {
+      name: _flat([part.stack(values) for part in group_parts], group_parts, gram.ww.dtype)
+      for name, values in per_point.items()
+    }
+    step, held = point_step(gram, vectors)
+    part_updates, part_buffers = _write(gram, step, group_parts)
+    finite = jnp.isfinite(gram.gg)
+    for index, part in enumerate(group_parts):
+      part.unstack(part_updates[index], new_updates)
+      part.unstack(part_buffers[index], new_buffers)
+    for name, value in held.items():
+      kept = jnp.where(finite, value, vectors[name])
+      for part, piece in zip(group_parts, _split(kept, group_parts, broadcast=False), strict=True):
+        part.unstack(piece, new_state[name])
+  cast = lambda new, old: [a.astype(b.dtype) for a, b in zip(new, old, strict=True)]
+  new_state = {name: cast(values, per_point[name]) for name, values in new_state.items()}
+  return (
+    treedef.unflatten(cast(new_updates, w_leaves)),
+    treedef.unflatten(cast(new_buffers, x_leaves)),
+    new_state,
+  )
+
+
+# Optax wrappers whose params are averages or interpolations of the iterates: points off their
+# sphere. Recognised by module when they call init, so that the warning costs nothing at run time.
+_MOVING_WRAPPERS = {
+  'optax.contrib._schedule_free': 'optax.contrib.schedule_free',
+  'optax._src.lookahead': 'optax.lookahead',
+}
+_warned_wrappers: set[str] = set()
+
+
+def warn_if_wrapped(name: str) -> None:
+  """Warns once per wrapper when ``init`` is called from a wrapper that moves params itself."""
+  frame = sys._getframe(1)
+  for _ in range(32):
+    if frame is None:
+      return
+    wrapper = _MOVING_WRAPPERS.get(frame.f_globals.get('__name__', ''))
+    if wrapper is not None:
+      break
+    frame = frame.f_back
+  else:
+    return
+  if wrapper in _warned_wrappers:
+    return
+  _warned_wrappers.add(wrapper)
+  warnings.warn(
+    f'{name} inside {wrapper}: the params that {wrapper} hands back (its evaluation or slow '
+    'params) are averages or interpolations of points, so they are off the manifold, and so '
+    'are the params it passes to update (each step re-normalises those, (S1)). Map params '
+    'back onto the manifold before you evaluate or save them: go.project_params(params, '
+    'param_labels). docs/composition.md says what each Optax wrapper does with these '
+    'optimizers.',
+    UserWarning,
+    stacklevel=3,
+  )
+
+
+def _basis_init(params, layouts):
+  """``(1, 0)`` per point: the stored buffer is the transported one."""
+  ones, zeros = [], []
+  for layout, w in zip(layouts, jax.tree.leaves(params), strict=True):
+    shape, dtype = layout.batch_shape(w.shape), manifold.compute_dtype(w)
+    ones.append(jnp.ones(shape, dtype))
+    zeros.append(jnp.zeros(shape, dtype))
+  treedef = jax.tree.structure(params)
+  return Basis(on_buffer=treedef.unflatten(ones), on_point=treedef.unflatten(zeros))
+
+
+def per_point_zeros(params, layouts):
+  """One zero per point (float32 or wider), shaped by the batch axes of each leaf."""
+  leaves = [
+    jnp.zeros(layout.batch_shape(w.shape), manifold.compute_dtype(w))
+    for layout, w in zip(layouts, jax.tree.leaves(params), strict=True)
+  ]
+  return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def initial_radius(params, layouts, name: str):
+  """The norm of every point of ``params``, batch-shaped; a zero point has none (ValueError)."""
+  out = []
+  for (leaf_name, w), layout in zip(checks.named_leaves(params), layouts, strict=True):
+    norm = manifold.column_norm(manifold.upcast(w), layout.point)
+    if not isinstance(norm, jax.core.Tracer) and not bool(jnp.all(norm > 0)):
+      raise ValueError(
+        f"{name}: radius='init' takes each point's norm at init, but leaf {leaf_name!r} has a "
+        'point of norm 0, which has no radius. Initialise it away from zero (e.g. with '
+        'go.unit_initializer()), or give a number as radius.'
+      )
+    out.append(norm.reshape(layout.batch_shape(w.shape)))
+  return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def check_init(params, name: str, point_axes) -> list[points.Layout]:
+  """The layouts of the leaves of ``params``, after checking that they can be manifold leaves."""
+  layouts = points.resolve(params, point_axes)
+  checks.check_manifold_leaves(params, name, layouts)
+  return layouts
+
+
+def require_params(params) -> None:
+  if params is None:
+    raise ValueError(checks.NO_PARAMS_MSG)
+
+
+def _learning_rate(learning_rate, count):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _per_point_lists(state_trees: dict, params) -> dict:
+  treedef = jax.tree.structure(params)
+  return {name: treedef.flatten_up_to(tree) for name, tree in state_trees.items()}
+
+
+class GrassmannSgdState(NamedTuple):
+  """State of :func:`grassmann_sgd`.
+
+  Attributes:
+    count: number of updates so far, int32 (drives a learning-rate schedule).
+    trace: the momentum buffer ``b`` (gradient units) in the shape of the params; the buffer
+      transported to the current point is ``basis.on_buffer·trace + basis.on_point·params``.
+    basis: a :class:`Basis` of per-point values, shaped by the batch axes of each leaf.
+    radius: with ``radius='init'``, the radius of every point, shaped by the batch axes;
+      otherwise ``None``.
+  """
+
+  count: jax.Array
+  trace: optax.Params
+  basis: Basis
+  radius: optax.Params = None
+
+
+class GrassmannAdamState(NamedTuple):
+  """State of :func:`grassmann_adam`.
+
+  Attributes:
+    count: number of updates so far (``t``), int32.
+    mu: first moment ``m`` in the shape of the params; the moment transported to the current
+      point is ``basis.on_buffer·mu + basis.on_point·params``.
+    nu: one scalar second moment per point, float32 or wider, shaped by the batch axes
+      (``params.shape[-1:]`` for columns).
+    basis: a :class:`Basis` of per-point values, shaped by the batch axes of each leaf.
+    radius: with ``radius='init'``, the radius of every point; otherwise ``None``.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  basis: Basis
+  radius: optax.Params = None
+
+
+PointRule = Callable[..., tuple[Step, dict[str, jax.Array]]]
+
+
+def _transform(
+  name: str,
+  init_state: Callable,
+  point_rule: PointRule,
+  *,
+  learning_rate,
+  point_axes,
+  radius,
+  buffer_field: str,
+  own_fields: tuple[str, ...] = (),
+) -> optax.GradientTransformationExtraArgs:
+  """The transformation of a fused step; what differs between SGD-G and Adam-G is passed in.
+
+  ``init_state(params, layouts, basis, radii)`` builds the state; ``buffer_field`` names its
+  buffer and ``own_fields`` its other per-point fields (Adam-G's ``nu``).
+  ``point_rule(gram, basis, own, radius, lr, count)`` returns the :class:`Step` and the new
+  values of ``own`` (a dict of per-point vectors).
+  """
+
+  def init_fn(params):
+    layouts = check_init(params, name, point_axes)
+    warn_if_wrapped(name)
+    radii = initial_radius(params, layouts, name) if isinstance(radius, str) else None
+    return init_state(params, layouts, _basis_init(params, layouts), radii)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    require_params(params)
+    buffers = getattr(state, buffer_field)
+    checks.check_update_trees(updates, params, buffers, name)
+    lr = _learning_rate(learning_rate, state.count)
+    count = optax.safe_increment(state.count)
+    trees = {**state.basis._asdict(), **{f: getattr(state, f) for f in own_fields}}
+    if isinstance(radius, str):
+      trees['radius'] = state.radius
+    scalar_radius = None if isinstance(radius, str) else radius
+
+    def point_step(gram, vectors):
+      basis = Basis(*(vectors[f] for f in Basis._fields))
+      own = {f: vectors[f] for f in own_fields}
+      step, own = point_rule(gram, basis, own, vectors.get('radius', scalar_radius), lr, count)
+      return step, {**step.basis._asdict(), **own}
+
+    new_updates, new_buffers, held = _fused_step(
+      updates,
+      buffers,
+      params,
+      _per_point_lists(trees, params),
+      point_axes=point_axes,
+      point_step=point_step,
+    )
+    treedef = jax.tree.structure(params)
+    held = {field: treedef.unflatten(values) for field, values in held.items()}
+    new_basis = Basis(*(held.pop(f) for f in Basis._fields))
+    return new_updates, state._replace(
+      count=count, basis=new_basis, **{buffer_field: new_buffers}, **held
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@docstrings.fill
+def grassmann_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: ArrayLike = 0.9,
+  *,
+  grad_clip: ArrayLike | None = 0.1,
+  point_axes: points.PointAxes = None,
+  radius: ArrayLike | str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The SGD-G step of every point: project, clip, momentum, geodesic step and transport.
+
+  For every point ``w`` (by default every column of a leaf), with ``y = unit(w)`` and ``b`` the
+  buffer transported to ``y`` (Algorithm 1; (S1)-(S7) of ``docs/algorithm.md``):
+
+  .. math::
+    \hat h = \mathrm{clip}(g - (y^\top g)\, y,\ \nu), \quad
+    B = \gamma b + \hat h, \quad d = -\eta B, \\
+    w \leftarrow \exp_y(d), \qquad b \leftarrow -\mathrm{pt}_y(d; d)/\eta
+
+  (paper Eqs. 6, 7, 9). The update is ``exp_y(d) − w``, so that :func:`optax.apply_updates` puts
+  each point on the geodesic; a stored ``w`` that was not unit is re-normalised (S1). Put
+  :func:`add_orthogonality_gradient` before it for the paper's orthogonality term, and nothing
+  that changes the updates after it. It is exact for every step size: the buffer is transported
+  along the step taken, past π/2 and π too.
+
+  The buffer is in gradient units, as in :func:`optax.trace`; the originals store ``−η b``. The
+  two agree for a constant rate; after a change of rate this applies the new rate to the whole
+  buffer, the originals to new gradients only.
+
+  Args:
+    learning_rate: η_G, or a schedule of the step count.
+    momentum: γ in [0, 1] (0.9 in the paper).
+    grad_clip: {{grad_clip}}
+    point_axes: {{point_axes}}
+    radius: {{radius}}
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` that needs ``params``; its state is a
+    :class:`GrassmannSgdState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> w = go.unit_initializer()(jax.random.key(0), (27, 8))
+    >>> tx = go.grassmann_sgd(0.2, grad_clip=None)
+    >>> u, state = tx.update(jnp.ones_like(w), tx.init(w), w)
+    >>> bool(jnp.allclose(jnp.linalg.norm(w + u, axis=0), 1, atol=1e-6))
+    True
+
+  {{references}}
+  """
+  checks.check_hyperparameters(momentum=momentum, grad_clip=grad_clip)
+  checks.check_radius(radius)
+  points.check_spec_tree(point_axes)
+
+  def init_state(params, layouts, basis, radii):
+    del layouts
+    return GrassmannSgdState(
+      count=jnp.zeros([], jnp.int32),
+      trace=jax.tree.map(jnp.zeros_like, params),
+      basis=basis,
+      radius=radii,
+    )
+
+  def point_rule(gram, basis, own, point_radius, lr, count):
+    del count
+    k, _ = clipped_gradient(gram, grad_clip)
+    moved = moved_buffer(gram, basis, momentum, 1.0, k)
+    sigma = jnp.asarray(lr, gram.ww.dtype)
+    return geodesic_step(gram, moved, sigma, point_radius, own_direction=True), own
+
+  return _transform(
+    'grassmann_sgd',
+    init_state,
+    point_rule,
+    learning_rate=learning_rate,
+    point_axes=point_axes,
+    radius=radius,
+    buffer_field='trace',
+  )
+
+
+@docstrings.fill
+def grassmann_adam(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: ArrayLike = 0.9,
+  b2: ArrayLike = 0.99,
+  eps: ArrayLike = 1e-8,
+  *,
+  grad_clip: ArrayLike | None = 0.1,
+  point_axes: points.PointAxes = None,
+  radius: ArrayLike | str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The Adam-G step of every point: project, clip, moments, geodesic step and transport.
+
+  For every point ``w``, with ``y = unit(w)``, ``m`` the first moment transported to ``y`` and
+  step ``t`` (Algorithm 2; (A1)-(A11) of ``docs/algorithm.md``):
+
+  .. math::
+    \hat h = \mathrm{clip}(g - (y^\top g)\, y,\ \nu), \quad
+    \tilde m = \beta_1 m + (1-\beta_1)\hat h, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2)\lVert\hat h\rVert^2, \\
+    d = -\eta\,\tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\tfrac{\tilde m}{\sqrt{v+\epsilon}},
+    \qquad w \leftarrow \exp_y(d), \qquad m \leftarrow \mathrm{pt}_y(\tilde m; d)
+
+  (paper Eqs. 6-8), with **one** scalar second moment ``v`` per point and ε inside the square
+  root. The update is ``exp_y(d) − w``; put :func:`add_orthogonality_gradient` before it for the
+  paper's orthogonality term, and nothing that changes the updates after it. It is exact for
+  every step size.
+
+  Args:
+    learning_rate: η_G, or a schedule of the step count.
+    b1: β1 in [0, 1) (the paper passes its momentum, 0.9).
+    b2: β2 in [0, 1) (0.99 in both originals).
+    eps: ε >= 0, added to ``v`` under the square root.
+    grad_clip: {{grad_clip}}
+    point_axes: {{point_axes}}
+    radius: {{radius}}
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` that needs ``params``; its state is a
+    :class:`GrassmannAdamState`, whose ``count`` also drives the schedule.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> w = go.unit_initializer()(jax.random.key(0), (27, 8))
+    >>> tx = go.grassmann_adam(0.05)
+    >>> u, state = tx.update(jnp.ones_like(w), tx.init(w), w)
+    >>> state.nu.shape
+    (8,)
+
+  {{references}}
+  """
+  checks.check_hyperparameters(b1=b1, b2=b2, eps=eps, grad_clip=grad_clip)
+  checks.check_radius(radius)
+  points.check_spec_tree(point_axes)
+
+  def init_state(params, layouts, basis, radii):
+    return GrassmannAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(jnp.zeros_like, params),
+      nu=per_point_zeros(params, layouts),
+      basis=basis,
+      radius=radii,
+    )
+
+  def point_rule(gram, basis, own, point_radius, lr, count):
+    k, h_sq = clipped_gradient(gram, grad_clip)
+    moved = moved_buffer(gram, basis, b1, 1 - b1, k)
+    nu = b2 * own['nu'] + (1 - b2) * h_sq
+    t = count.astype(nu.dtype)
+    sigma = lr * (jnp.sqrt(1 - b2**t) / (1 - b1**t)) / jnp.sqrt(nu + eps)
+    return geodesic_step(gram, moved, sigma, point_radius, own_direction=False), {'nu': nu}
+
+  return _transform(
+    'grassmann_adam',
+    init_state,
+    point_rule,
+    learning_rate=learning_rate,
+    point_axes=point_axes,
+    radius=radius,
+    buffer_field='mu',
+    own_fields=('nu',),
+  )

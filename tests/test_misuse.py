@@ -1,0 +1,205 @@
+"""Whatever a user passes, the library does the right thing or says clearly why it will not.
+
+Each misuse gets a ``TypeError`` or ``ValueError`` that names the argument or the leaf and says
+what to do; nothing is silently accepted and then ignored.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import grassmann_optax as go
+
+KERNEL = go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8))
+
+
+def _all_with_point_axes(point_axes):
+  """Every public transform and alias that takes ``point_axes``."""
+  labels = {'w': 'grassmann'}
+  return {
+    'add_orthogonality_gradient': lambda: go.add_orthogonality_gradient(0.1, point_axes=point_axes),
+    'project_to_tangent': lambda: go.project_to_tangent(point_axes=point_axes),
+    'grassmann_clip': lambda: go.grassmann_clip(0.1, point_axes=point_axes),
+    'exp_map_update': lambda: go.exp_map_update(point_axes=point_axes),
+    'grassmann_sgd': lambda: go.grassmann_sgd(0.1, point_axes=point_axes),
+    'grassmann_adam': lambda: go.grassmann_adam(0.1, point_axes=point_axes),
+    'sgdg': lambda: go.sgdg(0.1, 0.1, param_labels=labels, point_axes=point_axes),
+    'adamg': lambda: go.adamg(0.1, 0.1, param_labels=labels, point_axes=point_axes),
+  }
+
+
+def _params_for(name):
+  return {'w': KERNEL} if name in ('sgdg', 'adamg') else KERNEL
+
+
+@pytest.mark.parametrize('point_axes', [1.5, (0, None), 'rows', [0, 1.0], True])
+@pytest.mark.parametrize('name', sorted(_all_with_point_axes(None)))
+def test_point_axes_that_are_no_axes_are_refused_at_construction(name, point_axes):
+  with pytest.raises(TypeError, match='point_axes'):
+    _all_with_point_axes(point_axes)[name]()
+
+
+@pytest.mark.parametrize('name', sorted(_all_with_point_axes(None)))
+def test_a_callable_point_axes_must_return_axes(name):
+  tx = _all_with_point_axes(lambda params: 3.3)[name]()
+  with pytest.raises(TypeError, match=r'point_axes\(params\)=3.3'):
+    tx.init(_params_for(name))
+
+
+@pytest.mark.parametrize('axes', [np.array([0, 1, 2]), np.int64(3), jnp.array([0, 1, 2])])
+def test_numpy_and_jax_integer_axes_are_axes(axes):
+  """An integer array names axes as a tuple would (not a pytree of one leaf)."""
+  as_tuple = tuple(int(a) for a in np.ravel(axes))
+  grads = jnp.ones_like(KERNEL)
+  results = []
+  for spec in (axes, as_tuple):
+    tx = go.grassmann_adam(0.1, point_axes=spec)
+    updates, _ = tx.update(grads, tx.init(KERNEL), KERNEL)
+    results.append(updates)
+  np.testing.assert_array_equal(*results)
+
+
+def test_a_pytree_of_point_axes_with_a_bad_entry_names_it():
+  with pytest.raises(TypeError, match=r"entry 1.5 for 'w'"):
+    go.grassmann_sgd(0.1, point_axes={'w': 1.5})
+
+
+def _all_with_radius(radius):
+  labels = {'w': 'grassmann'}
+  return {
+    'exp_map_update': lambda: go.exp_map_update(radius=radius),
+    'grassmann_sgd': lambda: go.grassmann_sgd(0.1, radius=radius),
+    'grassmann_adam': lambda: go.grassmann_adam(0.1, radius=radius),
+    'sgdg': lambda: go.sgdg(0.1, 0.1, param_labels=labels, radius=radius),
+    'adamg': lambda: go.adamg(0.1, 0.1, param_labels=labels, radius=radius),
+  }
+
+
+@pytest.mark.parametrize(
+  'radius, error',
+  [
+    (0, ValueError),
+    (-1.0, ValueError),
+    (float('inf'), ValueError),
+    (float('nan'), ValueError),
+    ('unit', TypeError),
+    ('', TypeError),
+    (True, TypeError),
+    (jnp.ones(3), TypeError),
+    (np.array([1.0, 2.0]), TypeError),
+    ([1.0], TypeError),
+  ],
+)
+@pytest.mark.parametrize('name', sorted(_all_with_radius(None)))
+def test_every_radius_that_is_not_a_positive_number_is_refused(name, radius, error):
+  with pytest.raises(error, match='radius'):
+    _all_with_radius(radius)[name]()
+
+
+@pytest.mark.parametrize('radius', [2, 2.0, np.float32(2.0), jnp.asarray(2.0)])
+def test_a_scalar_radius_of_any_type_is_taken(radius):
+  tx = go.grassmann_sgd(0.1, radius=radius)
+  updates, _ = tx.update(jnp.ones_like(KERNEL), tx.init(2 * KERNEL), 2 * KERNEL)
+  norms = jnp.linalg.norm((2 * KERNEL + updates).reshape(-1, 8), axis=0)
+  np.testing.assert_allclose(norms, 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(_all_with_radius(None)))
+def test_radius_init_on_a_zero_point_is_refused_with_the_leaf_named(name):
+  params = KERNEL.at[..., 3].set(0.0)
+  tx = _all_with_radius('init')[name]()
+  with pytest.raises(ValueError, match='point of norm 0'):
+    tx.init({'w': params} if name in ('sgdg', 'adamg') else params)
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_a_stack_whose_layers_have_no_more_rows_than_points_is_refused_with_omega(name):
+  """(layers, 6, 8) with point axes (1,): 8 points of 6 elements per layer cannot be orthogonal."""
+  params = {'w': jnp.ones((4, 6, 8))}
+  factory = getattr(go, name)
+  with pytest.raises(ValueError, match=r"'w'.*point size 6 <= 8"):
+    factory(0.1, 0.1, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(params)
+  with pytest.raises(ValueError, match=r"'<root>'.*point size 6 <= 8"):
+    go.add_orthogonality_gradient(0.1, point_axes=(1,)).init(params['w'])
+  # Without the orthogonality term any layout is allowed.
+  factory(0.1, 0.1, omega=0, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(params)
+
+
+def test_find_scale_invariant_skips_integer_leaves_and_refuses_non_finite_gradients():
+  params = {'w': jax.random.normal(jax.random.key(1), (8, 4)), 'step': jnp.zeros((2, 2), jnp.int32)}
+  x = jax.random.normal(jax.random.key(2), (32, 8))
+
+  def loss(p, x):
+    z = x @ p['w']
+    z = (z - z.mean(0)) / z.std(0)
+    return jnp.sum(jnp.sin(z)) + 0.0 * jnp.sum(p['step'])
+
+  found = go.find_scale_invariant(loss, params, x)
+  assert found.param_labels == {'w': 'grassmann', 'step': 'euclidean'}
+  bad = lambda p, x: loss(p, x) * jnp.where(p['w'][0, 0] > -100, jnp.nan, 1.0)
+  with pytest.raises(ValueError, match=r"gradient of leaf 'w' is not finite"):
+    go.find_scale_invariant(bad, params, x)
+
+
+def test_a_square_scale_invariant_kernel_is_not_labelled_undercomplete_only():
+  """A conv followed by BatchNorm is invariant per column, but 9 columns of 9 elements cannot be
+  orthogonal beyond a basis: with undercomplete_only (the default) it stays Euclidean."""
+  key_w, key_x = jax.random.split(jax.random.key(3))
+  params = {'w': jax.random.normal(key_w, (9, 9))}
+  x = jax.random.normal(key_x, (64, 9))
+
+  def loss(p, x):
+    z = x @ p['w']
+    z = (z - z.mean(0)) / z.std(0)
+    return jnp.sum(jnp.sin(z) * jnp.arange(9.0))
+
+  assert go.find_scale_invariant(loss, params, x).param_labels == {'w': 'euclidean'}
+  loose = go.find_scale_invariant(loss, params, x, undercomplete_only=False)
+  assert loose.param_labels == {'w': 'grassmann'}
+
+
+def test_project_params_puts_averaged_points_back_on_the_sphere():
+  params = {'w': KERNEL, 'b': jnp.ones(8)}
+  averaged = jax.tree.map(lambda p: 0.5 * p + 0.5 * jnp.roll(p, 1, axis=-1), params)
+  back = go.project_params(averaged, {'w': 'grassmann', 'b': 'euclidean'})
+  np.testing.assert_allclose(jnp.linalg.norm(back['w'].reshape(-1, 8), axis=0), 1, rtol=1e-6)
+  np.testing.assert_array_equal(back['b'], averaged['b'])
+  twice = go.project_params(averaged, {'w': 'grassmann', 'b': 'euclidean'}, radius=2.0)
+  np.testing.assert_allclose(twice['w'], 2 * back['w'], rtol=1e-6)
+  with pytest.raises(ValueError, match='label'):
+    go.project_params(averaged, {'w': 'grassmann'})
+
+
+def test_update_without_params_says_so_for_every_step():
+  for tx in (go.grassmann_sgd(0.1), go.grassmann_adam(0.1)):
+    with pytest.raises(ValueError, match='params'):
+      tx.update(KERNEL, tx.init(KERNEL))
+
+
+def test_extra_arguments_reach_every_transform_and_alias():
+  """``value=`` and other extra arguments pass through (reduce_on_plateau, nnx.Optimizer)."""
+  params = {'w': KERNEL, 'b': jnp.zeros(8)}
+  labels = {'w': 'grassmann', 'b': 'euclidean'}
+  grads = jax.tree.map(jnp.ones_like, params)
+  for tx in (
+    go.sgdg(0.1, 0.1, param_labels=labels),
+    go.adamg(0.1, 0.1, param_labels=labels),
+    go.euclidean_sgd(0.1),
+    go.grassmann_partition(go.grassmann_adam(0.1), optax.adam(0.1), labels),
+  ):
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    tx.update(grads, tx.init(params), params, value=jnp.ones([]), other='anything')
+  for tx in (
+    go.add_orthogonality_gradient(0.1),
+    go.add_orthogonality_gradient(0),
+    go.project_to_tangent(),
+    go.grassmann_clip(0.1),
+    go.grassmann_clip(None),
+    go.exp_map_update(),
+    go.grassmann_sgd(0.1),
+    go.grassmann_adam(0.1),
+  ):
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    tx.update(jnp.ones_like(KERNEL), tx.init(KERNEL), KERNEL, value=jnp.ones([]))
