@@ -148,7 +148,7 @@ def test_vgg19_kernels_and_manifold_set():
   assert kernels == expected_kernels
   conv_names = {n for n in kernels if 'conv' in n}
   assert len(conv_names) == 16
-  # First conv 27 <= 64 stays Euclidean; fc layers never match 'conv'.
+  # First conv 27 <= 64 stays Euclidean; the fc kernels have 2 axes, never a conv's 4.
   assert _manifold_kernels(model, (32, 32, 3)) == conv_names - {'group0/conv0/kernel'}
 
 

@@ -1,10 +1,11 @@
 """Wide ResNet and VGG with batch normalisation, as trained in Cho & Lee (2017).
 
-The architectures follow the TF code the paper's numbers come from. Parameter names are chosen so
-that the paper's rule (``'conv'`` in the name, fan-in greater than fan-out, as
-:func:`grassmann_optax.grassmann_labels` applies it) picks the same kernels as the original: 3x3
-convolutions are named ``conv*``, the 1x1 shortcut ``projection`` and the dense layers ``fc*``,
-none of which the rule selects.
+The architectures and parameter names follow the TF code the paper's numbers come from: 3x3
+convolutions are named ``conv*``, the 1x1 shortcut ``projection``, the dense layers ``fc*``. Which
+kernels go on the manifold is decided by shape, not by name: the paper's rule, as
+:func:`grassmann_optax.grassmann_labels` applies it, takes every conv kernel (4 axes) whose fan-in
+exceeds its number of outputs. That is every 3x3 convolution whose ``9 * c_in`` exceeds ``c_out``,
+never a 1x1 shortcut (each widens: ``c_in < c_out``) nor a dense layer (2 axes).
 
 The models know nothing of the optimizer; the training program re-initialises manifold kernels.
 
