@@ -1,17 +1,23 @@
-"""The README and docs/ stay true: their code runs, their commands parse, their links resolve."""
+"""The README and docs/ stay true: their code runs, their commands parse, their links resolve,
+and the documentation site builds."""
 
 import contextlib
 import io
 import re
 import shlex
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+import grassmann_optax
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
-FENCE = re.compile(r'^([ \t]*)```(\w*)\n(.*?)^[ \t]*```', re.M | re.S)
+# A fenced block and its info string: a language (```python) or a MyST directive (```{toctree}).
+FENCE = re.compile(r'^([ \t]*)```([^`\n]*)\n(.*?)^[ \t]*```', re.M | re.S)
 # Put right before a fence, this marks a block that the tests compile but do not run.
 COMPILE_ONLY = '<!-- compile-only'
 
@@ -22,8 +28,8 @@ def blocks(language: str) -> list[tuple[str, int, str, bool]]:
   for path in DOCUMENTS:
     text = path.read_text()
     for index, match in enumerate(FENCE.finditer(text)):
-      indent, fence_language, code = match.groups()
-      if fence_language == language:
+      indent, info, code = match.groups()
+      if info.strip() == language:
         code = textwrap.dedent(code) if indent else code
         before = text[: match.start()].rstrip().rsplit('\n', 1)[-1]
         run = not before.startswith(COMPILE_ONLY)
@@ -60,17 +66,29 @@ def test_readme_commands_are_the_ci_commands():
   assert "pip install --quiet -e '.[test]'" in ci and 'python -m pytest' in ci
 
 
-LINK = re.compile(r'\]\(([^)#\s]+)(#[^)\s]*)?\)')
+LINK = re.compile(r'\]\(([^)#\s]*)(#[^)\s]*)?\)')
+
+
+def github_anchors(path: Path) -> set[str]:
+  """The anchors GitHub (and the site, through MyST) gives the headings of a Markdown file."""
+  text = FENCE.sub('', path.read_text())
+  headings = re.findall(r'^#{1,6} +(.+?) *$', text, re.M)
+  return {re.sub(r'[^\w\- ]', '', heading.lower()).replace(' ', '-') for heading in headings}
 
 
 @pytest.mark.parametrize('path', DOCUMENTS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_local_links_resolve(path):
-  missing = [
-    target
-    for target, _ in LINK.findall(path.read_text())
-    if not re.match(r'[a-z]+://', target) and not (path.parent / target).exists()
-  ]
-  assert not missing, f'{path.name} links to files that do not exist: {missing}'
+  """Every relative link names a file that exists, and a heading of it where it names one."""
+  broken = []
+  for target, anchor in LINK.findall(path.read_text()):
+    if re.match(r'[a-z]+://', target):
+      continue
+    file = (path.parent / target) if target else path
+    if not file.exists():
+      broken.append(f'{target} (no such file)')
+    elif anchor and file.suffix == '.md' and anchor[1:] not in github_anchors(file):
+      broken.append(f'{target}{anchor} (no such heading)')
+  assert not broken, f'{path.name} has broken links: {broken}'
 
 
 def commands(program: str) -> list[tuple[str, str]]:
@@ -104,3 +122,18 @@ def test_benchmark_commands_parse(command):
   from train import benchmark
 
   benchmark.parse_args(shlex.split(command[1])[3:])
+
+
+def test_site_builds_without_warnings(tmp_path):
+  """The documentation site (Sphinx: the API from the docstrings, the pages of docs/) builds
+  with warnings as errors, as CI builds it."""
+  build = subprocess.run(
+    [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-q', '-b', 'html', 'docs', tmp_path],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert build.returncode == 0, build.stderr[-4000:]
+  api = (tmp_path / 'api.html').read_text()
+  missing = [name for name in grassmann_optax.__all__ if f'id="grassmann_optax.{name}"' not in api]
+  assert not missing, f'the API page does not document {missing}'
