@@ -34,7 +34,7 @@ def _groups(module, order: list[str]) -> dict[str, list[str]]:
   groups: dict[str, list[str]] = {}
   for name in module.__all__:
     obj = getattr(module, name)
-    home = obj.__module__ if inspect.isclass(obj) or callable(obj) else CONSTANTS
+    home = (getattr(obj, '__module__', None) or module.__name__) if callable(obj) else CONSTANTS
     groups.setdefault(home, []).append(name)
 
   def rank(home: str) -> tuple[int, str]:
