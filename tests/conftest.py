@@ -1,7 +1,7 @@
 """Shared test setup: two fake CPU devices, configured before JAX is imported anywhere.
 
-The multi-device tests (pmap and sharded data parallelism, STYLE.md "Multi-device paths tested on
-CPU with fake devices") need more than one device; XLA reads the flag once, at backend start.
+The multi-device paths (pmap and sharded data parallelism) are tested on CPU with fake devices,
+so the tests need more than one device; XLA reads the flag once, at backend start.
 """
 
 import os

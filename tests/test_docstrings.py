@@ -2,7 +2,9 @@
 
 import doctest
 import importlib
+import inspect
 import pkgutil
+import re
 
 import pytest
 
@@ -30,3 +32,33 @@ def test_every_public_function_has_an_example():
     and '>>>' not in (obj.__doc__ or '')
   ]
   assert not missing, f'public functions without a runnable example: {missing}'
+
+
+def _documented_arguments(doc: str) -> set[str] | None:
+  """The names of a Google-style ``Args:`` section, or None where there is none."""
+  section = re.search(r'^Args:\n((?:(?:  .*)?\n)+)', doc + '\n', re.M)
+  if section is None:
+    return None
+  return {name.lstrip('*') for name in re.findall(r'^  (\*{0,2}\w+)[^:\n]*:', section[1], re.M)}
+
+
+def test_docstring_arguments_are_the_signature():
+  """Where a public function documents its arguments, it documents exactly those it takes: the
+  site shows both the signature and the ``Args:`` section."""
+  wrong = {}
+  for name in grassmann_optax.__all__:
+    obj = getattr(grassmann_optax, name)
+    if not callable(obj) or isinstance(obj, type):
+      continue
+    documented = _documented_arguments(inspect.getdoc(obj) or '')
+    parameters = set(inspect.signature(obj).parameters)
+    if documented is not None and documented != parameters:
+      wrong[name] = (sorted(documented - parameters), sorted(parameters - documented))
+  assert not wrong, f'(documented but not taken, taken but not documented): {wrong}'
+
+
+def test_documented_arguments_are_read():
+  doc = 'Sums.\n\nArgs:\n  x: an array.\n  *args: more.\n  axis (int): where,\n    if any.\n\n'
+  doc += 'Returns:\n  y.'
+  assert _documented_arguments(doc) == {'x', 'args', 'axis'}
+  assert _documented_arguments('Sums.\n\nReturns:\n  y.') is None

@@ -375,7 +375,7 @@ def test_a_non_finite_column_is_held_and_does_not_spread(name):
 
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
 def test_apply_if_finite_skips_a_step_with_a_non_finite_gradient(name):
-  """The remedy the docs show: the whole step is skipped and counted."""
+  """The remedy docs/usage.md shows: the whole step is skipped and counted."""
   rs = np.random.RandomState(8)
   params = {'w': jnp.asarray(unit_columns(rs), jnp.float32), 'b': jnp.zeros(P)}
   labels = {'w': 'grassmann', 'b': 'euclidean'}

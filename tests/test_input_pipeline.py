@@ -29,16 +29,55 @@ def _toy_dataset(n, augment=False, image_shape=(4, 4, 1)):
   )
 
 
-def test_dataset_table():
-  assert ip.DATASET_NAMES == ('cifar10', 'cifar100', 'svhn', 'digits')
-  cifar = ip.DATASETS['cifar10']
-  assert (cifar.num_train, cifar.num_test, cifar.image_shape) == (50_000, 10_000, (32, 32, 3))
-  svhn = ip.DATASETS['svhn']
-  assert (svhn.num_train, svhn.num_test) == (73_257 + 531_131, 26_032)
+# Each dataset's facts, written out from its source rather than read from the code: a dataset
+# added to ip.DATASETS gets its entry here. `tfds`: its tfds name and training splits.
+_CIFAR = dict(image_shape=(32, 32, 3), num_train=50_000, num_test=10_000, augment=True)
+DATASET_FACTS = {
+  'cifar10': dict(_CIFAR, num_classes=10, tfds=('cifar10', ('train',)), divide_by=None),
+  'cifar100': dict(_CIFAR, num_classes=100, tfds=('cifar100', ('train',)), divide_by=None),
+  'svhn': dict(
+    num_classes=10,
+    image_shape=(32, 32, 3),
+    num_train=73_257 + 531_131,
+    num_test=26_032,
+    tfds=('svhn_cropped', ('train', 'extra')),
+    divide_by=255,
+    augment=False,
+  ),
+  'digits': dict(
+    num_classes=10,
+    image_shape=(8, 8, 1),
+    num_train=1_797 - 300,
+    num_test=300,
+    tfds=None,
+    divide_by=None,
+    augment=False,
+  ),
+}
+TFDS_DATASETS = [name for name, info in ip.DATASETS.items() if info.tfds is not None]
+
+
+def test_every_dataset_is_registered_with_its_facts():
+  assert list(ip.DATASETS) == list(DATASET_FACTS)
+  for name, info in ip.DATASETS.items():
+    registered = {key: getattr(info, key) for key in DATASET_FACTS[name]}
+    registered['tfds'] = (info.tfds.name, info.tfds.train_splits) if info.tfds else None
+    assert info.name == name and registered == DATASET_FACTS[name], name
+    assert (info.tfds is None) != (info.load_local is None), f'{name}: one source, tfds or local'
+
+
+def test_every_dataset_has_a_recipe_for_every_optimizer():
+  from train import config
+
+  for name, info in ip.DATASETS.items():
+    assert set(info.learning_rates) == set(config.OPTIMIZERS), name
+    settings = {*info.recipe, *(key for rates in info.learning_rates.values() for key in rates)}
+    assert settings <= set(config.FIELDS), f'{name}: {sorted(settings - set(config.FIELDS))}'
+    assert all('learnRate' in rates for rates in info.learning_rates.values()), name
 
 
 def test_unknown_dataset_lists_valid_names():
-  with pytest.raises(ValueError, match='cifar10, cifar100, svhn, digits'):
+  with pytest.raises(ValueError, match=', '.join(DATASET_FACTS)):
     ip.load_dataset('mnist')
 
 
@@ -174,30 +213,31 @@ def test_eval_batches_cover_each_example_once(batch_size):
   np.testing.assert_array_equal(images[mask == 1, 0, 0, 0], np.arange(23))
 
 
-@pytest.mark.parametrize(
-  'name, num_classes, train_factor', [('cifar10', 10, 1), ('cifar100', 100, 1), ('svhn', 10, 2)]
-)
-def test_tfds_datasets_load_under_mock(name, num_classes, train_factor, tmp_path, monkeypatch):
+@pytest.mark.parametrize('name', TFDS_DATASETS)
+def test_tfds_datasets_load_under_mock(name, tmp_path, monkeypatch):
+  facts = DATASET_FACTS[name]
+  num_classes, image_shape = facts['num_classes'], facts['image_shape']
+  tfds_name, train_splits = facts['tfds']
   monkeypatch.setattr(ip, '_host_reachable', lambda host, port: pytest.fail('probed network'))
-  tfds_name = {'svhn': 'svhn_cropped'}.get(name, name)
   with prepared_tfds(tmp_path, tfds_name, num_examples=12):
     train, test, info = ip.load_dataset(name, data_dir=str(tmp_path), download=False)
-  # SVHN's training set is train + extra, so twice the mocked split size.
-  assert train.images.shape == (12 * train_factor, 32, 32, 3)
-  assert test.images.shape == (12, 32, 32, 3)
+  # Every training split is loaded (SVHN's is train + extra: twice the mocked split size).
+  num_train = 12 * len(train_splits)
+  assert train.images.shape == (num_train, *image_shape)
+  assert test.images.shape == (12, *image_shape)
   assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32
   for split in (train, test):
     assert 0 <= split.labels.min() and split.labels.max() < num_classes
-  assert (info.num_train, info.num_test, info.num_classes) == (12 * train_factor, 12, num_classes)
-  assert train.augment == (name != 'svhn') and not test.augment
-  if name == 'svhn':
+  assert (info.num_train, info.num_test, info.num_classes) == (num_train, 12, num_classes)
+  assert train.augment == facts['augment'] and not test.augment
+  if facts['divide_by'] is not None:
     np.testing.assert_array_equal(train.mean, 0.0)
-    np.testing.assert_array_equal(train.std, 255.0)
+    np.testing.assert_array_equal(train.std, facts['divide_by'])
   else:
     np.testing.assert_allclose(train.mean, train.images.mean(axis=(0, 1, 2)), rtol=1e-5)
     np.testing.assert_allclose(train.std, train.images.std(axis=(0, 1, 2)), rtol=1e-5)
   images, labels = ip.train_batch(train, 0, 8, seed=0)
-  assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
+  assert images.shape == (8, *image_shape) and images.dtype == np.float32
   assert labels.shape == (8,)
 
 

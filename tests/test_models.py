@@ -59,10 +59,22 @@ def _batch_norm_settings(model, image_shape):
   return settings
 
 
+# The 3x3 convolutions of each model at its defaults, counted from the papers rather than the
+# code (WRN-10-k: the stem and 3 groups of one block of two; VGG-n: n layers, 3 of them dense): a
+# model added to models.MODELS gets its entry here.
+CONVOLUTIONS = {'resnet': 1 + 3 * 2, 'vgg11': 8, 'vgg13': 10, 'vgg16': 13, 'vgg19': 16}
+
+
+def test_every_model_is_registered():
+  assert list(models.MODELS) == list(CONVOLUTIONS)
+
+
 @pytest.mark.parametrize('image_shape', [(32, 32, 3), (8, 8, 1)])
-@pytest.mark.parametrize('name', ['resnet', 'vgg11'])
-def test_logits_shape(name, image_shape):
+@pytest.mark.parametrize('name', list(models.MODELS))
+def test_every_model_builds_its_convolutions_and_logits(name, image_shape):
   model = models.create_model(name, num_classes=7)
+  shapes = _shapes(model, image_shape)
+  assert len([shape for shape in shapes.values() if shape[:2] == (3, 3)]) == CONVOLUTIONS[name]
   x = jnp.zeros((3, *image_shape))
   logits = jax.eval_shape(lambda: model.apply(_init(model, image_shape), x, train=False))
   assert logits.shape == (3, 7)
@@ -85,9 +97,8 @@ def test_bad_depth_raises_at_construction(depth):
 
 
 def test_unknown_model_name_lists_valid_names():
-  with pytest.raises(ValueError, match='resnet, vgg11, vgg13, vgg16, vgg19'):
+  with pytest.raises(ValueError, match=', '.join(CONVOLUTIONS)):
     models.create_model('vgg12', num_classes=10)
-  assert models.MODEL_NAMES == ('resnet', 'vgg11', 'vgg13', 'vgg16', 'vgg19')
 
 
 def test_wrn_28_10_kernels_and_manifold_set():
@@ -148,7 +159,7 @@ def test_vgg19_kernels_and_manifold_set():
   assert kernels == expected_kernels
   conv_names = {n for n in kernels if 'conv' in n}
   assert len(conv_names) == 16
-  # First conv 27 <= 64 stays Euclidean; fc layers never match 'conv'.
+  # First conv 27 <= 64 stays Euclidean; the fc kernels have 2 axes, never a conv's 4.
   assert _manifold_kernels(model, (32, 32, 3)) == conv_names - {'group0/conv0/kernel'}
 
 

@@ -5,11 +5,17 @@ few for JAX (parallelism, devices, multi-process, seed, step cap). A setting tha
 takes its value from, in order:
 
 1. ``RECIPES[(data, optimizer)]``: the paper's settings for that dataset and optimizer, and the
-   settings tuned for the small default dataset ``digits``;
-2. ``MODEL_RECIPES[model]``: per-architecture exceptions (the paper's VGG command gives no
-   ``--keep_prob``, so VGG runs without dropout);
+   settings tuned for the small default dataset ``digits``. Each is the dataset's recipe and
+   learning rates (its entry in ``train/input_pipeline.py``'s ``DATASETS``) over the optimizer's
+   own settings (``OPTIMIZER_RECIPES``);
+2. ``MODEL_RECIPES[model]``: per-architecture exceptions, from the model's entry in
+   ``train/models.py``'s ``MODELS`` (the paper's VGG command gives no ``--keep_prob``, so VGG runs
+   without dropout);
 3. the field's default in :class:`Config` (the TF defaults, except ``data``, ``optimizer``,
    ``model`` and ``grassmann``, whose defaults here give a run that finishes in a minute).
+
+The datasets and models are registered once, in those two modules; the lists of names here (and
+so the choices of ``--data`` and ``--model``) are theirs.
 
 An explicit setting always wins. :func:`get_config` builds a checked :class:`Config` from keyword
 arguments (the command line in ``train/flags.py`` calls it too); every value is checked before any
@@ -23,8 +29,11 @@ import dataclasses
 import math
 from typing import Any
 
+from train import input_pipeline, models
+
 OPTIMIZERS = ('sgd', 'sgdg', 'adamg')
-MODELS = ('resnet', 'vgg11', 'vgg13', 'vgg16', 'vgg19')
+DATASETS = tuple(input_pipeline.DATASETS)
+MODELS = tuple(models.MODELS)
 PARALLEL = ('pmap', 'sharded')
 TASKS = ('train', 'test')
 
@@ -99,20 +108,7 @@ class Config:
 
 FIELDS = tuple(field.name for field in dataclasses.fields(Config) if field.name != 'explicit')
 
-# The paper's recipes. Shared parts first, then one row per (data, optimizer).
-_CIFAR = {'epochs': 200, 'decay_epochs': (60, 120, 160), 'learnRateDecay': 0.2, 'keep_prob': 0.7}
-_SVHN = {'epochs': 160, 'decay_epochs': (60, 120), 'learnRateDecay': 0.1, 'keep_prob': 0.6}
-_DIGITS = {
-  'epochs': 20,
-  'decay_epochs': (10, 16),
-  'learnRateDecay': 0.2,
-  'keep_prob': None,
-  'batch_size': 64,
-  'vali_batch_size': 400,
-  'vali_freq': 200,
-  'depth': 10,
-  'widen_factor': 4,
-}
+# The optimizers' own settings in the paper's recipes; the dataset's entry adds the rest.
 _SGD = {
   'grassmann': False,
   'weightDecay': 5e-4,
@@ -121,30 +117,29 @@ _SGD = {
   'betaDecay': 5e-4,
 }
 _GRASSMANN = {'grassmann': True, 'omega': 0.1, 'grad_clip': 0.1, 'weightDecay': 5e-4}
+OPTIMIZER_RECIPES: dict[str, dict[str, Any]] = {
+  'sgd': _SGD,
+  'sgdg': _GRASSMANN,
+  'adamg': _GRASSMANN,
+}
 
 RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-  ('cifar10', 'sgd'): {**_CIFAR, **_SGD, 'learnRate': 0.1},
-  ('cifar10', 'sgdg'): {**_CIFAR, **_GRASSMANN, 'learnRate': 0.01, 'learnRateG': 0.2},
-  ('cifar10', 'adamg'): {**_CIFAR, **_GRASSMANN, 'learnRate': 0.01, 'learnRateG': 0.05},
-  ('cifar100', 'sgd'): {**_CIFAR, **_SGD, 'learnRate': 0.1},
-  ('cifar100', 'sgdg'): {**_CIFAR, **_GRASSMANN, 'learnRate': 0.01, 'learnRateG': 0.2},
-  ('cifar100', 'adamg'): {**_CIFAR, **_GRASSMANN, 'learnRate': 0.01, 'learnRateG': 0.05},
-  ('svhn', 'sgd'): {**_SVHN, **_SGD, 'learnRate': 0.01},
-  ('svhn', 'sgdg'): {**_SVHN, **_GRASSMANN, 'learnRate': 0.001, 'learnRateG': 0.02},
-  ('svhn', 'adamg'): {**_SVHN, **_GRASSMANN, 'learnRate': 0.001, 'learnRateG': 0.005},
-  ('digits', 'sgd'): {**_DIGITS, **_SGD, 'learnRate': 0.1},
-  ('digits', 'sgdg'): {**_DIGITS, **_GRASSMANN, 'learnRate': 0.05, 'learnRateG': 0.2},
-  ('digits', 'adamg'): {**_DIGITS, **_GRASSMANN, 'learnRate': 0.05, 'learnRateG': 0.05},
+  (data, optimizer): {
+    **info.recipe,
+    **OPTIMIZER_RECIPES[optimizer],
+    **info.learning_rates[optimizer],
+  }
+  for data, info in input_pipeline.DATASETS.items()
+  for optimizer in OPTIMIZERS
 }
-DATASETS = tuple(dict.fromkeys(data for data, _ in RECIPES))
-
-# The paper's VGG command passes no --keep_prob: no dropout layer.
 MODEL_RECIPES: dict[str, dict[str, Any]] = {
-  name: {'keep_prob': None} for name in MODELS if name.startswith('vgg')
+  name: dict(entry.recipe) for name, entry in models.MODELS.items() if entry.recipe
 }
 
-# The image sizes, for the augmentation check; the datasets themselves are in input_pipeline.py.
-_AUGMENTED_IMAGE_SIZE = {'cifar10': 32, 'cifar100': 32}
+# The image sizes of the augmented datasets, for the check of --crop_size.
+_AUGMENTED_IMAGE_SIZE = {
+  data: min(info.image_shape[:2]) for data, info in input_pipeline.DATASETS.items() if info.augment
+}
 
 
 def get_config(**overrides: Any) -> Config:

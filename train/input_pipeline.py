@@ -1,9 +1,11 @@
 """In-memory datasets with deterministic, resumable batching, as in the paper's TF program.
 
-Each dataset is read once into NumPy arrays (through TensorFlow Datasets, or scikit-learn for the
-small ``digits`` set); batching, normalisation and augmentation are done in NumPy. The batch of
-global step ``s`` is a pure function of ``(seed, s)``, so a killed run resumes on exactly the
-batches it would have seen.
+Each dataset is one entry of ``DATASETS`` (a :class:`DatasetInfo`): where it comes from, its
+sizes and classes, its preprocessing and the paper's recipe for it; ``--data``, the recipes of
+``train/config.py`` and the tests take their lists from there. A dataset is read once into NumPy
+arrays (through TensorFlow Datasets, or scikit-learn for the small ``digits`` set); batching,
+normalisation and augmentation are done in NumPy. The batch of global step ``s`` is a pure
+function of ``(seed, s)``, so a killed run resumes on exactly the batches it would have seen.
 
 Reference: Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
 arXiv:1709.09603 (the TF code's ``cifar10_input.py``, ``svhn_input.py``, ``preprocessing.py``).
@@ -14,9 +16,12 @@ import functools
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
+
+Split = tuple[np.ndarray, np.ndarray]  # (images, labels)
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -24,33 +29,9 @@ class DatasetNotPreparedError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the training program needs to know about a dataset.
+class TfdsSource:
+  """Where tensorflow-datasets finds a dataset, and where it would download it from."""
 
-  ``DATASETS`` holds the sizes of the full datasets, which the TF program also fixed; the training
-  schedule counts its epochs in them. Schedules (epochs, decay epochs) are part of the recipes in
-  ``train/config.py``, not of the data.
-  """
-
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  num_train: int
-  num_test: int
-
-
-DATASETS = {
-  'cifar10': DatasetInfo('cifar10', 10, (32, 32, 3), 50_000, 10_000),
-  'cifar100': DatasetInfo('cifar100', 100, (32, 32, 3), 50_000, 10_000),
-  'svhn': DatasetInfo('svhn', 10, (32, 32, 3), 604_388, 26_032),
-  # Not in the paper: 1,797 8x8 scans shipped with scikit-learn, for runs that need no download.
-  'digits': DatasetInfo('digits', 10, (8, 8, 1), 1_497, 300),
-}
-DATASET_NAMES = tuple(DATASETS)
-
-
-@dataclasses.dataclass(frozen=True)
-class _TfdsSource:
   name: str
   train_splits: tuple[str, ...]
   test_split: str
@@ -59,26 +40,157 @@ class _TfdsSource:
   archives: tuple[str, ...]  # File names tfds accepts from `<data_dir>/downloads/manual`.
 
 
-_TFDS_SOURCES = {
-  'cifar10': _TfdsSource(
-    'cifar10', ('train',), 'test', 'www.cs.toronto.edu', 443, ('cifar-10-binary.tar.gz',)
-  ),
-  'cifar100': _TfdsSource(
-    'cifar100', ('train',), 'test', 'www.cs.toronto.edu', 443, ('cifar-100-binary.tar.gz',)
-  ),
-  # TF svhn_input.py trains on train + extra (604,388 images); tfds labels are already 0..9.
-  'svhn': _TfdsSource(
-    'svhn_cropped',
-    ('train', 'extra'),
-    'test',
-    'ufldl.stanford.edu',
-    80,
-    ('train_32x32.mat', 'test_32x32.mat', 'extra_32x32.mat'),
-  ),
-}
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Everything the training program knows about one dataset: its one entry in ``DATASETS``.
+
+  Attributes:
+    name: the ``--data`` name.
+    num_classes: the number of labels, ``0 .. num_classes - 1``.
+    image_shape: ``(height, width, channels)``.
+    num_train: the training set's size; the training schedule counts its epochs in it, as the TF
+      program did. :func:`load_dataset` returns the sizes actually loaded.
+    num_test: the test set's size.
+    tfds: where tensorflow-datasets keeps it, or None for a dataset that ``load_local`` builds.
+    load_local: for a dataset not in tfds: ``() -> ((x_train, y_train), (x_test, y_test))``.
+    divide_by: pixels are divided by this number; None: standardised by the training set's
+      per-channel mean and std.
+    augment: whether training images are reflect-padded, randomly cropped and flipped.
+    recipe: the settings of ``python -m train`` that the paper uses for this dataset with every
+      optimizer (schedule, dropout, batch sizes); an explicit flag overrides them.
+    learning_rates: per ``--optimizer``, the paper's ``learnRate`` (and ``learnRateG``).
+  """
+
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  num_train: int
+  num_test: int
+  tfds: TfdsSource | None = None
+  load_local: Callable[[], tuple[Split, Split]] | None = None
+  divide_by: float | None = None
+  augment: bool = False
+  recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  learning_rates: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+
 
 _DIGITS_TEST_SIZE = 300
 _DIGITS_SPLIT_SEED = 0
+
+
+def _load_digits() -> tuple[Split, Split]:
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  # Pixel values are 0..16; the held-out split is fixed, whatever the training seed.
+  images = (digits.images[..., None] / 16.0).astype(np.float32)
+  labels = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = train_test_split(
+    images,
+    labels,
+    test_size=_DIGITS_TEST_SIZE,
+    stratify=labels,
+    random_state=_DIGITS_SPLIT_SEED,
+  )
+  return (x_train, y_train), (x_test, y_test)
+
+
+# The paper's schedules (TF cifar10_input.py, svhn_input.py and the README's commands).
+_CIFAR_RECIPE = {
+  'epochs': 200,
+  'decay_epochs': (60, 120, 160),
+  'learnRateDecay': 0.2,
+  'keep_prob': 0.7,
+}
+_CIFAR_LEARNING_RATES = {
+  'sgd': {'learnRate': 0.1},
+  'sgdg': {'learnRate': 0.01, 'learnRateG': 0.2},
+  'adamg': {'learnRate': 0.01, 'learnRateG': 0.05},
+}
+
+DATASETS = {
+  info.name: info
+  for info in (
+    DatasetInfo(
+      'cifar10',
+      num_classes=10,
+      image_shape=(32, 32, 3),
+      num_train=50_000,
+      num_test=10_000,
+      tfds=TfdsSource(
+        'cifar10', ('train',), 'test', 'www.cs.toronto.edu', 443, ('cifar-10-binary.tar.gz',)
+      ),
+      augment=True,
+      recipe=_CIFAR_RECIPE,
+      learning_rates=_CIFAR_LEARNING_RATES,
+    ),
+    DatasetInfo(
+      'cifar100',
+      num_classes=100,
+      image_shape=(32, 32, 3),
+      num_train=50_000,
+      num_test=10_000,
+      tfds=TfdsSource(
+        'cifar100', ('train',), 'test', 'www.cs.toronto.edu', 443, ('cifar-100-binary.tar.gz',)
+      ),
+      augment=True,
+      recipe=_CIFAR_RECIPE,
+      learning_rates=_CIFAR_LEARNING_RATES,
+    ),
+    # TF svhn_input.py trains on train + extra (604,388 images), divided by 255, not augmented;
+    # tfds labels are already 0..9.
+    DatasetInfo(
+      'svhn',
+      num_classes=10,
+      image_shape=(32, 32, 3),
+      num_train=604_388,
+      num_test=26_032,
+      tfds=TfdsSource(
+        'svhn_cropped',
+        ('train', 'extra'),
+        'test',
+        'ufldl.stanford.edu',
+        80,
+        ('train_32x32.mat', 'test_32x32.mat', 'extra_32x32.mat'),
+      ),
+      divide_by=255.0,
+      recipe={'epochs': 160, 'decay_epochs': (60, 120), 'learnRateDecay': 0.1, 'keep_prob': 0.6},
+      learning_rates={
+        'sgd': {'learnRate': 0.01},
+        'sgdg': {'learnRate': 0.001, 'learnRateG': 0.02},
+        'adamg': {'learnRate': 0.001, 'learnRateG': 0.005},
+      },
+    ),
+    # Not in the paper: 1,797 8x8 scans shipped with scikit-learn, for runs that need no download;
+    # its recipe is tuned to train a WRN-10-4 in about a minute on a CPU.
+    DatasetInfo(
+      'digits',
+      num_classes=10,
+      image_shape=(8, 8, 1),
+      num_train=1_497,
+      num_test=300,
+      load_local=_load_digits,
+      recipe={
+        'epochs': 20,
+        'decay_epochs': (10, 16),
+        'learnRateDecay': 0.2,
+        'keep_prob': None,
+        'batch_size': 64,
+        'vali_batch_size': 400,
+        'vali_freq': 200,
+        'depth': 10,
+        'widen_factor': 4,
+      },
+      learning_rates={
+        'sgd': {'learnRate': 0.1},
+        'sgdg': {'learnRate': 0.05, 'learnRateG': 0.2},
+        'adamg': {'learnRate': 0.05, 'learnRateG': 0.05},
+      },
+    ),
+  )
+}
+
 _PROBE_TIMEOUT_S = 3.0
 _LOAD_CHUNK = 10_000
 
@@ -235,7 +347,7 @@ def _host_reachable(host: str, port: int, timeout: float = _PROBE_TIMEOUT_S) -> 
   return bool(reachable)
 
 
-def _not_prepared_message(source: _TfdsSource, data_dir: str, reason: str) -> str:
+def _not_prepared_message(source: TfdsSource, data_dir: str, reason: str) -> str:
   return (
     f'Dataset {source.name!r} is not prepared in {data_dir} and {reason}. To prepare it, either\n'
     f'  - run `tfds build {source.name} --data_dir={data_dir}` on a machine with network access\n'
@@ -246,7 +358,7 @@ def _not_prepared_message(source: _TfdsSource, data_dir: str, reason: str) -> st
   )
 
 
-def _ensure_prepared(builder, source: _TfdsSource, download: bool) -> None:
+def _ensure_prepared(builder, source: TfdsSource, download: bool) -> None:
   """Prepares the dataset if possible, failing within seconds when it is not.
 
   Left alone, tfds retries an unreachable host for minutes before it gives up.
@@ -270,7 +382,7 @@ def _ensure_prepared(builder, source: _TfdsSource, download: bool) -> None:
   builder.download_and_prepare()
 
 
-def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(builder, split: str) -> Split:
   # Chunked rather than batch_size=-1, which under tfds.testing.mock_data (no split sizes known)
   # asks for a batch of sys.maxsize examples and aborts the process.
   import tensorflow_datasets as tfds
@@ -282,36 +394,15 @@ def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _load_tfds(
-  name: str, data_dir: str | None, download: bool
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def _load_tfds(source: TfdsSource, data_dir: str | None, download: bool) -> tuple[Split, Split]:
   # Imported here so that the digits path never starts TensorFlow.
   import tensorflow_datasets as tfds
 
-  source = _TFDS_SOURCES[name]
   builder = tfds.builder(source.name, data_dir=data_dir)
   _ensure_prepared(builder, source, download)
   train_parts = [_read_split(builder, split) for split in source.train_splits]
   train = tuple(np.concatenate(arrays) for arrays in zip(*train_parts, strict=True))
   return train, _read_split(builder, source.test_split)
-
-
-def _load_digits() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-
-  digits = load_digits()
-  # Pixel values are 0..16; the held-out split is fixed, whatever the training seed.
-  images = (digits.images[..., None] / 16.0).astype(np.float32)
-  labels = digits.target.astype(np.int32)
-  x_train, x_test, y_train, y_test = train_test_split(
-    images,
-    labels,
-    test_size=_DIGITS_TEST_SIZE,
-    stratify=labels,
-    random_state=_DIGITS_SPLIT_SEED,
-  )
-  return (x_train, y_train), (x_test, y_test)
 
 
 def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -329,12 +420,12 @@ def load_dataset(
   padding_size: int = 4,
   crop_size: int = 32,
 ) -> tuple[ArrayDataset, ArrayDataset, DatasetInfo]:
-  """Loads ``name`` into memory as ``(train, test, info)``.
+  """Loads ``name`` into memory as ``(train, test, info)``, as its entry in ``DATASETS`` says.
 
-  CIFAR: standardised with the training set's per-channel mean and std; training images are
-  reflect-padded by ``padding_size``, randomly cropped to ``crop_size`` and flipped. SVHN
-  (train + extra): divided by 255, no augmentation. Digits: divided by 16, standardised with the
-  training mean and std, no augmentation. ``info`` carries the sizes actually loaded.
+  Pixels are divided by the entry's ``divide_by`` (SVHN: 255), or else standardised with the
+  training set's per-channel mean and std (CIFAR; digits after its division by 16). Where the
+  entry says ``augment`` (CIFAR), training images are reflect-padded by ``padding_size``, randomly
+  cropped to ``crop_size`` and flipped. ``info`` carries the sizes actually loaded.
 
   Raises:
     ValueError: for an unknown ``name``.
@@ -342,19 +433,18 @@ def load_dataset(
       false or its download host does not answer within a few seconds.
   """
   if name not in DATASETS:
-    raise ValueError(f'unknown dataset {name!r}; valid names: {", ".join(DATASET_NAMES)}')
-  if name == 'digits':
-    (x_train, y_train), (x_test, y_test) = _load_digits()
+    raise ValueError(f'unknown dataset {name!r}; valid names: {", ".join(DATASETS)}')
+  info = DATASETS[name]
+  if info.tfds is not None:
+    (x_train, y_train), (x_test, y_test) = _load_tfds(info.tfds, data_dir, download)
   else:
-    (x_train, y_train), (x_test, y_test) = _load_tfds(name, data_dir, download)
+    (x_train, y_train), (x_test, y_test) = info.load_local()
 
-  if name == 'svhn':
+  if info.divide_by is not None:
     channels = x_train.shape[-1]
-    mean, std = np.zeros(channels, np.float32), np.full(channels, 255.0, np.float32)
+    mean, std = np.zeros(channels, np.float32), np.full(channels, info.divide_by, np.float32)
   else:
     mean, std = _channel_stats(x_train)
-  augment = name in ('cifar10', 'cifar100')
-  train = ArrayDataset(x_train, y_train, mean, std, augment, padding_size, crop_size)
+  train = ArrayDataset(x_train, y_train, mean, std, info.augment, padding_size, crop_size)
   test = ArrayDataset(x_test, y_test, mean, std)
-  info = dataclasses.replace(DATASETS[name], num_train=len(train), num_test=len(test))
-  return train, test, info
+  return train, test, dataclasses.replace(info, num_train=len(train), num_test=len(test))

@@ -1,10 +1,11 @@
 """Wide ResNet and VGG with batch normalisation, as trained in Cho & Lee (2017).
 
-The architectures follow the TF code the paper's numbers come from. Parameter names are chosen so
-that the paper's rule (``'conv'`` in the name, fan-in greater than fan-out, as
-:func:`grassmann_optax.grassmann_labels` applies it) picks the same kernels as the original: 3x3
-convolutions are named ``conv*``, the 1x1 shortcut ``projection`` and the dense layers ``fc*``,
-none of which the rule selects.
+The architectures and parameter names follow the TF code the paper's numbers come from: 3x3
+convolutions are named ``conv*``, the 1x1 shortcut ``projection``, the dense layers ``fc*``. Which
+kernels go on the manifold is decided by shape, not by name: the paper's rule, as
+:func:`grassmann_optax.grassmann_labels` applies it, takes every conv kernel (4 axes) whose fan-in
+exceeds its number of outputs. That is every 3x3 convolution whose ``9 * c_in`` exceeds ``c_out``,
+never a 1x1 shortcut (each widens: ``c_in < c_out``) nor a dense layer (2 axes).
 
 The models know nothing of the optimizer; the training program re-initialises manifold kernels.
 
@@ -12,7 +13,9 @@ Reference: Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017
 arXiv:1709.09603.
 """
 
+import dataclasses
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +31,6 @@ VGG_CONVS_PER_GROUP = {
   'vgg19': (2, 2, 4, 4, 4),
 }
 VGG_WIDTHS = (64, 128, 256, 512, 512)  # the paper's widths, at width_scale=1
-MODEL_NAMES = ('resnet', *VGG_CONVS_PER_GROUP)
 
 
 def _batch_norm(train: bool, axis_name: str | None, dtype: Any, **kwargs) -> functools.partial:
@@ -191,6 +193,41 @@ class VGG(nn.Module):
     return dense(self.num_classes, name='fc2')(x)
 
 
+def _wide_resnet(*, width_scale: float, **settings) -> WideResNet:
+  del width_scale  # a wide ResNet's width is --widen_factor
+  return WideResNet(**settings)
+
+
+def _vgg(variant: str, *, depth: int, widen_factor: int, **settings) -> VGG:
+  del depth, widen_factor  # a VGG's depth is its variant, its width --width_scale
+  return VGG(variant=variant, **settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """One ``--model``: how to build it, and its exceptions to the dataset's recipe.
+
+  Attributes:
+    build: ``(*, num_classes, depth, widen_factor, width_scale, keep_prob, bn_axis_name)`` to the
+      Flax module; each model uses the settings that apply to it.
+    recipe: settings that replace the dataset's recipe for this model (an explicit flag still
+      wins).
+  """
+
+  build: Callable[..., nn.Module]
+  recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+MODELS = {
+  'resnet': ModelEntry(_wide_resnet),
+  # The paper's VGG command passes no --keep_prob: no dropout layer.
+  **{
+    variant: ModelEntry(functools.partial(_vgg, variant), recipe={'keep_prob': None})
+    for variant in VGG_CONVS_PER_GROUP
+  },
+}
+
+
 def create_model(
   name: str,
   *,
@@ -201,24 +238,17 @@ def create_model(
   keep_prob: float | None = None,
   bn_axis_name: str | None = None,
 ) -> nn.Module:
-  """Returns the model the TF ``--model`` flag names.
+  """Returns the model the TF ``--model`` flag names, as its entry in ``MODELS`` builds it.
 
   ``depth``/``widen_factor`` apply to resnet only, ``width_scale`` to VGG only.
   """
-  if name == 'resnet':
-    return WideResNet(
-      depth=depth,
-      widen_factor=widen_factor,
-      num_classes=num_classes,
-      keep_prob=keep_prob,
-      bn_axis_name=bn_axis_name,
-    )
-  if name in VGG_CONVS_PER_GROUP:
-    return VGG(
-      variant=name,
-      num_classes=num_classes,
-      width_scale=width_scale,
-      keep_prob=keep_prob,
-      bn_axis_name=bn_axis_name,
-    )
-  raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODELS)}')
+  return MODELS[name].build(
+    num_classes=num_classes,
+    depth=depth,
+    widen_factor=widen_factor,
+    width_scale=width_scale,
+    keep_prob=keep_prob,
+    bn_axis_name=bn_axis_name,
+  )

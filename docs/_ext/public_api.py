@@ -1,0 +1,83 @@
+"""``public-api``: the API reference of a module, generated from its ``__all__``.
+
+A reStructuredText directive (in a MyST page, inside an ``eval-rst`` block).
+
+The reference follows the public names as they are, so that renaming, adding or removing one
+changes the site without editing a page. Names are grouped by the private module that defines
+them, under the first line of that module's docstring, in the order of ``:order:`` (module names;
+modules it does not name come after, and names it lists that no longer exist are ignored).
+Values that are not functions or classes (string constants) come last.
+"""
+
+import importlib
+import inspect
+import re
+
+from docutils import nodes
+from docutils.parsers.rst import directives
+from docutils.statemachine import StringList
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import nested_parse_with_titles
+
+CONSTANTS = 'Constants'
+
+
+def _title(module_name: str) -> str:
+  """The first line of a module's docstring, without its trailing references and period."""
+  doc = inspect.getdoc(importlib.import_module(module_name)) or module_name
+  line = doc.splitlines()[0].split(' ((')[0].rstrip('.')
+  return re.sub(r':\w+:`~?([^`]+)`', r'``\1``', line)  # no cross-references in a title
+
+
+def _groups(module, order: list[str]) -> dict[str, list[str]]:
+  """``{defining module (or CONSTANTS): [public names]}``, in reading order."""
+  groups: dict[str, list[str]] = {}
+  for name in module.__all__:
+    obj = getattr(module, name)
+    home = (getattr(obj, '__module__', None) or module.__name__) if callable(obj) else CONSTANTS
+    groups.setdefault(home, []).append(name)
+
+  def rank(home: str) -> tuple[int, str]:
+    short = home.rsplit('.', 1)[-1]
+    if home == CONSTANTS:
+      return (len(order) + 1, home)
+    return (order.index(short) if short in order else len(order), home)
+
+  return {home: groups[home] for home in sorted(groups, key=rank)}
+
+
+def _entry(module_name: str, name: str, obj) -> list[str]:
+  target = f'{module_name}.{name}'
+  if inspect.isclass(obj):
+    return [f'.. autoclass:: {target}', '']
+  if callable(obj):
+    return [f'.. autofunction:: {target}', '']
+  return [f'.. py:data:: {name}', f'   :value: {obj!r}', '']
+
+
+class PublicApi(SphinxDirective):
+  required_arguments = 1
+  option_spec = {'order': directives.unchanged}
+
+  def run(self) -> list[nodes.Node]:
+    module_name = self.arguments[0]
+    module = importlib.import_module(module_name)
+    order = self.options.get('order', '').split()
+    groups = _groups(module, order)
+    lines = ['.. currentmodule:: ' + module_name, '', '.. autosummary::', '']
+    lines += [f'   {name}' for home, names in groups.items() if home != CONSTANTS for name in names]
+    lines.append('')
+    for home, names in groups.items():
+      title = CONSTANTS if home == CONSTANTS else _title(home)
+      lines += [title, '-' * len(title), '']
+      for name in names:
+        lines += _entry(module_name, name, getattr(module, name))
+    container = nodes.section()
+    container.document = self.state.document
+    nested_parse_with_titles(self.state, StringList(lines, source='public-api'), container)
+    return container.children
+
+
+def setup(app):
+  app.add_directive('public-api', PublicApi)
+  return {'parallel_read_safe': True, 'parallel_write_safe': True}
