@@ -99,6 +99,7 @@ def grassmann_partition(
   param_labels: labels_lib.ParamLabels | None,
   *,
   point_axes: points.PointAxes = None,
+  mesh_axes: Any = None,
   require_undercomplete: bool = True,
   name: str = 'grassmann_partition',
 ) -> optax.GradientTransformationExtraArgs:
@@ -117,6 +118,8 @@ def grassmann_partition(
     param_labels: a label tree, a callable ``params -> labels``, or ``None`` for
       :func:`grassmann_labels`.
     point_axes: the point axes the checks of ``init`` use (those ``grassmann`` uses).
+    mesh_axes: the mesh axes that split the leaves inside ``shard_map`` (those ``grassmann``
+      uses), so that ``init`` inside ``shard_map`` checks the whole leaves, not the blocks.
     require_undercomplete: refuse manifold leaves whose points have no more elements than their
       groups have points (where the orthogonality term's target ``WᵀW = I`` is out of reach);
       the aliases require it only with a nonzero ``omega``.
@@ -142,7 +145,11 @@ def grassmann_partition(
     labels = label_fn(params)
     points.check_names(params, point_axes)
     labels_lib.check_labels(
-      params, labels, point_axes=point_axes, require_undercomplete=require_undercomplete
+      params,
+      labels,
+      point_axes=point_axes,
+      mesh_axes=mesh_axes,
+      require_undercomplete=require_undercomplete,
     )
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
@@ -171,6 +178,7 @@ def sgdg(
   param_labels: labels_lib.ParamLabels | None = None,
   point_axes: points.PointAxes = None,
   radius: ArrayLike | str | None = None,
+  mesh_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD-G: Riemannian momentum SGD on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
@@ -206,6 +214,7 @@ def sgdg(
       Under :func:`optax.inject_hyperparams`, name a callable in ``static_args``.
     point_axes: {{point_axes}}
     radius: {{radius}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs ``params``.
@@ -223,7 +232,12 @@ def sgdg(
   {{references}}
   """
   manifold_step = steps.grassmann_sgd(
-    grassmann_learning_rate, momentum, grad_clip=grad_clip, point_axes=point_axes, radius=radius
+    grassmann_learning_rate,
+    momentum,
+    grad_clip=grad_clip,
+    point_axes=point_axes,
+    radius=radius,
+    mesh_axes=mesh_axes,
   )
   euclidean = euclidean_sgd(
     learning_rate,
@@ -232,7 +246,7 @@ def sgdg(
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
   )
-  return _hybrid('sgdg', manifold_step, euclidean, omega, param_labels, point_axes)
+  return _hybrid('sgdg', manifold_step, euclidean, omega, param_labels, point_axes, mesh_axes)
 
 
 @docstrings.fill
@@ -252,6 +266,7 @@ def adamg(
   param_labels: labels_lib.ParamLabels | None = None,
   point_axes: points.PointAxes = None,
   radius: ArrayLike | str | None = None,
+  mesh_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam-G: Riemannian Adam on G(1, n) for the manifold leaves, Nesterov SGD elsewhere.
 
@@ -284,6 +299,7 @@ def adamg(
     param_labels: label tree or callable ``params -> labels``; default :func:`grassmann_labels`.
     point_axes: {{point_axes}}
     radius: {{radius}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its ``update`` needs ``params``.
@@ -301,7 +317,14 @@ def adamg(
   {{references}}
   """
   manifold_step = steps.grassmann_adam(
-    grassmann_learning_rate, b1, b2, eps, grad_clip=grad_clip, point_axes=point_axes, radius=radius
+    grassmann_learning_rate,
+    b1,
+    b2,
+    eps,
+    grad_clip=grad_clip,
+    point_axes=point_axes,
+    radius=radius,
+    mesh_axes=mesh_axes,
   )
   euclidean = euclidean_sgd(
     learning_rate,
@@ -310,16 +333,20 @@ def adamg(
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
   )
-  return _hybrid('adamg', manifold_step, euclidean, omega, param_labels, point_axes)
+  return _hybrid('adamg', manifold_step, euclidean, omega, param_labels, point_axes, mesh_axes)
 
 
-def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes):
+def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes, mesh_axes):
   """The aliases' chain: the orthogonality term and a manifold step, ``euclidean`` elsewhere."""
+  orthogonality = transforms.add_orthogonality_gradient(
+    omega, point_axes=point_axes, mesh_axes=mesh_axes
+  )
   return grassmann_partition(
-    optax.chain(transforms.add_orthogonality_gradient(omega, point_axes=point_axes), manifold_step),
+    optax.chain(orthogonality, manifold_step),
     euclidean,
     param_labels,
     point_axes=point_axes,
+    mesh_axes=mesh_axes,
     require_undercomplete=not transforms.is_static_zero(omega),
     name=name,
   )

@@ -67,7 +67,11 @@ def undercomplete_problem(shape: tuple[int, ...], layout) -> str | None:
   ``p`` unit points of ``n`` elements can be orthogonal only if ``n > p`` (the paper's rule: a
   conv kernel's fan-in must exceed its outputs).
   """
-  n, p = layout.point_size(shape), layout.points_per_group(shape)
+  from grassmann_optax._src import sharding  # sharding reads leaf names from here
+
+  # Inside shard_map, a split leaf's block counts for the whole leaf.
+  n = layout.point_size(shape) * sharding.axis_size(layout.point_mesh)
+  p = layout.points_per_group(shape) * sharding.axis_size(layout.member_mesh)
   if n > p:
     return None
   what = 'fan-in' if layout.point == tuple(range(len(shape) - 1)) else 'point size'

@@ -29,6 +29,13 @@ SHARED = {
     "``R``, or ``'init'``: each point keeps the norm it has when ``init`` is called (kept in\n"
     'the state). Points are stored at that norm; steps are angles.'
   ),
+  'mesh_axes': (
+    'inside ``jax.shard_map``, the mesh axes that split each leaf: the\n'
+    '``PartitionSpec`` given to ``shard_map`` for it, a pytree of those with the paths of the\n'
+    'params, or a callable ``params -> pytree``; ``None`` (the default) where nothing is split.\n'
+    'Per-point sums are then all-reduced over the devices that split a point, and the\n'
+    'orthogonality term all-reduces a Gram matrix (``docs/scaling.md``).'
+  ),
   'grad_clip': (
     'ν > 0, the threshold of the per-point norm of the projected gradient\n'
     '(0.1 in the paper), or ``None`` for no clipping.'

@@ -320,6 +320,7 @@ def check_labels(
   *,
   require_undercomplete: bool = True,
   point_axes: points.PointAxes = None,
+  mesh_axes: Any = None,
 ) -> None:
   """Raises a ValueError naming the leaf if a label is unknown or a manifold leaf is unfit.
 
@@ -328,7 +329,7 @@ def check_labels(
   columns of a kernel: fan-in > outputs).
   """
   label_of = {checks.leaf_name(path): label for path, label in _flatten(labels)[0]}
-  layouts = points.resolve(params, point_axes)
+  layouts = points.resolve(params, point_axes, mesh_axes)
   for (path, leaf), layout in zip(_flatten(params)[0], layouts, strict=True):
     name = checks.leaf_name(path)
     label = label_of[name]

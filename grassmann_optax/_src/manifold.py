@@ -17,12 +17,16 @@ per-vector operations of Cho & Lee, "Riemannian approach to batch normalization"
 (arXiv:1709.09603), Eqs. 6-9, as the original implementations compute them.
 
 All arithmetic is done in ``compute_dtype(x)`` (float32 or wider), whatever the storage dtype.
+Inside ``shard_map``, ``mesh`` names the mesh axes that split each point: per-point reductions
+are all-reduced over them (:mod:`sharding`).
 """
 
 import math
 
 import jax
 import jax.numpy as jnp
+
+from grassmann_optax._src import sharding
 
 # The epsilon of ``unit()`` in both original implementations (G2).
 UNIT_EPS = 1e-8
@@ -102,17 +106,17 @@ def geodesic_coefficients(theta: jax.Array) -> tuple[jax.Array, jax.Array]:
 # Per-point reductions of arrays.
 
 
-def column_dot(a: jax.Array, b: jax.Array, axes=None) -> jax.Array:
+def column_dot(a: jax.Array, b: jax.Array, axes=None, mesh=()) -> jax.Array:
   """Per-point inner product ``aᵀb``: shape ``(1, ..., 1, p)`` for columns, 1 on point axes."""
-  return jnp.sum(a * b, axis=_point_axes(a, axes), keepdims=True)
+  return sharding.psum(jnp.sum(a * b, axis=_point_axes(a, axes), keepdims=True), mesh)
 
 
-def column_norm(x: jax.Array, axes=None) -> jax.Array:
+def column_norm(x: jax.Array, axes=None, mesh=()) -> jax.Array:
   """(G1) per-point Euclidean norm ``‖x_j‖``, shape ``(1, ..., 1, p)`` for columns."""
-  return safe_sqrt(column_dot(x, x, axes))
+  return safe_sqrt(column_dot(x, x, axes, mesh))
 
 
-def column_scale(x: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
+def column_scale(x: jax.Array, axes=None, mesh=()) -> tuple[jax.Array, jax.Array]:
   """Per point, a power of two ``s`` near ``max|x_j|`` where that maximum exceeds 1, else 1.
 
   Returns ``(s, 1/s)``, shape ``(1, ..., 1, p)``, with ``max|x_j|/s < 4``. Dividing a point by
@@ -120,6 +124,7 @@ def column_scale(x: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
   squares and inner products cannot overflow. Non-finite points get ``s = 1``.
   """
   peak = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=_point_axes(x, axes), keepdims=True)
+  peak = sharding.pmax(peak, mesh)
   _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1))
   # 1/s must stay a normal number (XLA:CPU flushes subnormals to zero): s <= 2^(max_exp - 2).
   exponent = jnp.clip(exponent, 0, jnp.finfo(peak.dtype).maxexp - 2)
@@ -139,7 +144,7 @@ def large(sums: jax.Array) -> jax.Array:
   return jnp.any(jnp.isinf(sums) | (sums > limit))
 
 
-def rescued(x: jax.Array, squares: jax.Array, values, rescaled, axes=None):
+def rescued(x: jax.Array, squares: jax.Array, values, rescaled, axes=None, mesh=()):
   """``(1, 1, values)``, or ``(s, 1/s, rescaled(x/s))`` if some of ``squares`` are :func:`large`.
 
   ``s`` is :func:`column_scale` of ``x``; ``squares`` are per-point sums of squares that decide
@@ -149,57 +154,61 @@ def rescued(x: jax.Array, squares: jax.Array, values, rescaled, axes=None):
   """
 
   def scaled():
-    scale, inverse = column_scale(x, axes)
-    return scale, inverse, rescaled(x * inverse)
+    scale, inverse = column_scale(x, axes, mesh)
+    return sharding.like(scale, values), sharding.like(inverse, values), rescaled(x * inverse)
 
   point = _point_axes(x, axes)
   one = jnp.ones(tuple(1 if a in point else n for a, n in enumerate(x.shape)), squares.dtype)
+  one = sharding.like(one, values)
+  # Devices that split a point hold the same all-reduced sums, so they take the same branch.
   return jax.lax.cond(large(squares), scaled, lambda: (one, one, values))
 
 
 # The operations on arrays, from the coefficients above.
 
 
-def unit(x: jax.Array, axes=None) -> tuple[jax.Array, jax.Array]:
+def unit(x: jax.Array, axes=None, mesh=()) -> tuple[jax.Array, jax.Array]:
   """(G2) ``unit(v) = v / (‖v‖ + ε)``, ``ε = 1e-8``, per point; returns ``(unit(x), ‖x‖)``."""
-  norm = column_norm(x, axes)
+  norm = column_norm(x, axes, mesh)
   return x / (norm + UNIT_EPS), norm
 
 
-def project(w: jax.Array, g: jax.Array, axes=None) -> jax.Array:
+def project(w: jax.Array, g: jax.Array, axes=None, mesh=()) -> jax.Array:
   """(G3, paper Eq. 6) tangent projection ``g − (yᵀg) y`` at ``y = unit(w)``.
 
   Where ``wᵀg`` would overflow, it is computed on ``g`` divided by a power of two and scaled
   back, so the result is finite wherever it fits its dtype.
   """
-  a = inverse_norm(column_dot(w, w, axes))
-  wg = column_dot(w, g, axes)
-  scale, _, wg = rescued(g, wg * wg, wg, lambda scaled: column_dot(w, scaled, axes), axes)
+  a = inverse_norm(column_dot(w, w, axes, mesh))
+  wg = column_dot(w, g, axes, mesh)
+  rescaled = lambda scaled: column_dot(w, scaled, axes, mesh)
+  scale, _, wg = rescued(g, wg * wg, wg, rescaled, axes, mesh)
   return g - (tangent_coefficient(a, wg) * scale) * w
 
 
-def clip_by_column_norm(h: jax.Array, max_norm, axes=None) -> jax.Array:
+def clip_by_column_norm(h: jax.Array, max_norm, axes=None, mesh=()) -> jax.Array:
   """(G4) ``h · ν/‖h‖`` for points with ``‖h‖ > ν``, else ``h`` (no epsilon).
 
   Points whose sum of squares is too large are divided by a power of two before their norm is
   taken, so every finite ``h`` gets the clipped point it would get scaled down.
   """
-  squares = column_dot(h, h, axes)
-  scale, inverse, squares = rescued(h, squares, squares, lambda x: column_dot(x, x, axes), axes)
+  squares = column_dot(h, h, axes, mesh)
+  rescaled = lambda x: column_dot(x, x, axes, mesh)
+  scale, inverse, squares = rescued(h, squares, squares, rescaled, axes, mesh)
   norm = safe_sqrt(squares)  # ‖h‖ / scale
   return (h * inverse) * clip_coefficient(norm, max_norm, scale)
 
 
-def exp_map(w: jax.Array, d: jax.Array, axes=None, radius=None) -> jax.Array:
+def exp_map(w: jax.Array, d: jax.Array, axes=None, radius=None, mesh=()) -> jax.Array:
   """(G5, paper Eq. 7) ``R·exp_y(d) = R·(y cos θ + d sin θ/(θ + ε))``, ``y = unit(w)``.
 
   ``radius`` ``R`` (per point, broadcastable, or None for 1). A point shorter than ε
   (:func:`is_degenerate`, a zero point, say) has no direction for ``y``: it moves to
   ``−R·d/‖d‖``, the direction of its step, so that it is back on the sphere.
   """
-  ww = column_dot(w, w, axes)
+  ww = column_dot(w, w, axes, mesh)
   a = inverse_norm(ww)
-  theta = column_norm(d, axes)
+  theta = column_norm(d, axes, mesh)
   cos, sinc = geodesic_coefficients(theta)
   on_w, on_d = a * cos, sinc
   degenerate = is_degenerate(a, ww)
@@ -210,14 +219,14 @@ def exp_map(w: jax.Array, d: jax.Array, axes=None, radius=None) -> jax.Array:
   return on_w * w + on_d * d
 
 
-def transport(y: jax.Array, a: jax.Array, d: jax.Array, axes=None) -> jax.Array:
+def transport(y: jax.Array, a: jax.Array, d: jax.Array, axes=None, mesh=()) -> jax.Array:
   """(G7, paper Eq. 8) tangent ``a`` transported along the geodesic of ``d``.
 
   ``pt_y(a; d) = a − (uᵀa) (y sin θ + u (1 − cos θ))``, ``u = d/(θ + ε)``, ``θ = ‖d‖``.
   """
-  theta = column_norm(d, axes)
+  theta = column_norm(d, axes, mesh)
   u = d / (theta + UNIT_EPS)
-  return a - column_dot(u, a, axes) * (y * jnp.sin(theta) + u * (1 - jnp.cos(theta)))
+  return a - column_dot(u, a, axes, mesh) * (y * jnp.sin(theta) + u * (1 - jnp.cos(theta)))
 
 
 def group_matrices(x: jax.Array, axes=None) -> tuple[jax.Array, callable]:
@@ -246,9 +255,47 @@ def group_matrices(x: jax.Array, axes=None) -> tuple[jax.Array, callable]:
   return stack, back
 
 
-def orthogonality_gradient(w: jax.Array, omega, axes=None) -> jax.Array:
-  """(R2) ``2ω (Y YᵀY − Y)`` with ``Y = unit(W)`` per group of points, in the layout of ``w``."""
-  y, _ = unit(w, axes)
+def orthogonality_gradient(w: jax.Array, omega, axes=None, mesh=(), members=()) -> jax.Array:
+  """(R2) ``2ω (Y YᵀY − Y)`` with ``Y = unit(W)`` per group of points, in the layout of ``w``.
+
+  Inside ``shard_map`` (P5): with each point split over ``mesh`` (rows of ``W``), ``YᵀY`` is the
+  all-reduce of the local ``p × p`` Grams; with the points of a group split over ``members``
+  (columns), ``Y YᵀY = (Y Yᵀ) Y`` and ``Y Yᵀ`` is the all-reduce of the local ``n × n`` ones; with
+  both, the local blocks are first gathered along the cheaper of the two.
+  """
+  y, _ = unit(w, axes, mesh)
   stack, back = group_matrices(y, axes)
-  gram = jnp.einsum('gnp,gnq->gpq', stack, stack)
+  if members and mesh:
+    n, p = stack.shape[1] * _size(mesh), stack.shape[2] * _size(members)
+    if n * p / _size(mesh) + p * p <= n * p / _size(members) + n * n:
+      full = jax.lax.all_gather(stack, members, axis=2, tiled=True)
+      gram = sharding.psum(jnp.einsum('gnp,gnq->gpq', full, full), mesh)
+      return back(2 * omega * (_local_columns(full, gram, members) - stack))
+    full = jax.lax.all_gather(stack, mesh, axis=1, tiled=True)
+    outer = sharding.psum(jnp.einsum('gnp,gmp->gnm', full, full), members)
+    return back(2 * omega * (_local_rows(outer, full, mesh) - stack))
+  if members:
+    outer = sharding.psum(jnp.einsum('gnp,gmp->gnm', stack, stack), members)
+    return back(2 * omega * (jnp.einsum('gnm,gmp->gnp', outer, stack) - stack))
+  gram = sharding.psum(jnp.einsum('gnp,gnq->gpq', stack, stack), mesh)
   return back(2 * omega * (jnp.einsum('gnp,gpq->gnq', stack, gram) - stack))
+
+
+def _size(names: tuple[str, ...]) -> int:
+  return math.prod(jax.lax.axis_size(name) for name in names)
+
+
+def _local_columns(full, gram, members):
+  """``Y G`` for this device's columns of ``full = Y`` (gathered along ``members``)."""
+  width = gram.shape[2] // _size(members)
+  start = jax.lax.axis_index(members) * width
+  local = jax.lax.dynamic_slice_in_dim(gram, start, width, axis=2)
+  return jnp.einsum('gnp,gpq->gnq', full, local)
+
+
+def _local_rows(outer, full, mesh):
+  """``H Y`` for this device's rows, ``H = Y Yᵀ`` of ``full = Y`` (gathered along ``mesh``)."""
+  height = outer.shape[1] // _size(mesh)
+  start = jax.lax.axis_index(mesh) * height
+  local = jax.lax.dynamic_slice_in_dim(outer, start, height, axis=1)
+  return jnp.einsum('gnm,gmp->gnp', local, full)

@@ -126,15 +126,27 @@ def normalize(spec: Spec, ndim: int, name: str = 'the leaf') -> tuple[int, ...]:
 
 
 class Layout(NamedTuple):
-  """How one leaf is read as points."""
+  """How one leaf is read as points, and (inside ``shard_map``) how it is split across devices."""
 
   point: tuple[int, ...]  # the axes of one point
   batch: tuple[int, ...]  # the axes that index points; the last indexes points of a group
+  point_mesh: tuple[str, ...] = ()  # mesh axes that split each point: its sums are all-reduced
+  member_mesh: tuple[str, ...] = ()  # mesh axes that split the points of a group
 
   @classmethod
-  def of(cls, shape: tuple[int, ...], spec: Spec, name: str = 'the leaf') -> 'Layout':
+  def of(cls, shape: tuple[int, ...], spec: Spec, name: str = 'the leaf', split=None) -> 'Layout':
+    """The layout of a leaf of ``shape``; ``split`` names the mesh axes of each of its axes."""
     point = normalize(spec, len(shape), name)
-    return cls(point, tuple(a for a in range(len(shape)) if a not in point))
+    batch = tuple(a for a in range(len(shape)) if a not in point)
+    if split is None:
+      return cls(point, batch)
+    point_mesh = tuple(m for a in point for m in split[a])
+    member_mesh = tuple(split[batch[-1]]) if batch else ()
+    return cls(point, batch, point_mesh, member_mesh)
+
+  @property
+  def split(self) -> bool:
+    return bool(self.point_mesh or self.member_mesh)
 
   def point_size(self, shape) -> int:
     return math.prod(shape[a] for a in self.point)
@@ -167,22 +179,29 @@ def specs_for(tree: Any, point_axes: PointAxes) -> PointAxes:
   return point_axes
 
 
-def resolve(tree: Any, point_axes: PointAxes) -> list[Layout]:
+def resolve(tree: Any, point_axes: PointAxes, mesh_axes: Any = None) -> list[Layout]:
   """The layout of every leaf of ``tree``, in the order of ``jax.tree.leaves(tree)``.
+
+  ``mesh_axes`` (see :mod:`sharding`) says which mesh axes split each leaf inside ``shard_map``.
 
   Raises:
     TypeError: ``point_axes`` (or what a callable returns) is not a spec or a pytree of specs.
     ValueError: a spec that does not fit its leaf.
   """
+  from grassmann_optax._src import sharding  # sharding reads point layouts
+
   leaves = checks.named_leaves(tree)
   point_axes = specs_for(tree, point_axes)
+  splits = sharding.resolve(tree, mesh_axes)
   if is_spec(point_axes):
     spec = _as_spec(point_axes)
-    return [Layout.of(tuple(getattr(leaf, 'shape', ())), spec, repr(name)) for name, leaf in leaves]
-  specs = _named_specs(point_axes)
+    specs = [spec] * len(leaves)
+  else:
+    named = _named_specs(point_axes)
+    specs = [named.get(name) for name, _ in leaves]
   return [
-    Layout.of(tuple(getattr(leaf, 'shape', ())), specs.get(name), repr(name))
-    for name, leaf in leaves
+    Layout.of(tuple(getattr(leaf, 'shape', ())), spec, repr(name), split)
+    for (name, leaf), spec, split in zip(leaves, specs, splits, strict=True)
   ]
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, docstrings, manifold, native, points, tuning
+from grassmann_optax._src import checks, docstrings, manifold, native, points, sharding, tuning
 
 # Points whose transported buffer would be written with a factor 1/κ, |κ| below this (a step of
 # about a right angle), store it in a mixed basis instead ((F9) of docs/algorithm.md).
@@ -252,15 +252,20 @@ def _parts(layouts, g_leaves, x_leaves, w_leaves) -> list[_Part]:
 
 
 def _products(part: _Part, g: jax.Array) -> jax.Array:
-  """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point of ``part``, shape ``(6, points)``."""
+  """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point of ``part``, shape ``(6, points)``.
+
+  Inside ``shard_map`` each device sums its block of a point and the sums are all-reduced over
+  the mesh axes that split it; the CPU kernel is used outside ``shard_map`` only.
+  """
+  split = part.layout.split
   products = native.column_products(
     part.w,
     g,
     part.x,
     point_axes=part.layout.point,
-    allow_kernel=part.allow_kernel and tuning.use_cpu_kernel(),
+    allow_kernel=part.allow_kernel and tuning.use_cpu_kernel() and not split,
   )
-  return jnp.stack([s.reshape(-1) for s in products])
+  return sharding.psum(jnp.stack([s.reshape(-1) for s in products]), part.layout.point_mesh)
 
 
 def _gram(parts: list[_Part]) -> Gram:
@@ -268,12 +273,15 @@ def _gram(parts: list[_Part]) -> Gram:
   sums = jnp.concatenate([_products(part, part.g) for part in parts], axis=1)
 
   def rescaled():
-    scales = [manifold.column_scale(part.g, part.layout.point) for part in parts]
+    scales = [manifold.column_scale(p.g, p.layout.point, p.layout.point_mesh) for p in parts]
     products = [_products(part, part.g * inv) for part, (_, inv) in zip(parts, scales, strict=True)]
-    flat = lambda index: jnp.concatenate([pair[index].reshape(-1) for pair in scales])
-    return flat(0).astype(sums.dtype), flat(1).astype(sums.dtype), jnp.concatenate(products, 1)
+    flat = lambda index: sharding.like(
+      jnp.concatenate([pair[index].reshape(-1) for pair in scales]).astype(sums.dtype), sums
+    )
+    return flat(0), flat(1), jnp.concatenate(products, 1)
 
-  one = jnp.ones(sums.shape[1:], sums.dtype)
+  # Devices that split a point hold the same all-reduced sums, so they take the same branch.
+  one = sharding.like(jnp.ones(sums.shape[1:], sums.dtype), sums)
   scale, inverse, s = jax.lax.cond(manifold.large(sums[2]), rescaled, lambda: (one, one, sums))
   return Gram(*s, scale=scale, inverse=inverse)
 
@@ -323,7 +331,7 @@ def _write(gram: Gram, step: Step, parts: list[_Part]) -> tuple[list, list]:
 PointStep = Callable[[Gram, dict[str, jax.Array]], tuple[Step, dict[str, jax.Array]]]
 
 
-def _fused_step(updates, buffers, params, per_point: dict, *, point_axes, point_step):
+def _fused_step(updates, buffers, params, per_point: dict, *, point_axes, mesh_axes, point_step):
   """One step of every manifold leaf of ``updates``.
 
   ``per_point`` maps names to lists (one entry per leaf, batch-shaped) of per-point state:
@@ -336,7 +344,8 @@ def _fused_step(updates, buffers, params, per_point: dict, *, point_axes, point_
   """
   g_leaves, treedef = jax.tree.flatten(updates)
   x_leaves, w_leaves = (treedef.flatten_up_to(tree) for tree in (buffers, params))
-  parts = _parts(points.resolve(params, point_axes), g_leaves, x_leaves, w_leaves)
+  layouts = points.resolve(params, point_axes, mesh_axes)
+  parts = _parts(layouts, g_leaves, x_leaves, w_leaves)
   new_updates, new_buffers = [None] * len(g_leaves), [None] * len(g_leaves)
   new_state = {name: [None] * len(g_leaves) for name in per_point if name != 'radius'}
   for group in tuning.groups([str(p.w.dtype) for p in parts], [p.w.size for p in parts]):
@@ -505,6 +514,7 @@ def _transform(
   *,
   learning_rate,
   point_axes,
+  mesh_axes,
   radius,
   buffer_field: str,
   own_fields: tuple[str, ...] = (),
@@ -528,6 +538,7 @@ def _transform(
     require_params(params)
     buffers = getattr(state, buffer_field)
     checks.check_update_trees(updates, params, buffers, name)
+    sharding.check_split(params, sharding.resolve(params, mesh_axes), name)
     lr = _learning_rate(learning_rate, state.count)
     count = optax.safe_increment(state.count)
     trees = {**state.basis._asdict(), **{f: getattr(state, f) for f in own_fields}}
@@ -547,6 +558,7 @@ def _transform(
       params,
       _per_point_lists(trees, params),
       point_axes=point_axes,
+      mesh_axes=mesh_axes,
       point_step=point_step,
     )
     treedef = jax.tree.structure(params)
@@ -567,6 +579,7 @@ def grassmann_sgd(
   grad_clip: ArrayLike | None = 0.1,
   point_axes: points.PointAxes = None,
   radius: ArrayLike | str | None = None,
+  mesh_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The SGD-G step of every point: project, clip, momentum, geodesic step and transport.
 
@@ -594,6 +607,7 @@ def grassmann_sgd(
     grad_clip: {{grad_clip}}
     point_axes: {{point_axes}}
     radius: {{radius}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` that needs ``params``; its state is a
@@ -612,6 +626,7 @@ def grassmann_sgd(
   checks.check_hyperparameters(momentum=momentum, grad_clip=grad_clip)
   checks.check_radius(radius)
   points.check_spec_tree(point_axes)
+  sharding.check_spec_tree(mesh_axes)
 
   def init_state(params, layouts, basis, radii):
     del layouts
@@ -635,6 +650,7 @@ def grassmann_sgd(
     point_rule,
     learning_rate=learning_rate,
     point_axes=point_axes,
+    mesh_axes=mesh_axes,
     radius=radius,
     buffer_field='trace',
   )
@@ -650,6 +666,7 @@ def grassmann_adam(
   grad_clip: ArrayLike | None = 0.1,
   point_axes: points.PointAxes = None,
   radius: ArrayLike | str | None = None,
+  mesh_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adam-G step of every point: project, clip, moments, geodesic step and transport.
 
@@ -676,6 +693,7 @@ def grassmann_adam(
     grad_clip: {{grad_clip}}
     point_axes: {{point_axes}}
     radius: {{radius}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` that needs ``params``; its state is a
@@ -694,6 +712,7 @@ def grassmann_adam(
   checks.check_hyperparameters(b1=b1, b2=b2, eps=eps, grad_clip=grad_clip)
   checks.check_radius(radius)
   points.check_spec_tree(point_axes)
+  sharding.check_spec_tree(mesh_axes)
 
   def init_state(params, layouts, basis, radii):
     return GrassmannAdamState(
@@ -718,6 +737,7 @@ def grassmann_adam(
     point_rule,
     learning_rate=learning_rate,
     point_axes=point_axes,
+    mesh_axes=mesh_axes,
     radius=radius,
     buffer_field='mu',
     own_fields=('nu',),

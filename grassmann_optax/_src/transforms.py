@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, docstrings, manifold, points, steps
+from grassmann_optax._src import checks, docstrings, manifold, points, sharding, steps
 from grassmann_optax._src import labels as labels_lib
 
 
@@ -33,9 +33,9 @@ def map_leaves(fn, layouts: list[points.Layout], tree, *rest):
   )
 
 
-def _checked_init(name: str, point_axes, *, undercomplete: bool = False):
+def _checked_init(name: str, point_axes, mesh_axes=None, *, undercomplete: bool = False):
   def init_fn(params):
-    layouts = points.resolve(params, point_axes)
+    layouts = points.resolve(params, point_axes, mesh_axes)
     checks.check_manifold_leaves(params, name, layouts, undercomplete=undercomplete)
     return optax.EmptyState()
 
@@ -47,13 +47,20 @@ def _require(updates, params, name: str) -> None:
   checks.check_same_tree(updates, params, 'the updates', 'the params', name)
 
 
+def _layouts(tree, point_axes, mesh_axes, name: str) -> list[points.Layout]:
+  """The layouts of ``tree``'s leaves, after checking, inside ``shard_map``, that every leaf that
+  differs between devices says how it is split."""
+  sharding.check_split(tree, sharding.resolve(tree, mesh_axes), name)
+  return points.resolve(tree, point_axes, mesh_axes)
+
+
 def is_static_zero(value) -> bool:
   return isinstance(value, int | float) and value == 0
 
 
 @docstrings.fill
 def add_orthogonality_gradient(
-  omega: ArrayLike, *, point_axes: points.PointAxes = None
+  omega: ArrayLike, *, point_axes: points.PointAxes = None, mesh_axes: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds the gradient of the orthogonality penalty to the updates.
 
@@ -72,6 +79,7 @@ def add_orthogonality_gradient(
   Args:
     omega: penalty strength ω >= 0 (0.1 in every recipe of the paper).
     point_axes: {{point_axes}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` that needs ``params``.
@@ -88,6 +96,7 @@ def add_orthogonality_gradient(
   """
   checks.check_hyperparameters(omega=omega)
   points.check_spec_tree(point_axes)
+  sharding.check_spec_tree(mesh_axes)
   if is_static_zero(omega):
     return optax.with_extra_args_support(optax.identity())
 
@@ -96,18 +105,25 @@ def add_orthogonality_gradient(
     _require(updates, params, 'add_orthogonality_gradient')
 
     def add(layout, g, w):
-      term = manifold.orthogonality_gradient(manifold.upcast(w), omega, layout.point)
+      w32 = manifold.upcast(w)
+      if layout.split:  # inside shard_map, with the mesh axes named
+        term = manifold.orthogonality_gradient(
+          w32, omega, layout.point, layout.point_mesh, layout.member_mesh
+        )
+      else:
+        term = sharding.orthogonality_gradient(w32, omega, layout.point)
       return (manifold.upcast(g) + term).astype(g.dtype)
 
-    return map_leaves(add, points.resolve(params, point_axes), updates, params), state
+    layouts = _layouts(params, point_axes, mesh_axes, 'add_orthogonality_gradient')
+    return map_leaves(add, layouts, updates, params), state
 
-  init_fn = _checked_init('add_orthogonality_gradient', point_axes, undercomplete=True)
+  init_fn = _checked_init('add_orthogonality_gradient', point_axes, mesh_axes, undercomplete=True)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 @docstrings.fill
 def project_to_tangent(
-  *, point_axes: points.PointAxes = None
+  *, point_axes: points.PointAxes = None, mesh_axes: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Projects each point of the updates onto the tangent space at ``unit(w)``.
 
@@ -121,6 +137,7 @@ def project_to_tangent(
 
   Args:
     point_axes: {{point_axes}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` that needs ``params``.
@@ -136,23 +153,26 @@ def project_to_tangent(
   {{references}}
   """
   points.check_spec_tree(point_axes)
+  sharding.check_spec_tree(mesh_axes)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _require(updates, params, 'project_to_tangent')
 
     def proj(layout, g, w):
-      return manifold.project(manifold.upcast(w), manifold.upcast(g), layout.point).astype(g.dtype)
+      h = manifold.project(manifold.upcast(w), manifold.upcast(g), layout.point, layout.point_mesh)
+      return h.astype(g.dtype)
 
-    return map_leaves(proj, points.resolve(params, point_axes), updates, params), state
+    layouts = _layouts(params, point_axes, mesh_axes, 'project_to_tangent')
+    return map_leaves(proj, layouts, updates, params), state
 
-  init_fn = _checked_init('project_to_tangent', point_axes)
+  init_fn = _checked_init('project_to_tangent', point_axes, mesh_axes)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 @docstrings.fill
 def grassmann_clip(
-  max_norm: ArrayLike | None, *, point_axes: points.PointAxes = None
+  max_norm: ArrayLike | None, *, point_axes: points.PointAxes = None, mesh_axes: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips the norm of every point separately.
 
@@ -167,6 +187,7 @@ def grassmann_clip(
   Args:
     max_norm: {{grad_clip}}
     point_axes: {{point_axes}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -182,6 +203,7 @@ def grassmann_clip(
   """
   checks.check_hyperparameters(grad_clip=max_norm)
   points.check_spec_tree(point_axes)
+  sharding.check_spec_tree(mesh_axes)
   if max_norm is None:
     return optax.with_extra_args_support(optax.identity())
 
@@ -194,9 +216,11 @@ def grassmann_clip(
 
     def clip(layout, h):
       h32 = manifold.upcast(h)
-      return manifold.clip_by_column_norm(h32, max_norm, layout.point).astype(h.dtype)
+      clipped = manifold.clip_by_column_norm(h32, max_norm, layout.point, layout.point_mesh)
+      return clipped.astype(h.dtype)
 
-    return map_leaves(clip, points.resolve(updates, point_axes), updates), state
+    layouts = _layouts(updates, point_axes, mesh_axes, 'grassmann_clip')
+    return map_leaves(clip, layouts, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -209,7 +233,10 @@ class ExpMapUpdateState(NamedTuple):
 
 @docstrings.fill
 def exp_map_update(
-  *, point_axes: points.PointAxes = None, radius: ArrayLike | str | None = None
+  *,
+  point_axes: points.PointAxes = None,
+  radius: ArrayLike | str | None = None,
+  mesh_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Turns a tangent step ``d`` into the additive update that moves along the geodesic.
 
@@ -227,6 +254,7 @@ def exp_map_update(
 
   Args:
     point_axes: {{point_axes}}
+    mesh_axes: {{mesh_axes}}
     radius: {{radius}}
 
   Returns:
@@ -244,6 +272,7 @@ def exp_map_update(
   """
   checks.check_radius(radius)
   points.check_spec_tree(point_axes)
+  sharding.check_spec_tree(mesh_axes)
 
   def init_fn(params):
     layouts = points.resolve(params, point_axes)
@@ -259,10 +288,10 @@ def exp_map_update(
     def move(layout, d, w, *r):
       w32 = manifold.upcast(w)
       scale = r[0].reshape(layout.per_point_shape(w.shape)) if r else radius
-      moved = manifold.exp_map(w32, manifold.upcast(d), layout.point, scale)
+      moved = manifold.exp_map(w32, manifold.upcast(d), layout.point, scale, layout.point_mesh)
       return (moved - w32).astype(d.dtype)
 
-    layouts = points.resolve(params, point_axes)
+    layouts = _layouts(params, point_axes, mesh_axes, 'exp_map_update')
     trees = (updates, params) if not isinstance(radius, str) else (updates, params, state.radius)
     return map_leaves(move, layouts, *trees), state
 
@@ -289,6 +318,7 @@ def project_params(
     param_labels: its labels (a tree or a callable ``params -> labels``, as the aliases take
       them); ``None`` for :func:`grassmann_labels`.
     point_axes: {{point_axes}}
+    mesh_axes: {{mesh_axes}}
     radius: ``None`` (unit points), a positive number, or a pytree with the structure of the
       manifold leaves' radii as a step's state holds them (``state.radius`` with
       ``radius='init'``), one value per point.

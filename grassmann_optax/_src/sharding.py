@@ -1,0 +1,212 @@
+"""Leaves split across devices inside ``shard_map``: which mesh axes split which axes of a leaf.
+
+Inside ``jax.shard_map`` each device sees its block of a sharded leaf. Per-point sums (norms,
+inner products) are then sums over the devices that split a point, and the orthogonality term
+(R2) couples points that other devices hold. ``mesh_axes`` tells the transforms, for each leaf,
+the mesh axes that split its axes: the ``PartitionSpec`` given to ``shard_map`` for it. With it,
+per-point sums are all-reduced (``psum``) over the mesh axes that split the point axes, and the
+orthogonality term all-reduces a Gram matrix instead of gathering the leaf ((P5) of
+``docs/algorithm.md``).
+
+``mesh_axes`` is ``None`` (nothing is split), one ``PartitionSpec`` for every leaf, a pytree of
+``PartitionSpec`` (or ``None``) with the paths of the params (missing leaves are not split), or a
+callable ``params -> pytree``, as ``point_axes`` is. A plain tuple of axis names is read as a
+``PartitionSpec``.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from grassmann_optax._src import checks
+
+Split = tuple[tuple[str, ...], ...]  # per axis of a leaf, the mesh axes that split it
+
+_EXPECTED = (
+  'expected None, a PartitionSpec (the one given to shard_map for the leaf), a pytree of those '
+  'with the paths of the params, or a callable params -> pytree'
+)
+
+
+def _is_spec(x) -> bool:
+  if x is None or isinstance(x, PartitionSpec):
+    return True
+  return isinstance(x, tuple) and not hasattr(x, '_fields') and all(_is_entry(e) for e in x)
+
+
+def _is_entry(entry) -> bool:
+  if entry is None or isinstance(entry, str):
+    return True
+  return isinstance(entry, tuple | list) and all(isinstance(e, str) for e in entry)
+
+
+def _names(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def check_spec_tree(mesh_axes, where: str = 'mesh_axes') -> None:
+  """Raises a TypeError unless ``mesh_axes`` is a spec, a pytree of specs or a callable."""
+  if callable(mesh_axes) or _is_spec(mesh_axes):
+    return
+  if isinstance(mesh_axes, tuple | list) and not hasattr(mesh_axes, '_fields'):
+    raise TypeError(f'{where}={mesh_axes!r}: {_EXPECTED}.')
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(mesh_axes)):
+    raise TypeError(f'{where}={mesh_axes!r}: {_EXPECTED}.')
+  for path, spec in jax.tree_util.tree_flatten_with_path(mesh_axes, is_leaf=_is_spec)[0]:
+    if not _is_spec(spec):
+      raise TypeError(
+        f'{where}: the entry {spec!r} for {checks.leaf_name(path)!r} is not a PartitionSpec '
+        f'({_EXPECTED}).'
+      )
+
+
+def _split(spec, ndim: int, name: str) -> Split:
+  entries = tuple(spec) if spec is not None else ()
+  if len(entries) > ndim:
+    raise ValueError(
+      f'mesh_axes of {name} has {len(entries)} entries for a leaf of {ndim} axes: give the '
+      'PartitionSpec that shard_map was given for this leaf.'
+    )
+  return tuple(_names(e) for e in entries) + ((),) * (ndim - len(entries))
+
+
+def resolve(tree: Any, mesh_axes) -> list[Split | None]:
+  """Per leaf of ``tree``, the mesh axes that split each of its axes (``None``: not split)."""
+  leaves = checks.named_leaves(tree)
+  if mesh_axes is None:
+    return [None] * len(leaves)
+  if callable(mesh_axes):
+    mesh_axes = mesh_axes(tree)
+    check_spec_tree(mesh_axes, 'mesh_axes(params)')
+  ndim = lambda leaf: len(getattr(leaf, 'shape', ()))
+  if _is_spec(mesh_axes):
+    return [_split(mesh_axes, ndim(leaf), repr(name)) for name, leaf in leaves]
+  pairs = jax.tree_util.tree_flatten_with_path(mesh_axes, is_leaf=_is_spec)[0]
+  specs = {checks.leaf_name(path): spec for path, spec in pairs}
+  return [_split(specs.get(name), ndim(leaf), repr(name)) for name, leaf in leaves]
+
+
+def varying(x) -> frozenset:
+  """The mesh axes along which ``x`` differs between devices (inside ``shard_map``)."""
+  try:
+    aval = jax.typeof(x)
+  except TypeError:
+    return frozenset()
+  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, 'vma', ()) or ())
+
+
+def check_split(tree: Any, splits: Sequence, name: str) -> None:
+  """Inside ``shard_map``, every leaf that differs between devices must say how it is split.
+
+  A leaf that varies along a mesh axis that ``mesh_axes`` does not name for it would have its
+  norms and orthogonality term computed from its local block alone: silently wrong.
+  """
+  for (leaf_name, leaf), split in zip(checks.named_leaves(tree), splits, strict=True):
+    named = {m for axis in split for m in axis} if split is not None else set()
+    unnamed = sorted(varying(leaf) - named)
+    if unnamed:
+      raise ValueError(
+        f'{name}: leaf {leaf_name!r} (local shape {tuple(leaf.shape)}) differs between devices '
+        f'along the mesh axes {unnamed} inside shard_map, but mesh_axes does not say which of '
+        'its axes they split, so its norms and orthogonality term would be those of the local '
+        'block alone. Pass mesh_axes=, the PartitionSpec you gave shard_map for it (e.g. '
+        "mesh_axes=P(None, 'model') for a leaf split by columns)."
+      )
+
+
+def axis_size(names: tuple[str, ...]) -> int:
+  """How many devices ``names`` span inside ``shard_map``; 1 outside it (global shapes)."""
+  size = 1
+  for name in names:
+    try:
+      size *= jax.lax.axis_size(name)
+    except NameError:
+      return 1
+  return size
+
+
+def psum(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  return jax.lax.psum(x, names) if names else x
+
+
+def pmax(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  return jax.lax.pmax(x, names) if names else x
+
+
+def like(value: jax.Array, reference: jax.Array) -> jax.Array:
+  """``value``, varying along the mesh axes ``reference`` varies along (for ``lax.cond``)."""
+  names = tuple(sorted(varying(reference) - varying(value)))
+  return jax.lax.pcast(value, names, to='varying') if names else value
+
+
+def _operand_names(arg_shape) -> list[tuple[str, ...]]:
+  spec = tuple(arg_shape.sharding.spec)
+  spec += (None,) * (len(arg_shape.shape) - len(spec))
+  return [_names(entry) for entry in spec]
+
+
+@functools.cache
+def _partitioned_orthogonality(ndim: int, point_axes: tuple[int, ...]):
+  """The orthogonality gradient with a sharding rule for ``jit`` over sharded leaves (P5).
+
+  XLA's partitioner gathers a leaf split by columns onto every device to form ``YᵀY``. With this
+  rule each device runs the ``shard_map`` form on its block: the mesh axes that split the point
+  axes and those that split the points of a group come from the leaf's sharding, and a Gram
+  matrix is all-reduced instead.
+  """
+  from grassmann_optax._src import manifold  # manifold reduces through this module
+
+  batch = [axis for axis in range(ndim) if axis not in point_axes]
+
+  def plain(w, omega):
+    return manifold.orthogonality_gradient(w, omega, point_axes)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    names = _operand_names(arg_shapes[0])
+    point = tuple(m for axis in point_axes for m in names[axis])
+    members = names[batch[-1]] if batch else ()
+
+    def local(w, omega):
+      return manifold.orthogonality_gradient(w, omega, point_axes, point, members)
+
+    leaf = arg_shapes[0].sharding
+    return mesh, local, leaf, (leaf, NamedSharding(mesh, PartitionSpec()))
+
+  def infer_sharding(mesh, arg_shapes, result_shape):
+    del mesh, result_shape
+    return arg_shapes[0].sharding
+
+  gradient = custom_partitioning(plain)
+  factors = ' '.join(f'a{axis}' for axis in range(ndim))
+  gradient.def_partition(
+    partition,
+    infer_sharding_from_operands=infer_sharding,
+    sharding_rule=f'{factors}, -> {factors}',
+  )
+
+  @jax.custom_jvp
+  def differentiable(w, omega):
+    return gradient(w, omega)
+
+  @differentiable.defjvp
+  def jvp(primals, tangents):  # derivatives through the unpartitioned form
+    return jax.jvp(plain, primals, tangents)
+
+  return differentiable
+
+
+def orthogonality_gradient(w: jax.Array, omega, point_axes: tuple[int, ...]) -> jax.Array:
+  """(R2) of ``w``; under ``jit`` over a sharded ``w``, without gathering it (P5)."""
+  omega = jnp.asarray(omega, w.dtype)
+  return _partitioned_orthogonality(w.ndim, tuple(point_axes))(w, omega)
