@@ -3,6 +3,8 @@
 Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (arXiv:1709.09603).
 """
 
+# The optional CPU kernel's switches, as a namespace of their own (as optax.contrib).
+from grassmann_optax import cpu_kernel as cpu_kernel
 from grassmann_optax._src.alias import adamg, euclidean_sgd, grassmann_partition, sgdg
 from grassmann_optax._src.fused import (
   AdamgManifoldState,
@@ -19,9 +21,6 @@ from grassmann_optax._src.labels import (
   grassmann_labels,
   is_undercomplete_conv,
 )
-from grassmann_optax._src.native import column_products
-from grassmann_optax._src.native import kernel_disabled as cpu_kernel_disabled
-from grassmann_optax._src.native import kernel_variant as cpu_kernel_variant
 from grassmann_optax._src.orthogonality import orthogonality_penalty
 from grassmann_optax._src.transforms import (
   ExpMapUpdateState,
@@ -49,9 +48,6 @@ __all__ = (
   'add_orthogonality_gradient',
   'adamg',
   'adamg_manifold_update',
-  'column_products',
-  'cpu_kernel_disabled',
-  'cpu_kernel_variant',
   'euclidean_sgd',
   'exp_map_update',
   'find_scale_invariant',
