@@ -3,6 +3,8 @@
 Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (arXiv:1709.09603).
 """
 
+# The optional CPU kernel's switches, as a namespace of their own (as optax.contrib).
+from grassmann_optax import cpu_kernel as cpu_kernel
 from grassmann_optax._src.alias import adamg, euclidean_sgd, grassmann_partition, sgdg
 from grassmann_optax._src.initializers import unit_initializer
 from grassmann_optax._src.labels import (

@@ -1,10 +1,17 @@
-"""The CPU kernel for the per-point inner products: exact, used where it should be, optional."""
+"""The CPU kernel for the per-point inner products: exact, used where it should be, optional.
 
+The kernel is built when the package is installed; nothing here builds it. Where the package was
+installed without it, the tests that need it skip, and fail instead under CI's
+``GRASSMANN_REQUIRE_CPU_KERNEL=1``.
+"""
+
+import hashlib
 import os
 import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +29,15 @@ REQUIRE = os.environ.get('GRASSMANN_REQUIRE_CPU_KERNEL') == '1'
 
 @pytest.fixture
 def kernel():
-  """Skips where no C++ compiler could build the kernel; fails instead under CI's flag."""
-  if not native.kernel_available():
-    message = 'the CPU kernel is unavailable (no C++ compiler, or the build failed)'
+  """Skips where the package was installed without the kernel; fails instead under CI's flag."""
+  if not native.available():
+    if os.environ.get(native.ENV_SWITCH) == '0':
+      message = f'the CPU kernel is switched off ({native.ENV_SWITCH}=0)'
+    else:
+      message = (
+        f'the CPU kernel is not installed ({native.MODULE} is missing: no C++ compiler at '
+        f'install, or {native.ENV_BUILD}=0)'
+      )
     if REQUIRE:
       pytest.fail(message + ' but GRASSMANN_REQUIRE_CPU_KERNEL=1')
     pytest.skip(message)
@@ -160,7 +173,7 @@ def test_kernel_is_not_used_for_other_dtypes_or_when_disabled(kernel):
   assert 'custom-call' not in hlo(
     lambda *x: native.column_products(*x, allow_kernel=False), w, g, b
   )
-  with native.kernel_disabled():
+  with native.disabled():
     assert 'custom-call' not in hlo(lambda *x: native.column_products(*x), w, g, b)
   assert 'custom-call' in hlo(lambda *x: native.column_products(*x), w, g, b)
 
@@ -202,7 +215,7 @@ def test_kernel_and_xla_updates_agree(kernel, name):
     lambda g, s, p: tx.update(g, s, p), params, tx.init(params), params
   )
   with_kernel = run_steps(tx, params)
-  with native.kernel_disabled():
+  with native.disabled():
     with_xla = run_steps(make(), params)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
   jax.tree.map(close, with_kernel, with_xla)
@@ -218,7 +231,7 @@ def test_update_is_differentiable_through_the_kernel(kernel):
     return jnp.sum(jnp.sin(optax.apply_updates(params, updates)['w']))
 
   with_kernel = jax.grad(loss, argnums=(0, 1))(0.3, grads)
-  with native.kernel_disabled():
+  with native.disabled():
     with_xla = jax.grad(loss, argnums=(0, 1))(0.3, grads)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), with_kernel, with_xla
@@ -258,7 +271,7 @@ def test_jvp_and_grad_per_head(kernel):
   tangents = random_arrays(HEADS, seed=2)
   assert 'grassmann_optax_column_gram' in hlo(heads_products, *primals)
   got = jax.jvp(heads_products, primals, tangents)
-  with native.kernel_disabled():
+  with native.disabled():
     want = jax.jvp(heads_products, primals, tangents)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # d(xᵀy) = dxᵀy + xᵀdy in float64, per head.
@@ -272,7 +285,7 @@ def test_jvp_and_grad_per_head(kernel):
     return jnp.sum(jnp.sin(ww) * wg + gg * wb - gb * bb)
 
   with_kernel = jax.grad(loss, argnums=(0, 1, 2))(*primals)
-  with native.kernel_disabled():
+  with native.disabled():
     with_xla = jax.grad(loss, argnums=(0, 1, 2))(*primals)
   np.testing.assert_allclose(with_kernel, with_xla, rtol=1e-4, atol=1e-3)
   assert float(jnp.max(jnp.abs(with_kernel[0]))) > 1.0
@@ -295,15 +308,6 @@ def test_vmap_per_head_runs_the_kernel_per_member(kernel):
       np.testing.assert_array_equal(a[m], c)
 
 
-def test_a_failed_build_raises_with_the_compiler_output(tmp_path, monkeypatch):
-  monkeypatch.setenv(native.ENV_CACHE_DIR, str(tmp_path))
-  with pytest.raises(native.BuildError, match='could not run'):
-    native.build(compiler=str(tmp_path / 'no-such-compiler'))
-  with pytest.raises(native.BuildError, match=r'failed \(1\)'):
-    native.build(compiler='false')
-  assert list(tmp_path.iterdir()) == []  # no partial library left behind
-
-
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
   return subprocess.run(
     [sys.executable, '-W', 'always', '-c', textwrap.dedent(code)],
@@ -315,58 +319,101 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
   )
 
 
-FALLBACK_SCRIPT = """
-  import jax, jax.numpy as jnp, optax
+# Put before the script's imports, this makes the extension module unimportable, as it is where
+# the package was installed without it.
+WITHOUT_THE_MODULE = f"""
+  import sys
+  sys.modules[{native.MODULE!r}] = None
+"""
+
+UPDATE_SCRIPT = """
+  import hashlib, sys
+  import jax, jax.numpy as jnp, numpy as np
   import grassmann_optax as go
   from grassmann_optax._src import native
   params = {'w': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 6))}
+  grads = {'w': jnp.cos(jnp.arange(216.0)).reshape(3, 3, 4, 6)}
   tx = go.sgdg(0.1, 0.2)
-  updates, _ = tx.update(params, tx.init(params), params)
-  print('available', native.kernel_available())
-  print('finite', bool(jnp.isfinite(optax.apply_updates(params, updates)['w']).all()))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)  # traced again: no second warning
+  print('loaded', bool(native._loaded), sys.modules.get(native.MODULE) is not None)
+  print('available', go.cpu_kernel.available(), go.cpu_kernel.variant())
+  print('update', hashlib.sha256(np.asarray(updates['w']).tobytes()).hexdigest())
 """
+UNAVAILABLE = 'the CPU kernel for the per-point inner products is unavailable'
 
 
-def test_without_a_compiler_the_update_falls_back_to_xla_with_one_warning(tmp_path):
-  result = run_python(
-    FALLBACK_SCRIPT, CXX=str(tmp_path / 'no-such-compiler'), GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path)
-  )
+def script_lines(result: subprocess.CompletedProcess) -> dict[str, str]:
   assert result.returncode == 0, result.stderr
-  assert 'available False' in result.stdout and 'finite True' in result.stdout
-  assert result.stderr.count('CPU kernel for column inner products is unavailable') == 1
+  return dict(line.split(' ', 1) for line in result.stdout.splitlines())
+
+
+def xla_update_digest() -> str:
+  """The update of UPDATE_SCRIPT with the XLA reductions, in this process."""
+  params = {'w': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 6))}
+  grads = {'w': jnp.cos(jnp.arange(216.0)).reshape(3, 3, 4, 6)}
+  tx = go.sgdg(0.1, 0.2)
+  with native.disabled():
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  return hashlib.sha256(np.asarray(updates['w']).tobytes()).hexdigest()
+
+
+def test_without_the_kernel_the_update_uses_xla_and_warns_once():
+  """Installed without the kernel: XLA's results, and one warning that says what to do."""
+  result = run_python(WITHOUT_THE_MODULE + UPDATE_SCRIPT)
+  lines = script_lines(result)
+  assert lines['available'] == 'False None'
+  assert lines['update'] == xla_update_digest()
+  assert result.stderr.count(UNAVAILABLE) == 1, result.stderr
+  assert 'installed without it' in result.stderr
   assert 'GRASSMANN_OPTAX_CPU_KERNEL=0' in result.stderr
 
 
-def test_other_backends_never_build_the_kernel(tmp_path):
-  script = """
-    import jax, jax.numpy as jnp, optax
-    jax.default_backend = lambda: 'gpu'  # what a GPU or TPU process reports
-    import grassmann_optax as go
-    params = {'w': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 6))}
-    tx = go.sgdg(0.1, 0.2)
-    updates, _ = tx.update(params, tx.init(params), params)
-    print('finite', bool(jnp.isfinite(optax.apply_updates(params, updates)['w']).all()))
+def test_other_backends_never_load_the_kernel():
+  """A GPU or TPU process neither imports the kernel nor warns that it is missing."""
+  pretend = "\n  import jax\n  jax.default_backend = lambda: 'gpu'"
+  for prefix in ('', WITHOUT_THE_MODULE):
+    result = run_python(prefix + pretend + UPDATE_SCRIPT)
+    lines = script_lines(result)
+    assert lines['loaded'] == 'False False'
+    assert UNAVAILABLE not in result.stderr
+
+
+def test_the_switch_turns_the_kernel_off_without_loading_it():
+  result = run_python(UPDATE_SCRIPT, **{native.ENV_SWITCH: '0'})
+  lines = script_lines(result)
+  assert lines['available'] == 'False None'
+  assert lines['update'] == xla_update_digest()
+  assert lines['loaded'] == 'True False'  # looked at the switch, never imported the module
+  assert UNAVAILABLE not in result.stderr
+
+
+def test_the_kernel_is_the_installed_module_and_nothing_is_compiled(kernel, tmp_path):
+  """The kernel comes from the package's own extension module, imported as any module is.
+
+  With no compiler on the ``PATH`` and an empty home directory, a process still has the kernel
+  and writes nothing there: it is not built, nor cached, at import or trace.
   """
+  module = sys.modules[native.MODULE]
+  assert module.__spec__.name == native.MODULE
+  assert Path(module.__file__).parent in [Path(path) for path in go._src.__path__]
+  assert module.variant() == native.variant()
+  home = tmp_path / 'home'
+  home.mkdir()
+  no_programs = tmp_path / 'no-programs'
+  no_programs.mkdir()
   result = run_python(
-    script, CXX=str(tmp_path / 'no-such-compiler'), GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path)
+    UPDATE_SCRIPT,
+    PATH=str(no_programs),
+    CXX='c++',
+    HOME=str(home),
+    XDG_CACHE_HOME=str(home / '.cache'),
   )
-  assert result.returncode == 0, result.stderr
-  assert 'finite True' in result.stdout
-  assert 'unavailable' not in result.stderr
-  assert list(tmp_path.iterdir()) == []
-
-
-def test_the_switch_turns_the_kernel_off_without_building(tmp_path):
-  result = run_python(
-    FALLBACK_SCRIPT,
-    GRASSMANN_OPTAX_CPU_KERNEL='0',
-    CXX=str(tmp_path / 'no-such-compiler'),
-    GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path),
-  )
-  assert result.returncode == 0, result.stderr
-  assert 'available False' in result.stdout and 'finite True' in result.stdout
-  assert 'unavailable' not in result.stderr
-  assert list(tmp_path.iterdir()) == []
+  lines = script_lines(result)
+  assert lines['available'] == f'True {native.variant()}'
+  assert lines['loaded'] == 'True True'
+  assert UNAVAILABLE not in result.stderr
+  assert list(home.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -445,32 +492,49 @@ def test_inside_shard_map_data_parallel(kernel):
 VARIANT_SCRIPT = """
   import hashlib, jax, numpy as np
   from grassmann_optax._src import native
-  print('variant', native.kernel_variant())
-  digest = hashlib.sha256()
+  print('variant', native.variant())
   layouts = [
     ((3, 3, 64, 128), None), ((130, 13), None), ((1, 640), None), ((5, 3, 7), None),
     ((768, 1200), None), ((300, 70), (1,)), ((64, 5, 37), (0, 2)), ((2, 40, 3, 1029), (1, 3)),
     ((400, 400), (0, 1)), ((90, 7, 6), (0, 2)), ((4, 30, 9), (1,)), ((20, 1029), (1,)),
   ]
+
+  def random(shape, seed):
+    return [jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(seed), 3)]
+
+  def fixed(shape, seed):
+    # Float32 values made by integer arithmetic and one exact division: the same on every machine.
+    n = int(np.prod(shape))
+    i = np.arange(3 * n, dtype=np.int64) + 7919 * seed
+    x = (((i * 2654435761) % 1000003) - 500001).astype(np.float64) / 262144.0
+    return [x[k * n:(k + 1) * n].astype(np.float32).reshape(shape) for k in range(3)]
+
+  digests = {'random': hashlib.sha256(), 'fixed': hashlib.sha256()}
   for seed, (shape, point_axes) in enumerate(layouts):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    w, g, b = (jax.random.normal(key, shape) for key in keys)
-    products = jax.jit(lambda *x: native.column_products(*x, point_axes=point_axes))(w, g, b)
-    for product in products:
-      digest.update(np.asarray(product).tobytes())
-  print('digest', digest.hexdigest())
+    axes = native.normalize_point_axes(len(shape), point_axes)
+    assert native.kernel_layout(shape, axes) is not None, shape  # the kernel, not XLA
+    products = jax.jit(lambda *x: native.column_products(*x, point_axes=point_axes))
+    for name, arrays in (('random', random), ('fixed', fixed)):
+      for product in products(*arrays(shape, seed)):
+        digests[name].update(np.asarray(product).tobytes())
+  for name, digest in digests.items():
+    print(name, digest.hexdigest())
 """
+# The products of the fixed arrays as the kernel returned them when it was compiled at first use
+# with g++ 12 -O3 -ffp-contract=off, in both variants: the kernel does the same float32 operations
+# in the same order on any machine and with any compiler that keeps the source's order.
+FIXED_DIGEST = '62809725cb3a1162b72a84e6ffdfe930826f3efbd420fd9acad8d08d461d255c'
 
 
-def test_the_instruction_set_variants_return_the_same_bits(kernel, tmp_path):
+def test_the_instruction_set_variants_return_the_same_bits(kernel):
   """The AVX2 loops (where the processor has them) and the portable loops agree bit for bit.
 
-  The layouts take the column loop (with panels of columns: 1200), the run loop (with tails and
-  segments: 37, 1029; per row: 70, 1029) and the column loop for short runs (6, 9), with one
-  chunk or several.
+  And both return the bits the kernel returned before it was built at install time. The layouts
+  take the column loop (with panels of columns: 1200), the run loop (with tails and segments: 37,
+  1029; per row: 70, 1029) and the column loop for short runs (6, 9), with one chunk or several.
   """
   runs = {
-    name: run_python(VARIANT_SCRIPT, GRASSMANN_OPTAX_CACHE_DIR=str(tmp_path), **env)
+    name: run_python(VARIANT_SCRIPT, **env)
     for name, env in {'auto': {}, 'baseline': {native.ENV_VARIANT: 'baseline'}}.items()
   }
   for result in runs.values():
@@ -480,7 +544,8 @@ def test_the_instruction_set_variants_return_the_same_bits(kernel, tmp_path):
   assert lines['auto']['variant'] in ('avx2', 'baseline')
   if REQUIRE and platform.machine() in ('x86_64', 'AMD64') and 'avx2' in cpu_flags():
     assert lines['auto']['variant'] == 'avx2'
-  assert lines['auto']['digest'] == lines['baseline']['digest']
+  assert lines['auto']['random'] == lines['baseline']['random']
+  assert lines['auto']['fixed'] == lines['baseline']['fixed'] == FIXED_DIGEST
 
 
 def cpu_flags() -> str:
@@ -489,3 +554,12 @@ def cpu_flags() -> str:
       return next((line for line in cpuinfo if line.startswith('flags')), '')
   except OSError:
     return ''
+
+
+def test_the_switches_are_a_namespace_of_their_own():
+  """``grassmann_optax.cpu_kernel``, each with a runnable example; none at the API root."""
+  assert go.cpu_kernel.__all__ == ('available', 'column_products', 'disabled', 'variant')
+  for name in go.cpu_kernel.__all__:
+    assert '>>>' in getattr(go.cpu_kernel, name).__doc__, name
+  for name in ('column_products', 'cpu_kernel_disabled', 'cpu_kernel_variant'):
+    assert name not in go.__all__ and not hasattr(go, name)

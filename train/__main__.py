@@ -1,4 +1,4 @@
-"""``python -m train`` / ``grassmann-train``: the paper's TF command lines, run with JAX.
+"""``python -m train``: the paper's TF command lines, run with JAX.
 
 With no flags it trains Adam-G on a WRN-10-4 on scikit-learn's digits (about a minute on a laptop
 CPU). The paper's commands run as they are, e.g.::

@@ -367,7 +367,7 @@ def without_cpu_kernel(tx: optax.GradientTransformation) -> optax.GradientTransf
   """``tx`` with its column inner products left to XLA (six reductions) instead of the kernel."""
 
   def update_fn(updates, state, params=None):
-    with go.cpu_kernel_disabled():
+    with go.cpu_kernel.disabled():
       return tx.update(updates, state, params)
 
   return optax.GradientTransformation(tx.init, update_fn)
@@ -453,7 +453,7 @@ def make_products_step(labels: Any, *, read_only: bool = False) -> Callable:
   def read(w, g, b):
     return (jnp.sum(w + g + b, axis=tuple(range(w.ndim - 1))),)
 
-  reduce = read if read_only else go.column_products
+  reduce = read if read_only else go.cpu_kernel.column_products
 
   def step(params, sums, grads, buffers):
     leaves = zip(*map(jax.tree.leaves, (params, grads, buffers)), strict=True)
@@ -833,7 +833,7 @@ def machine_info() -> dict[str, Any]:
     'backend': jax.default_backend(),
     'devices': [str(device) for device in jax.devices()],
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
-    'cpu_kernel': go.cpu_kernel_variant() if jax.default_backend() == 'cpu' else None,
+    'cpu_kernel': go.cpu_kernel.variant() if jax.default_backend() == 'cpu' else None,
   }
 
 

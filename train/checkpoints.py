@@ -153,7 +153,7 @@ def restore(
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   """Renames checkpoint ``step`` into ``<run>/checkpoints.damaged/<step>-<UTC time>``."""
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+  stamp = datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%S.%fZ')
   target = os.path.join(_damaged_root(manager), f'{step}-{stamp}')
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -21,7 +21,9 @@
 // the scheduling. The chunks depend only on (O, N1, I, N2), and with O == 1 they are those of the
 // kernel before it read other layouts, so columns keep their bits.
 //
-// Registered by grassmann_optax/_src/native.py through jax.ffi.
+// Built at install time into the extension module grassmann_optax._src._column_gram
+// (CMakeLists.txt, column_gram_module.cc), whose handler grassmann_optax/_src/native.py registers
+// through jax.ffi.
 // Reference: Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
 // arXiv:1709.09603.
 

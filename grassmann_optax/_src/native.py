@@ -11,14 +11,16 @@ every layout whose runs of point and batch axes follow ``[batch][point][batch][p
 rows, whole leaves, attention heads, and stacks of those; :func:`kernel_layout`); XLA reduces the
 others. ``docs/kernel.md`` describes the layouts, the loops and their measured speed.
 
-The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
-``g++`` or ``clang++``) against the XLA FFI headers of the installed jaxlib, and cached in
-``$GRASSMANN_OPTAX_CACHE_DIR`` (default ``~/.cache/grassmann_optax``). Where no compiler is found
-or the build fails, a warning says so once and the same products are computed by XLA, which is
-slower on CPU and otherwise identical. ``GRASSMANN_OPTAX_CPU_KERNEL=0`` turns the kernel off.
+The kernel is compiled when the package is installed (``CMakeLists.txt``, with scikit-build-core
+and nanobind) into the extension module ``grassmann_optax._src._column_gram``. This module imports
+it like any other module of the package the first time a CPU process traces a step that can use
+it, and registers its handler with ``jax.ffi``; nothing is compiled at import or trace. Where the
+package was installed without it (no C++ compiler, or ``GRASSMANN_OPTAX_BUILD_CPU_KERNEL=0``),
+that first trace warns once and XLA computes the same products, slower on CPU and otherwise
+identical. ``GRASSMANN_OPTAX_CPU_KERNEL=0`` turns the kernel off, without a warning.
 
 On x86-64 processors with AVX2 the kernel runs an AVX2 build of its loops, chosen when it is
-loaded (:func:`kernel_variant` says which); ``GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline`` forces the
+loaded (:func:`variant` says which); ``GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline`` forces the
 portable loops. Both do the same float32 operations in the same order (each column summed in row
 order in one vector lane, each run in eight lanes added up in a fixed tree) and nothing is
 contracted into a fused multiply-add, so both return the same bits, whatever the threads do.
@@ -28,27 +30,23 @@ kernel has a JVP rule (the products are bilinear), so the update stays different
 ``vmap`` it runs once per batch member; under ``jit`` with sharded arrays each device reduces its
 own shard (a ``psum`` adds up shards of point axes), so nothing is gathered.
 
+The public switches are in :mod:`grassmann_optax.cpu_kernel`.
+
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
 """
 
 import contextlib
-import ctypes
 import functools
-import hashlib
+import importlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
@@ -58,163 +56,126 @@ from grassmann_optax._src import points
 ENV_SWITCH = 'GRASSMANN_OPTAX_CPU_KERNEL'
 # Read by the kernel when it is loaded: 'baseline' forces the portable loop instead of AVX2.
 ENV_VARIANT = 'GRASSMANN_OPTAX_CPU_KERNEL_ISA'
-ENV_CACHE_DIR = 'GRASSMANN_OPTAX_CACHE_DIR'
-SOURCE = Path(__file__).with_name('column_gram.cc')
+# Read when the package is installed (pyproject.toml): 0 installs it without the kernel.
+ENV_BUILD = 'GRASSMANN_OPTAX_BUILD_CPU_KERNEL'
+# The extension module that CMakeLists.txt builds and installs beside this file.
+MODULE = 'grassmann_optax._src._column_gram'
 TARGET = 'grassmann_optax_column_gram'
-SYMBOL = 'GrassmannColumnGram'
-VARIANT_SYMBOL = 'GrassmannColumnGramVariant'
 # Runs of fewer elements take the kernel's column loop (kShortRun in column_gram.cc).
 SHORT_RUN = 16
-FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-ffp-contract=off')
-COMPILE_TIMEOUT_S = 300
 
 _lock = threading.Lock()
 _disabled_here = threading.local()
 
 
-class BuildError(RuntimeError):
-  """The CPU kernel could not be compiled or loaded."""
+class _Kernel(NamedTuple):
+  """The kernel as this process loaded it."""
 
-
-def cache_dir() -> Path:
-  if path := os.environ.get(ENV_CACHE_DIR):
-    return Path(path)
-  base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-  return Path(base) / 'grassmann_optax'
-
-
-def find_compiler() -> str | None:
-  if compiler := os.environ.get('CXX'):
-    return shutil.which(compiler) or compiler
-  for name in ('c++', 'g++', 'clang++'):
-    if path := shutil.which(name):
-      return path
-  return None
-
-
-def _command(compiler: str, output: Path) -> list[str]:
-  return [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(output)]
-
-
-def library_path(compiler: str) -> Path:
-  """Where the kernel built by ``compiler`` for this jaxlib and machine is cached."""
-  key = hashlib.sha256()
-  for part in (
-    SOURCE.read_bytes(),
-    ' '.join(_command(compiler, Path('out'))).encode(),
-    jaxlib.__version__.encode(),
-    platform.machine().encode(),
-    platform.system().encode(),
-  ):
-    key.update(part)
-  return cache_dir() / f'column_gram-{key.hexdigest()[:16]}.so'
-
-
-def build(compiler: str | None = None) -> Path:
-  """Compiles the kernel unless the cache has it; returns the shared library's path.
-
-  Raises:
-    BuildError: no C++ compiler, or the compiler failed (its output is in the message).
-  """
-  compiler = compiler or find_compiler()
-  if compiler is None:
-    raise BuildError('no C++ compiler found (set CXX, or install g++ or clang++)')
-  path = library_path(compiler)
-  if path.exists():
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Build beside the final name and rename, so concurrent processes never load a partial file.
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
-  os.close(fd)
-  try:
-    try:
-      result = subprocess.run(
-        _command(compiler, Path(tmp)),
-        capture_output=True,
-        text=True,
-        timeout=COMPILE_TIMEOUT_S,
-        check=False,
-      )
-    except (OSError, subprocess.TimeoutExpired) as error:
-      raise BuildError(f'{compiler} could not run: {error}') from error
-    if result.returncode != 0:
-      raise BuildError(f'{compiler} failed ({result.returncode}):\n{result.stderr[-2000:]}')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return path
+  variant: str | None  # 'avx2' or 'baseline'; None where it is not in use
+  missing: str | None  # why it is not installed or not loadable (for the warning); else None
 
 
 def _switched_off() -> bool:
   return os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'false', 'no', 'off')
 
 
-def _load_and_register() -> bool:
+def _load() -> _Kernel:
+  """Imports the installed extension module and registers its handler with ``jax.ffi``."""
+  if _switched_off():
+    return _Kernel(None, None)
   try:
-    library = ctypes.cdll.LoadLibrary(str(build()))
-    handler = getattr(library, SYMBOL)
-    variant = getattr(library, VARIANT_SYMBOL)
-  except (BuildError, OSError, AttributeError) as error:
-    warnings.warn(
-      f'grassmann_optax: the CPU kernel for column inner products is unavailable, so XLA '
-      f'computes them (slower on CPU, same results). Reason: {error}. Set {ENV_SWITCH}=0 to '
-      'skip the build and this warning.',
-      RuntimeWarning,
-      stacklevel=5,
-    )
-    return False
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform='cpu')
-  variant.restype = ctypes.c_char_p
-  _variant.append(variant().decode())
-  return True
+    module = importlib.import_module(MODULE)
+  except ImportError as error:
+    if isinstance(error, ModuleNotFoundError) and error.name == MODULE:
+      missing = (
+        'grassmann_optax was installed without it (no C++ compiler was found, or '
+        f'{ENV_BUILD}=0 was set)'
+      )
+    else:
+      missing = f'its module {MODULE} could not be imported ({error})'
+    return _Kernel(None, missing)
+  jax.ffi.register_ffi_target(TARGET, module.handler(), platform='cpu')
+  return _Kernel(module.variant(), None)
 
 
-_registration: list[bool] = []
-_variant: list[str] = []
+_loaded: list[_Kernel] = []
+_warned: list[bool] = []
 
 
-def _registered() -> bool:
-  """Builds, loads and registers the kernel once per process; False where that is impossible."""
-  if not _registration:
+def _kernel() -> _Kernel:
+  """Loads the kernel once per process."""
+  if not _loaded:
     with _lock:  # optimizers may be traced from several threads at once
-      if not _registration:
-        _registration.append(not _switched_off() and _load_and_register())
-  return _registration[0]
+      if not _loaded:
+        _loaded.append(_load())
+  return _loaded[0]
 
 
-def kernel_available() -> bool:
-  """True when the CPU kernel is built and registered and not switched off in this thread."""
-  return not getattr(_disabled_here, 'value', False) and _registered()
+def _use_kernel() -> bool:
+  """Whether functions traced now use the kernel; warns once where it is missing."""
+  if getattr(_disabled_here, 'value', False):
+    return False
+  kernel = _kernel()
+  if kernel.missing is not None and not _warned:
+    with _lock:
+      if not _warned:
+        _warned.append(True)
+        warnings.warn(
+          f'grassmann_optax: the CPU kernel for the per-point inner products is unavailable: '
+          f'{kernel.missing}. XLA computes them instead (the same results, slower on CPU). '
+          f'Reinstall grassmann_optax where a C++ compiler is found to build it, or set '
+          f'{ENV_SWITCH}=0 to use XLA without this warning.',
+          RuntimeWarning,
+          stacklevel=3,
+        )
+  return kernel.variant is not None
 
 
-def kernel_variant() -> str | None:
-  """The CPU kernel's instruction-set variant in this process (``'avx2'`` or ``'baseline'``).
+def available() -> bool:
+  """Whether the CPU kernel is installed and switched on for functions traced in this thread.
 
-  ``None`` where the kernel is unavailable or switched off (``GRASSMANN_OPTAX_CPU_KERNEL=0``).
-  Both variants return the same bits. Public as ``grassmann_optax.cpu_kernel_variant``.
+  False where the package was installed without it (no C++ compiler was found, or
+  ``GRASSMANN_OPTAX_BUILD_CPU_KERNEL=0`` was set), under ``GRASSMANN_OPTAX_CPU_KERNEL=0`` and inside
+  :func:`disabled`. Then XLA computes the inner products: the same results, slower on CPU. GPU and
+  TPU processes never use the kernel, whatever this says. Public as
+  ``grassmann_optax.cpu_kernel.available``.
 
   Example:
-    >>> import jax, grassmann_optax as go
-    >>> go.cpu_kernel_variant() in (None, 'avx2', 'baseline')
+    >>> import grassmann_optax as go
+    >>> with go.cpu_kernel.disabled():
+    ...   go.cpu_kernel.available()
+    False
+  """
+  return not getattr(_disabled_here, 'value', False) and _kernel().variant is not None
+
+
+def variant() -> str | None:
+  """The CPU kernel's instruction-set variant in this process (``'avx2'`` or ``'baseline'``).
+
+  ``None`` where the kernel is not installed or is switched off (``GRASSMANN_OPTAX_CPU_KERNEL=0``).
+  Both variants return the same bits. Public as ``grassmann_optax.cpu_kernel.variant``.
+
+  Example:
+    >>> import grassmann_optax as go
+    >>> go.cpu_kernel.variant() in (None, 'avx2', 'baseline')
     True
   """
-  return _variant[0] if _registered() else None
+  return _kernel().variant
 
 
 @contextlib.contextmanager
-def kernel_disabled() -> Iterator[None]:
+def disabled() -> Iterator[None]:
   """Functions traced inside this block use XLA's reductions instead of the CPU kernel.
 
   For comparing or timing the two; the results are the same up to float rounding. Public as
-  ``grassmann_optax.cpu_kernel_disabled``. It applies to tracing in the current thread: jit a
+  ``grassmann_optax.cpu_kernel.disabled``. It applies to tracing in the current thread: jit a
   function inside the block, and it keeps the XLA reductions wherever it is called.
 
   Example:
     >>> import jax, jax.numpy as jnp, grassmann_optax as go
     >>> w = go.unit_initializer()(jax.random.key(0), (27, 8))
     >>> tx = go.sgdg_manifold_update(0.2)
-    >>> with go.cpu_kernel_disabled():
+    >>> with go.cpu_kernel.disabled():
     ...   update = jax.jit(tx.update)
     ...   u, _ = update(jnp.ones_like(w), tx.init(w), w)
   """
@@ -448,10 +409,11 @@ def column_products(
   Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays are float32 of one shape
   with at least one axis, the layout is one the kernel reads (see :func:`kernel_layout`: the
   columns, rows, whole array, heads of a ``DenseGeneral`` kernel and stacks of those all are)
-  and the kernel is available; otherwise six XLA reductions. Callers pass ``allow_kernel=False``
+  and the kernel is installed and switched on (:func:`available`); otherwise six XLA reductions,
+  which give the same results up to float rounding. Callers pass ``allow_kernel=False``
   for arrays upcast from a narrower storage dtype, whose conversion XLA fuses into its own
   reductions but would have to write out for the kernel. Differentiable; runs per member under
-  ``vmap``; keeps ``jit`` shardings local.
+  ``vmap``; keeps ``jit`` shardings local. Public as ``grassmann_optax.cpu_kernel.column_products``.
 
   Raises:
     TypeError: a point axis is not an integer.
@@ -460,11 +422,11 @@ def column_products(
   Example:
     >>> import jax.numpy as jnp, grassmann_optax as go
     >>> w = jnp.eye(3)[:, :2]
-    >>> ww, wg, gg, wb, gb, bb = go.column_products(w, 2 * w, jnp.zeros_like(w))
+    >>> ww, wg, gg, wb, gb, bb = go.cpu_kernel.column_products(w, 2 * w, jnp.zeros_like(w))
     >>> ww.tolist(), wg.tolist(), bb.tolist()
     ([[1.0, 1.0]], [[2.0, 2.0]], [[0.0, 0.0]])
     >>> heads = jnp.ones((4, 3, 2))  # (embed, heads, head_dim): one point per head
-    >>> ww, *_ = go.column_products(heads, heads, heads, point_axes=(0, 2))
+    >>> ww, *_ = go.cpu_kernel.column_products(heads, heads, heads, point_axes=(0, 2))
     >>> ww.shape, ww.ravel().tolist()
     ((1, 3, 1), [8.0, 8.0, 8.0])
   """
@@ -475,9 +437,9 @@ def column_products(
     and w.ndim >= 1
     and all(x.dtype == jnp.float32 and x.shape == w.shape for x in arrays)
     and kernel_layout(w.shape, axes) is not None
-    # Only a CPU process builds the kernel: GPU and TPU users need no compiler and get no warning.
+    # Only a CPU process loads the kernel: GPU and TPU users get no warning where it is missing.
     and jax.default_backend() == 'cpu'
-    and kernel_available()
+    and _use_kernel()
   )
   if not usable:
     return _xla_products(w, g, b, axes)
