@@ -156,11 +156,15 @@ def format_report(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='smaller trees, fewer repeats')
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
   start = time.perf_counter()
   report = run(args.quick)
   report['seconds'] = time.perf_counter() - start

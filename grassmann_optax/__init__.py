@@ -44,6 +44,7 @@ __all__ = (
   'ScaleInvariance',
   'add_orthogonality_gradient',
   'adamg',
+  'cpu_kernel',
   'euclidean_sgd',
   'exp_map_update',
   'find_scale_invariant',

@@ -122,11 +122,11 @@ def test_training_commands_parse(command):
     flags.parse(argv)  # raises, naming the flag, for anything it would refuse
 
 
-@pytest.mark.parametrize('command', commands('train.benchmark'), ids=lambda c: c[1])
+@pytest.mark.parametrize('command', commands('benchmarks.update'), ids=lambda c: c[1])
 def test_benchmark_commands_parse(command):
-  from train import benchmark
+  from benchmarks import update
 
-  benchmark.parse_args(shlex.split(command[1])[3:])
+  update.parse_args(shlex.split(command[1])[3:])
 
 
 # Library calls in the documents' code: `go.name(...)` in Python blocks and in inline code, and

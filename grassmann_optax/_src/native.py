@@ -174,7 +174,7 @@ def disabled() -> Iterator[None]:
   Example:
     >>> import jax, jax.numpy as jnp, grassmann_optax as go
     >>> w = go.unit_initializer()(jax.random.key(0), (27, 8))
-    >>> tx = go.sgdg_manifold_update(0.2)
+    >>> tx = go.grassmann_sgd(0.2)
     >>> with go.cpu_kernel.disabled():
     ...   update = jax.jit(tx.update)
     ...   u, _ = update(jnp.ones_like(w), tx.init(w), w)

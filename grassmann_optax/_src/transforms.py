@@ -305,6 +305,7 @@ def project_params(
   *,
   point_axes: points.PointAxes = None,
   radius: ArrayLike | Any = None,
+  mesh_axes: Any = None,
 ) -> Any:
   """Maps the manifold leaves of ``params`` back onto their sphere: each point to ``R·unit(w)``.
 
@@ -335,7 +336,7 @@ def project_params(
   {{references}}
   """
   labels = labels_lib.resolve_labels(params, param_labels)
-  layouts = points.resolve(params, point_axes)
+  layouts = _layouts(params, point_axes, mesh_axes, 'project_params')
   if isinstance(radius, str):
     raise TypeError(
       f'project_params: radius={radius!r}; give None, a number, or the per-point radii that a '
@@ -351,7 +352,8 @@ def project_params(
     if label != labels_lib.GRASSMANN:
       return w
     w32 = manifold.upcast(w)
-    direction = manifold.safe_divide(w32, manifold.column_norm(w32, layout.point))
+    norm = manifold.column_norm(w32, layout.point, layout.point_mesh)
+    direction = manifold.safe_divide(w32, norm)
     if radius_leaves is not None:
       return (jnp.reshape(next(radius_leaves), layout.per_point_shape(w.shape)) * direction).astype(
         w.dtype

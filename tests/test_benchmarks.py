@@ -1,0 +1,63 @@
+"""The benchmarks' parameter trees and timing, on trees small enough for the suite.
+
+The figures themselves are not tested (speed targets live in the benchmarks' printed ratios, not
+in timed tests); what is tested is that the trees are the models they name, that every candidate
+compiles and runs on them, and that the report says whether each goal is met.
+"""
+
+import jax
+
+import grassmann_optax as go
+from benchmarks import common, update
+
+
+def count(shapes) -> int:
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_the_trees_are_the_models_they_name():
+  assert count(common.wide_resnet_shapes(28, 10)) == 36_479_194  # WRN-28-10 on 10 classes
+  labels = go.grassmann_labels(common.wide_resnet_shapes(28, 10))
+  assert sum(label == go.GRASSMANN for label in jax.tree.leaves(labels)) == 24
+  gpt = common.gpt2_shapes()
+  assert count(gpt) == 124_439_808  # GPT-2 small with its position table
+  labels, axes = common.gpt2_groups(gpt)
+  assert axes['wte'] == (1,) and axes['h0']['query']['kernel'] == (0, 2)
+  assert labels['h0']['ln_1']['scale'] == go.EUCLIDEAN
+  assert len(common.many_leaves_shapes(500)) == 500
+
+
+def test_every_candidate_runs_and_the_report_states_the_goals():
+  shapes = common.wide_resnet_shapes(10, 1)
+  labels = go.grassmann_labels(shapes)
+  candidates = {
+    name: make
+    for name, make in update.wide_resnet_candidates().items()
+    if name in ('optax.adam', 'adamg ω=0', 'README chain ω=0')
+  }
+  ratios = {
+    name: spec for name, spec in update.WIDE_RESNET_RATIOS.items() if name.startswith('README')
+  }
+  ratios = {name: spec for name, spec in ratios.items() if spec[1] in candidates}
+  result = update.section(shapes, labels, None, candidates, ratios, repeats=2, sample_s=0.01)
+  assert set(result['ms']) == set(candidates) and all(ms > 0 for ms in result['ms'].values())
+  chain = result['ratios']['README chain / adamg']
+  assert chain['low'] <= chain['ratio'] <= chain['high'] and chain['goal'] == 1.15
+  result['state'] = update.state_sizes(shapes, labels, None, candidates)
+  assert abs(result['state']['optax.adam'] - 2) < 1e-3 and result['state']['adamg ω=0'] < 1.02
+  text = update.format_report({'machine': common.machine(), 'WRN-10-1': result})
+  assert 'README chain / adamg' in text and ('met' in text or 'NOT MET' in text)
+
+
+def test_the_readme_chain_of_the_benchmark_is_the_alias():
+  """The benchmark's README chain and ``adamg`` compute the same update (ω = 0)."""
+  shapes = common.wide_resnet_shapes(10, 1)
+  labels = go.grassmann_labels(shapes)
+  params = common.parameters(shapes, labels)
+  grads = common.gradients(params)
+  chain = update.readme_chain(0.0)
+  alias = go.adamg(update.LR, update.LR_G_ADAM, omega=0, weight_decay=None)
+  u_chain, _ = chain.update(grads, chain.init(params), params)
+  u_alias, _ = alias.update(grads, alias.init(params), params)
+  differences = jax.tree.map(lambda a, b: float(abs(a - b).max()), u_chain, u_alias)
+  assert max(jax.tree.leaves(differences)) < 1e-6

@@ -1,0 +1,132 @@
+"""Leaves split across devices: ``shard_map`` with ``mesh_axes``, and ``jit`` over sharded leaves.
+
+The two-device tests run in the suite's process (conftest.py gives JAX two fake CPU devices);
+the 2 x 4 mesh runs in a process of its own (tests/shard_map_checks.py).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import grassmann_optax as go
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = {'w': 'grassmann', 'b': 'euclidean'}
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  assert jax.device_count() >= 2, 'conftest.py must start JAX with 2 fake CPU devices'
+  return Mesh(np.array(jax.devices()[:2]), ('model',))
+
+
+def params_and_grads(n=48, p=24):
+  params = {'w': go.unit_initializer()(jax.random.key(0), (n, p)), 'b': jnp.zeros(p)}
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+  return params, grads
+
+
+def test_both_aliases_inside_shard_map_equal_one_device_on_a_2_by_4_mesh():
+  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run(
+    [sys.executable, '-m', 'tests.shard_map_checks'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  differences = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(differences) == 8
+  for case, difference in differences.items():
+    assert difference <= 1e-5, (case, difference)
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_a_split_leaf_without_mesh_axes_is_refused_naming_the_argument(mesh, name):
+  params, grads = params_and_grads()
+  tx = getattr(go, name)(0.01, 0.1, param_labels=LABELS)
+  state = tx.init(params)
+  specs = {'w': P('model', None), 'b': P()}
+  state_specs = jax.tree.map(lambda x: P('model', None) if x.shape == (48, 24) else P(), state)
+
+  def step(params, state, grads):
+    return tx.update(grads, state, params)
+
+  sharded = jax.shard_map(
+    step, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=(specs, state_specs)
+  )
+  with pytest.raises(ValueError, match=r"'w'.*mesh axes \['model'\].*mesh_axes="):
+    sharded(params, state, grads)
+
+
+@pytest.mark.parametrize('spec', [P('model', None), P(None, 'model')], ids=['rows', 'columns'])
+def test_jit_over_a_sharded_leaf_all_reduces_a_gram_and_gathers_no_leaf(mesh, spec):
+  params, grads = params_and_grads()
+  sharding = {'w': NamedSharding(mesh, spec), 'b': NamedSharding(mesh, P())}
+  params_s, grads_s = jax.device_put(params, sharding), jax.device_put(grads, sharding)
+  tx = go.sgdg(0.01, 0.2, omega=0.1, param_labels=LABELS)
+  state = jax.jit(tx.init)(params_s)
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  text = step.lower(params_s, state, grads_s).compile().as_text()
+  gathered = re.findall(r'= f32\[([\d,]*)\][^ ]* all-gather\(', text)
+  reduced = re.findall(r'= f32\[([\d,]*)\][^ ]* all-reduce\(', text)
+  assert gathered == [], gathered
+  gram = '1,24,24' if spec == P('model', None) else '1,48,48'
+  assert gram in reduced, reduced
+  sharded, _ = step(params_s, state, grads_s)
+  expected, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(sharded['w'], expected['w'], atol=1e-6)
+
+
+def test_the_standalone_pieces_take_mesh_axes_too(mesh):
+  """Riemannian SGD from the pieces on a leaf split by rows equals one device."""
+  params, grads = params_and_grads()
+  w, g = params['w'], grads['w']
+
+  def riemannian_sgd(**kw):
+    return optax.chain(
+      go.project_to_tangent(**kw),
+      go.grassmann_clip(0.1, **kw),
+      optax.scale_by_learning_rate(0.5),
+      go.exp_map_update(**kw),
+    )
+
+  plain = riemannian_sgd()
+  expected, _ = plain.update(g, plain.init(w), w)
+  tx = riemannian_sgd(mesh_axes=P('model', None))
+  split = jax.shard_map(
+    lambda g, w: tx.update(g, tx.init(w), w)[0],
+    mesh=mesh,
+    in_specs=(P('model', None),) * 2,
+    out_specs=P('model', None),
+  )
+  np.testing.assert_allclose(split(g, w), expected, atol=1e-6)
+  back = jax.shard_map(
+    lambda w: go.project_params({'w': w}, {'w': 'grassmann'}, mesh_axes=P('model', None))['w'],
+    mesh=mesh,
+    in_specs=P('model', None),
+    out_specs=P('model', None),
+  )(3 * w)
+  np.testing.assert_allclose(jnp.linalg.norm(back, axis=0), 1, rtol=1e-6)
+
+
+def test_mesh_axes_that_are_no_partition_spec_are_refused():
+  with pytest.raises(TypeError, match='mesh_axes'):
+    go.adamg(0.01, 0.05, mesh_axes=3)
+  with pytest.raises(TypeError, match=r"entry 'model' for 'w'"):
+    go.grassmann_sgd(0.1, mesh_axes={'w': 'model'})
