@@ -219,6 +219,7 @@ class _Part(NamedTuple):
     if len(self.members) == 1:
       out[self.members[0]] = value
     else:
+      value = tuning.materialized(value)
       for j, i in enumerate(self.members):
         out[i] = value[j]
 

@@ -106,6 +106,17 @@ def per_point(*coefficients: jax.Array) -> jax.Array:
   return jnp.sum(jnp.stack([gathered, jnp.zeros_like(gathered)]), axis=0)
 
 
+def materialized(x: jax.Array) -> jax.Array:
+  """``x``, computed once as a whole before its slices are taken (for a stack of leaves).
+
+  Otherwise XLA fuses the computation of a stacked result into each slice that reads it and
+  evaluates the whole stack again for every leaf: quadratic work and compile time in the number
+  of leaves (500 leaves: 12x the compile time of ``optax.adamw``). The same trivial reduction as
+  :func:`per_point` is the fusion boundary.
+  """
+  return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0)
+
+
 def use_cpu_kernel() -> bool:
   """Whether the inner products may come from the CPU kernel (where it is installed)."""
   return enabled()
