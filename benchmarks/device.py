@@ -1,7 +1,7 @@
 """Training speed on whatever accelerator is present: images per second, and the update alone.
 
-  python -m benchmarks.device                 # WRN-28-10 at batch 128, every layout, SGD/SGD-G/Adam-G
-  python -m benchmarks.device --quick         # WRN-10-1 at batch 16 (a check that it runs)
+  python -m benchmarks.device           # WRN-28-10 at batch 128, each layout and optimizer
+  python -m benchmarks.device --quick   # WRN-10-1 at batch 16 (a check that it runs)
 
 For each optimizer (the paper's SGD baseline, SGD-G and Adam-G with their CIFAR recipes, ω = 0.1)
 and each layout of the training program (``pmap``: the state replicated, the batch split over the
