@@ -25,8 +25,17 @@ from train import config as config_lib
 from train import parallel as parallel_lib
 from train import train as train_lib
 
-RECIPES = {  # the paper's CIFAR recipes (learnRate, learnRateG)
-  'sgd': dict(optimizer='sgd', grassmann=False, learnRate=0.1, weightDecay=5e-4, biasDecay=5e-4),
+DECAY = 5e-4
+RECIPES = {  # the paper's CIFAR recipes
+  'sgd': dict(
+    optimizer='sgd',
+    grassmann=False,
+    learnRate=0.1,
+    weightDecay=DECAY,
+    biasDecay=DECAY,
+    gammaDecay=DECAY,
+    betaDecay=DECAY,
+  ),
   'sgdg': dict(optimizer='sgdg', grassmann=True, learnRate=0.01, learnRateG=0.2, omega=0.1),
   'adamg': dict(optimizer='adamg', grassmann=True, learnRate=0.01, learnRateG=0.05, omega=0.1),
 }
@@ -45,12 +54,12 @@ def training_step(name: str, parallel: str, depth: int, width: int, batch: int, 
     widen_factor=width,
     keep_prob=0.7,
     grad_clip=0.1,
-    weightDecay=5e-4,
+    weightDecay=DECAY,
     batch_size=batch,
     parallel=parallel,
     num_devices=len(devices),
     data='cifar10',
-    **RECIPES[name],
+    **{key: value for key, value in RECIPES[name].items() if key != 'weightDecay'},
   )
   model = train_lib.create_model(config, num_classes=10)
   shapes = train_lib.parameter_shapes(model, (1, *IMAGE_SHAPE))
@@ -125,8 +134,8 @@ def format_report(report: dict) -> str:
   for title, result in report.items():
     if not isinstance(result, dict) or title == 'machine':
       continue
-    lines += ['', title]
     if 'images_per_s' in result:
+      lines += ['', f'{title}: global batch {result["batch"]} on {result["devices"]} device(s)']
       for key, value in result['images_per_s'].items():
         lines.append(
           f'  {key:<18} {value:10.1f} images/s   compile {result["compile_s"][key]:.1f} s'
@@ -138,7 +147,7 @@ def format_report(report: dict) -> str:
     else:
       from benchmarks import update
 
-      lines += update.format_report({'machine': report['machine'], title: result}).split('\n')[2:]
+      lines += update.format_report({'machine': report['machine'], title: result}).split('\n')[1:]
   return '\n'.join(lines)
 
 

@@ -61,3 +61,29 @@ def test_the_readme_chain_of_the_benchmark_is_the_alias():
   u_alias, _ = alias.update(grads, alias.init(params), params)
   differences = jax.tree.map(lambda a, b: float(abs(a - b).max()), u_chain, u_alias)
   assert max(jax.tree.leaves(differences)) < 1e-6
+
+
+def test_the_device_report_names_every_layout_and_optimizer():
+  from benchmarks import device
+
+  layouts = device.layouts()
+  assert {'pmap', 'sharded'} <= set(layouts)
+  times = {
+    f'{name}, {parallel}': {'median': 0.1 * (i + 1), 'samples': [0.1 * (i + 1)] * 2}
+    for i, name in enumerate(device.RECIPES)
+    for parallel in layouts
+  }
+  section = {
+    'batch': 128,
+    'devices': 1,
+    'images_per_s': {key: 128 / t['median'] for key, t in times.items()},
+    'compile_s': {key: 1.0 for key in times},
+    'ratios': {
+      f'{name} / sgd, {p}': common.ratio(times, f'{name}, {p}', f'sgd, {p}')
+      for p in layouts
+      for name in ('sgdg', 'adamg')
+    },
+  }
+  text = device.format_report({'machine': common.machine(), 'training step, WRN-28-10': section})
+  assert 'adamg, pmap' in text and 'images/s' in text and 'adamg / sgd, sharded' in text
+  assert device.parse_args(['--quick']).quick
