@@ -244,7 +244,7 @@ def _parts(layouts, g_leaves, x_leaves, w_leaves) -> list[_Part]:
         manifold.upcast(jnp.stack([tree[i] for i in members]))
         for tree in (w_leaves, g_leaves, x_leaves)
       ]
-      layout = points.Layout(
+      layout = layouts[first]._replace(
         point=tuple(a + 1 for a in layouts[first].point),
         batch=(0, *(a + 1 for a in layouts[first].batch)),
       )
