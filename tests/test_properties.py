@@ -357,3 +357,29 @@ def test_projection_and_clipping_as_pieces_equal_the_step_doing_them(name, omega
       params[route] = optax.apply_updates(params[route], updates)
   assert float(jnp.abs(params['step'] - w).max()) > 0.1
   chex.assert_trees_all_close(params['step'], params['pieces'], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_many_equal_small_leaves_step_as_each_leaf_alone(name):
+  """Small leaves of one shape are stacked into one array for speed (tuning); the steps equal
+  those of each leaf alone, with the tuning switched off."""
+  from grassmann_optax._src import tuning
+
+  keys = jax.random.split(jax.random.key(20), 12)
+  params = {f'leaf{i}': random_columns(k, (9, 4)) for i, k in enumerate(keys)}
+  params['other'] = random_columns(jax.random.key(21), (3, 3, 2, 5))
+  tx = manifold_chain(name, omega=0.1)
+
+  def run(params):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for k in range(4):
+      grads = jax.tree.map(lambda p, k=k: jnp.cos(p * (k + 1)) + 0.1 * k, params)
+      updates, state = step(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  stacked = run(params)
+  with tuning.disabled():
+    alone = run(params)
+  chex.assert_trees_all_close(stacked, alone, atol=2e-6, rtol=0)
