@@ -101,7 +101,12 @@ def checkpoint_manager(
   )
   handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
   with _plain_path(os.path.abspath(directory)) as path:
-    manager = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+    try:
+      manager = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+    except OSError as error:
+      raise NoIntactCheckpointError(
+        f'cannot read the checkpoints in {directory} ({workdir.reason(error)})'
+      ) from error
     try:
       yield manager
     finally:

@@ -343,10 +343,11 @@ def validate(config: Config) -> None:
       f'that a resumed run compares; choose among {", ".join(TRAINING_FIELDS)}'
     )
   _check(
-    config.process_id is None or (_is_int(config.process_id) and config.process_id >= 0),
+    config.process_id is None
+    or (_is_int(config.process_id) and 0 <= config.process_id <= INT32_MAX),
     'process_id',
     config.process_id,
-    'must be >= 0 or None',
+    f'must be an integer in [0, {INT32_MAX}], or None',
   )
   if config.process_id is not None and config.num_processes is not None:
     _check(

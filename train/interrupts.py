@@ -85,6 +85,5 @@ def _end_on_second_signal(read_end: int) -> None:
       if signum in SIGNALS:
         received += 1
         if received >= 2:
-          name = signal.Signals(signum).name
-          os.write(2, f'stopped by a second {name}, at once and without saving\n'.encode())
+          os.write(2, b'stopped at once by a second signal, without saving\n')
           os._exit(128 + signum)

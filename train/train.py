@@ -434,10 +434,7 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
         if found is not None:
           raise diverged(found[0], f'training loss={found[1]}')
         if save or signum or pending:
-          host_state = checkpoint_payload(parallel.get_state(state))
-          non_finite = non_finite_arrays(host_state)
-          if non_finite:
-            raise diverged(done, f'non-finite {non_finite} after it')
+          host_state = _finite_host_state(parallel, state, done, diverged)
         if pending:
           checkpoints.save(manager, *pending, saved_config)
           pending = None
@@ -523,6 +520,15 @@ def non_finite_arrays(state: Mapping[str, Any]) -> str:
     )
   ]
   return ', '.join(parts)
+
+
+def _finite_host_state(parallel, state: TrainState, step: int, diverged) -> dict[str, Any]:
+  """The host copy of what a checkpoint of ``state`` holds; raises ``diverged`` if not finite."""
+  host_state = checkpoint_payload(parallel.get_state(state))
+  non_finite = non_finite_arrays(host_state)
+  if non_finite:
+    raise diverged(step, f'non-finite {non_finite} after it')
+  return host_state
 
 
 def _diverged(config: Config, manager, step: int, what: str) -> TrainingDivergedError:

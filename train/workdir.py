@@ -95,7 +95,7 @@ def check_directory(path: str) -> None:
       f'{path} is in the way: the run keeps its checkpoints there but it is not a directory; '
       'move it away or choose another --train_path'
     )
-  if not os.access(path, os.W_OK | os.X_OK):
+  if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
     raise config_lib.ConfigError(
       f'cannot write {path} (read-only or not permitted); make it writable or choose another '
       '--train_path'
