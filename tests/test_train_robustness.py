@@ -1,11 +1,12 @@
-"""How runs end when something goes wrong: a busy or unwritable run directory, damaged
-checkpoints, a diverging loss, SIGINT and SIGTERM.
+"""How runs end when something goes wrong: a busy or unwritable run directory, a save cut short,
+a checkpoint of another state layout, an unreadable checkpoint given to ``--task=test``, SIGINT
+and SIGTERM. The faults of long runs (divergence, changed settings, damaged files, failed writes,
+odd paths, two processes) are in ``test_faults.py``.
 
 Each test checks what a user sees (exit status, one line on stderr, no traceback) and what stays
 on disk. Runs are tiny (WRN-10-1 on digits, batches of 8).
 """
 
-import json
 import os
 import shutil
 import signal
@@ -21,10 +22,12 @@ from tests.train_helpers import (
   TINY,
   assert_trees_close,
   checkpoint_steps,
+  compilation_cache,
   directory_snapshot,
   final_state,
   program,
   run_main,
+  shared_run,
 )
 from train import checkpoints
 from train import config as config_lib
@@ -33,20 +36,22 @@ SAVE_EVERY_STEP = [*TINY, '--save_freq=1', '--max_to_keep=3', '--report_freq=1']
 SUBPROCESS_TIMEOUT_S = 120
 
 
-@pytest.fixture(scope='module')
-def three_steps(tmp_path_factory):
-  """A run with checkpoints at steps 1, 2 and 3."""
-  path = tmp_path_factory.mktemp('three_steps')
-  assert run_main([*SAVE_EVERY_STEP, '--max_steps=3', f'--train_path={path}']) == 0
-  return path
+@pytest.fixture(scope='module', autouse=True)
+def _compilation_cache():
+  with compilation_cache():
+    yield
 
 
 @pytest.fixture(scope='module')
-def four_steps(tmp_path_factory):
+def three_steps():
+  """A run with checkpoints at steps 1, 2 and 3 (shared; copy it to change it)."""
+  return shared_run(*SAVE_EVERY_STEP, '--max_steps=3')
+
+
+@pytest.fixture(scope='module')
+def four_steps():
   """The same run straight to step 4: what every resumed run must equal bit for bit."""
-  path = tmp_path_factory.mktemp('four_steps')
-  assert run_main([*SAVE_EVERY_STEP, '--max_steps=4', f'--train_path={path}']) == 0
-  return final_state(path)
+  return final_state(shared_run(*SAVE_EVERY_STEP, '--max_steps=4'))
 
 
 def _copy(run, tmp_path):
@@ -122,7 +127,7 @@ def test_unwritable_run_directory_is_found_before_training(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Damaged checkpoints.
+# Checkpoints.
 
 
 def _truncate_arrays(step_dir):
@@ -131,52 +136,6 @@ def _truncate_arrays(step_dir):
       if os.path.basename(root) == 'd':
         path = os.path.join(root, name)
         os.truncate(path, os.path.getsize(path) // 2)
-
-
-DAMAGE = {
-  'truncated arrays': _truncate_arrays,
-  'no array metadata': lambda step_dir: os.remove(step_dir / 'state' / '_METADATA'),
-  'no state': lambda step_dir: shutil.rmtree(step_dir / 'state'),
-  'unreadable config': lambda step_dir: (step_dir / 'config' / 'metadata').write_text('{'),
-}
-
-
-@pytest.mark.parametrize('damage', list(DAMAGE))
-def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(
-  tmp_path, three_steps, four_steps, capsys, damage
-):
-  run = _copy(three_steps, tmp_path)
-  DAMAGE[damage](run / 'checkpoints' / '3')
-  code, out, err = run_main([*SAVE_EVERY_STEP, '--max_steps=4', f'--train_path={run}'], capsys)
-  assert code == 0, err
-  assert 'Traceback' not in err and 'Event loop is closed' not in err
-  warnings = [line for line in err.splitlines() if 'is damaged' in line]
-  assert len(warnings) == 1, err
-  assert warnings[0].startswith(f'warning: checkpoint {run}/checkpoints/3 is damaged')
-  moved = os.listdir(run / 'checkpoints.damaged')
-  assert len(moved) == 1 and moved[0].startswith('3-')
-  assert f'moved to {run}/checkpoints.damaged/{moved[0]}' in warnings[0]
-  # Kept as it was; not counted toward --max_to_keep=3 (step 2 survives); step 3 saved anew.
-  assert 'commit_success.txt' in os.listdir(run / 'checkpoints.damaged' / moved[0])
-  assert checkpoint_steps(run) == [2, 3, 4]
-  assert_trees_close(final_state(run), four_steps, rtol=0, atol=0)
-  assert out.strip().splitlines()[-1].endswith('steps=4')
-
-
-def test_no_intact_checkpoint_is_its_own_error(tmp_path, three_steps, capsys):
-  run = _copy(three_steps, tmp_path)
-  for step in (1, 2, 3):
-    shutil.rmtree(run / 'checkpoints' / str(step) / 'config')
-  code, out, err = run_main([*SAVE_EVERY_STEP, '--max_steps=4', f'--train_path={run}'], capsys)
-  assert code == 4 and not out
-  line = _one_error_line(err)
-  assert line.startswith(f'error: no intact checkpoint in {run}/checkpoints (damaged: step 3, 2, 1')
-  assert 'run again to start from step 0' in line
-  assert len(os.listdir(run / 'checkpoints.damaged')) == 3
-  assert checkpoint_steps(run) == []
-  # As it says: the next start trains from step 0.
-  assert run_main([*SAVE_EVERY_STEP, '--max_steps=1', f'--train_path={run}']) == 0
-  assert checkpoint_steps(run) == [1]
 
 
 def test_interrupted_save_leaves_no_trace(tmp_path, three_steps, four_steps):
@@ -191,51 +150,32 @@ def test_interrupted_save_leaves_no_trace(tmp_path, three_steps, four_steps):
 
 
 def test_checkpoint_of_another_state_layout_is_not_damaged(tmp_path):
-  """An intact checkpoint that another version of the program wrote is refused, not moved."""
+  """An intact checkpoint whose arrays differ from the state's is refused, not moved; one that
+  differs only where a state holds no arrays (an optimizer step that keeps none) restores."""
   directory = str(tmp_path / 'checkpoints')
   with checkpoints.checkpoint_manager(directory, max_to_keep=1) as manager:
-    checkpoints.save(manager, 1, {'a': np.ones(3), 'b': np.zeros(2)}, {'depth': 10})
+    saved = {'a': np.ones(3), 'b': np.zeros(2), 'c': [(), {'d': np.arange(2)}]}
+    checkpoints.save(manager, 1, saved, {'depth': 10})
   with checkpoints.checkpoint_manager(directory, max_to_keep=1) as manager:
-    with pytest.raises(checkpoints.IncompatibleCheckpointError, match='1 differ, e.g. b') as error:
-      checkpoints.restore(manager, {'a': np.ones(3)}, lambda saved: None, move_damaged=True)
+    with pytest.raises(
+      checkpoints.IncompatibleCheckpointError, match=r'\(1 differ, e.g. b \(2,\)'
+    ) as error:
+      checkpoints.restore(
+        manager,
+        {'a': np.ones(3), 'c': [None, {'d': np.arange(2)}]},
+        lambda saved: [],
+        move_damaged=True,
+      )
     assert isinstance(error.value, config_lib.ConfigError)
+    assert 'another version of the program wrote it' in str(error.value)
     assert manager.all_steps() == [1]
+    target = {'a': np.ones(3), 'b': np.ones(2), 'c': [{}, {'d': np.ones(2, int)}]}
     step, restored, settings = checkpoints.restore(
-      manager, {'a': np.ones(3), 'b': np.ones(2)}, lambda saved: None, move_damaged=True
+      manager, target, lambda saved: [], move_damaged=True
     )
-  assert step == 1 and restored['b'].tolist() == [0.0, 0.0] and settings == {'depth': 10}
-
-
-# ---------------------------------------------------------------------------------------------
-# Divergence.
-
-
-@pytest.mark.parametrize(('save_freq', 'kept'), [(2, [2]), (100, [])])
-def test_divergence_stops_the_run_at_the_step_and_keeps_the_last_good_checkpoint(
-  tmp_path, capsys, save_freq, kept
-):
-  """SGD at a rate of 1e10 overflows at step 3; its loss is read at the next report or save."""
-  code, out, err = run_main(
-    [
-      *TINY,
-      '--optimizer=sgd',
-      '--learnRate=1e10',
-      '--num_devices=1',
-      '--max_steps=20',
-      '--report_freq=5',
-      f'--save_freq={save_freq}',
-      f'--train_path={tmp_path}',
-    ],
-    capsys,
-  )
-  assert code == 3 and not out
-  line = _one_error_line(err)
-  assert line.startswith('error: training diverged at step 3 (loss=nan)'), err
-  assert (f'the newest checkpoint is step {kept[0]}' if kept else 'no checkpoint') in line
-  assert checkpoint_steps(tmp_path) == kept
-  assert not (tmp_path / 'summary.json').exists()
-  for record in (tmp_path / 'metrics.jsonl').read_text().splitlines():
-    assert all(np.isfinite(v) for v in json.loads(record).values() if isinstance(v, float))
+  assert step == 1 and settings == {'depth': 10}
+  assert restored['b'].tolist() == [0.0, 0.0] and restored['c'][1]['d'].tolist() == [0, 1]
+  assert restored['c'][0] == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,12 +220,14 @@ def test_evaluating_a_damaged_checkpoint_moves_nothing(tmp_path, three_steps, ca
   _truncate_arrays(run / 'checkpoints' / '3')
   code, out, err = run_main(['--task=test', f'--load={run}/checkpoints/3', '--verbose=0'], capsys)
   assert code == 4 and not out
-  assert f'warning: checkpoint {run}/checkpoints/3 is damaged' in err
+  assert f'warning: checkpoint {run}/checkpoints/3 is damaged: state/' in err
   line = _one_error_line(err)
-  assert line.startswith(f'error: no intact checkpoint in {run}/checkpoints (damaged: step 3)')
-  assert line.endswith('choose another --load')
+  assert line == (
+    f'error: no intact checkpoint in {run}/checkpoints (tried step 3, each reported above); '
+    'nothing was moved or deleted; choose another --load'
+  )
   # A run directory: its newest intact checkpoint, step 2.
   code, out, err = run_main(['--task=test', f'--load={run}', '--verbose=0'], capsys)
   assert code == 0 and out.strip().splitlines()[-1].endswith('steps=2')
-  assert f'warning: checkpoint {run}/checkpoints/3 is damaged' in err
+  assert f'warning: checkpoint {run}/checkpoints/3 is damaged: state/' in err
   assert checkpoint_steps(run) == [1, 2, 3] and not (run / 'checkpoints.damaged').exists()

@@ -1,10 +1,15 @@
 """Shared helpers of the training program's tests: tiny runs, subprocesses, prepared datasets."""
 
+import atexit
 import contextlib
+import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +21,24 @@ from train.__main__ import main
 TINY = ['--depth=10', '--widen_factor=1', '--batch_size=8', '--vali_batch_size=150', '--verbose=0']
 FINAL_LINE = re.compile(r'^final: test_error=(\S+) test_loss=(\S+) steps=(\d+)$')
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the test session shares: a persistent compilation cache, with which the program's
+# subprocesses (and the tests that ask for it, :func:`compilation_cache`) compile each function
+# once and load it afterwards, and the runs of :func:`shared_run`.
+_SESSION = tempfile.mkdtemp(prefix='grassmann-tests-')
+atexit.register(shutil.rmtree, _SESSION, ignore_errors=True)
+COMPILATION_CACHE = os.path.join(_SESSION, 'jax-cache')
+
+
+@functools.cache
+def shared_run(*argv):
+  """The directory of a finished run of ``argv``, run once per test session; copy it to change it.
+
+  Test modules that start from the same run share it instead of training it again.
+  """
+  path = Path(tempfile.mkdtemp(prefix='run-', dir=_SESSION))
+  with compilation_cache():
+    assert run_main([*argv, f'--train_path={path}']) == 0
+  return path
 
 
 def run_main(argv, capsys=None):
@@ -33,6 +56,8 @@ def final_state(path):
 
 
 def checkpoint_steps(run_dir):
+  if not (run_dir / 'checkpoints').is_dir():
+    return []
   with checkpoints.checkpoint_manager(str(run_dir / 'checkpoints')) as manager:
     return list(manager.all_steps())
 
@@ -55,12 +80,20 @@ def directory_snapshot(path, exclude=()):
   return snapshot
 
 
-def program(*argv, env=None, **kwargs):
-  """``python -m train argv`` as a subprocess of the repository's code (a Popen)."""
+def program(*argv, env=None, prefix=(), **kwargs):
+  """``python -m train argv`` as a subprocess of the repository's code (a Popen).
+
+  It uses the session's persistent compilation cache; ``prefix`` goes before the command (such
+  as :func:`unprivileged`).
+  """
+  cache = {
+    'JAX_COMPILATION_CACHE_DIR': COMPILATION_CACHE,
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+  }
   return subprocess.Popen(
-    [sys.executable, '-m', 'train', *map(str, argv)],
+    [*prefix, sys.executable, '-m', 'train', *map(str, argv)],
     cwd=REPOSITORY,
-    env={**os.environ, **(env or {})},
+    env={**os.environ, **cache, **(env or {})},
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -83,3 +116,38 @@ def prepared_tfds(data_dir, name, num_examples):
   builder.info.write_to_directory(builder.data_path)
   with tfds.testing.mock_data(num_examples=num_examples, data_dir=str(data_dir)):
     yield str(data_dir)
+
+
+@contextlib.contextmanager
+def compilation_cache():
+  """This process's compilations go through the session's persistent cache inside the block.
+
+  Each run of the program builds its compiled steps afresh; with the cache, runs of one shape
+  after the first load them instead of compiling them again.
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cache
+
+  previous = {
+    name: getattr(jax.config, name)
+    for name in ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+  }
+  jax.config.update('jax_compilation_cache_dir', COMPILATION_CACHE)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    cache.reset_cache()
+
+
+def unprivileged():
+  """A command prefix under which permission bits bind this user, or None if there is none.
+
+  Root writes into a read-only folder anyway; ``setpriv`` takes that power away for one command.
+  """
+  if os.geteuid() != 0:
+    return []
+  setpriv = shutil.which('setpriv')
+  return [setpriv, '--bounding-set=-dac_override,-dac_read_search'] if setpriv else None

@@ -29,6 +29,7 @@ EXIT_CODES = (
   (train_lib.TrainingDivergedError, 3),
   (checkpoints.NoIntactCheckpointError, 4),
   (workdir.RunDirectoryBusyError, 5),
+  (workdir.WriteError, 6),  # a checkpoint or metrics file could not be written mid-run
 )
 
 

@@ -19,7 +19,15 @@ so the choices of ``--data`` and ``--model``) are theirs.
 
 An explicit setting always wins. :func:`get_config` builds a checked :class:`Config` from keyword
 arguments (the command line in ``train/flags.py`` calls it too); every value is checked before any
-work starts, and a bad one raises :class:`ConfigError` naming the flag.
+work starts, and a bad one raises :class:`ConfigError` naming the flag. The ranges include what
+the program's arrays can hold: real settings are float32 on the device, the step counter and the
+schedule's boundaries int32, the seed 32 bits.
+
+A resumed run compares its settings with those stored in the checkpoint (:func:`check_resume`):
+another network is refused (:func:`check_architecture`); a changed setting that shapes training
+(a learning rate, a decay, the batch size ...) must be named in ``--allow_changed``; the settings
+that only say how the run proceeds (how often it reports, where it writes, on which devices) may
+change freely.
 
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
@@ -29,6 +37,8 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
+
 from train import input_pipeline, models
 
 OPTIMIZERS = ('sgd', 'sgdg', 'adamg')
@@ -36,6 +46,11 @@ DATASETS = tuple(input_pipeline.DATASETS)
 MODELS = tuple(models.MODELS)
 PARALLEL = ('pmap', 'sharded')
 TASKS = ('train', 'test')
+
+
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1  # jax.random.key keeps 32 bits of the seed
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ConfigError(ValueError):
@@ -93,6 +108,7 @@ class Config:
   train_dir: str = './logs/'
   train_path: str | None = None
   load: str | None = None
+  allow_changed: tuple[str, ...] = ()
   max_to_keep: int = 1
   verbose: bool = True
   # Devices.
@@ -164,6 +180,7 @@ def get_config(**overrides: Any) -> Config:
   _check_choice('model', model, MODELS)
   values = {**RECIPES[(data, optimizer)], **MODEL_RECIPES.get(model, {}), **overrides}
   values['decay_epochs'] = tuple(values.get('decay_epochs') or ())
+  values['allow_changed'] = tuple(values.get('allow_changed') or ())
   config = Config(**values, explicit=tuple(sorted(overrides)))
   validate(config)
   return config
@@ -187,6 +204,16 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_float32(value: Any) -> bool:
+  """A finite number that float32 holds as a finite number too."""
+  return _is_number(value) and abs(value) <= FLOAT32_MAX
+
+
+def _float32(value: float) -> float:
+  """``value`` as the device sees it: rounded to float32."""
+  return float(np.float32(value))
+
+
 def validate(config: Config) -> None:
   """Raises :class:`ConfigError` for the first setting out of range, naming its flag."""
   for name, choices in (('task', TASKS), ('parallel', PARALLEL)):
@@ -203,36 +230,72 @@ def validate(config: Config) -> None:
     'padding_size': 0,
     'widen_factor': 1,
     'depth': 10,
-    'seed': 0,
   }
   for name, low in at_least.items():
     value = getattr(config, name)
-    _check(_is_int(value) and value >= low, name, value, f'must be an integer >= {low}')
+    _check(
+      _is_int(value) and low <= value <= INT32_MAX,
+      name,
+      value,
+      f'must be an integer in [{low}, {INT32_MAX}]',
+    )
+  _check(
+    _is_int(config.seed) and 0 <= config.seed <= SEED_MAX,
+    'seed',
+    config.seed,
+    f'must be an integer in [0, {SEED_MAX}] (JAX keeps 32 bits of a seed)',
+  )
   for name in ('max_steps', 'num_devices', 'num_processes'):
     value = getattr(config, name)
-    _check(value is None or (_is_int(value) and value >= 1), name, value, 'must be >= 1 or None')
+    _check(
+      value is None or (_is_int(value) and 1 <= value <= INT32_MAX),
+      name,
+      value,
+      f'must be an integer in [1, {INT32_MAX}], or None',
+    )
   _check((config.depth - 4) % 6 == 0, 'depth', config.depth, 'must be 6N+4 (10, 16, 22, 28, ...)')
-  _check(_is_number(config.epochs) and config.epochs > 0, 'epochs', config.epochs, 'must be > 0')
+  _check(
+    _is_float32(config.epochs) and config.epochs > 0,
+    'epochs',
+    config.epochs,
+    f'must be a number in (0, {FLOAT32_MAX:.4g}]',
+  )
   for name in ('learnRate', 'learnRateG', 'learnRateDecay', 'adam_eps'):
     value = getattr(config, name)
-    _check(_is_number(value) and value >= 0, name, value, 'must be a finite number >= 0')
+    _check(
+      _is_float32(value) and value >= 0,
+      name,
+      value,
+      f'must be a number in [0, {FLOAT32_MAX:.4g}] (float32)',
+    )
   for name in ('omega', 'weightDecay', 'biasDecay', 'gammaDecay', 'betaDecay'):
     value = getattr(config, name)
-    _check(value is None or (_is_number(value) and value >= 0), name, value, 'must be >= 0 or None')
+    _check(
+      value is None or (_is_float32(value) and value >= 0),
+      name,
+      value,
+      f'must be a number in [0, {FLOAT32_MAX:.4g}] (float32), or None',
+    )
   for name in ('momentum', 'adam_beta2'):
     value = getattr(config, name)
-    _check(_is_number(value) and 0 <= value < 1, name, value, 'must be in [0, 1)')
+    _check(
+      _is_number(value) and 0 <= value and _float32(value) < 1,
+      name,
+      value,
+      'must be in [0, 1), also in float32 (1 - 1e-8 rounds to 1)',
+    )
   _check(
-    config.keep_prob is None or (_is_number(config.keep_prob) and 0 < config.keep_prob <= 1),
+    config.keep_prob is None
+    or (_is_number(config.keep_prob) and _float32(config.keep_prob) > 0 and config.keep_prob <= 1),
     'keep_prob',
     config.keep_prob,
-    'must be in (0, 1], or None for no dropout layer',
+    'must be in (0, 1], also in float32, or None for no dropout layer',
   )
   _check(
-    config.grad_clip is None or (_is_number(config.grad_clip) and config.grad_clip > 0),
+    config.grad_clip is None or (_is_float32(config.grad_clip) and _float32(config.grad_clip) > 0),
     'grad_clip',
     config.grad_clip,
-    'must be > 0, or None for no clipping',
+    f'must be in (0, {FLOAT32_MAX:.4g}], also in float32, or None for no clipping',
   )
   _check(
     _is_number(config.width_scale) and config.width_scale > 0,
@@ -241,18 +304,45 @@ def validate(config: Config) -> None:
     'must be > 0',
   )
   _check(
+    512 * config.width_scale <= INT32_MAX,
+    'width_scale',
+    config.width_scale,
+    f'must be at most {INT32_MAX // 512} (the widest VGG layer, 512 x width_scale channels, must '
+    'fit int32)',
+  )
+  _check(
     config.width_scale == 1 or config.model != 'resnet',
     'width_scale',
     config.width_scale,
     'applies to VGG only; a wide ResNet takes --widen_factor',
   )
-  for epoch in config.decay_epochs:
-    _check(_is_number(epoch) and epoch >= 0, 'decay_epochs', epoch, 'must be >= 0')
   _check(
-    config.process_id is None or (_is_int(config.process_id) and config.process_id >= 0),
+    16 * 4 * config.widen_factor <= INT32_MAX,
+    'widen_factor',
+    config.widen_factor,
+    f'must be at most {INT32_MAX // 64} (the widest layer, 64 x widen_factor channels, must fit '
+    'int32)',
+  )
+  for epoch in config.decay_epochs:
+    _check(
+      _is_int(epoch) and 0 <= epoch <= INT32_MAX,
+      'decay_epochs',
+      epoch,
+      f'must be integers in [0, {INT32_MAX}]',
+    )
+  _check_rates(config)
+  unknown = sorted(set(config.allow_changed) - set(TRAINING_FIELDS))
+  if unknown:
+    raise ConfigError(
+      f'--allow_changed={",".join(config.allow_changed)}: {", ".join(unknown)} is not a setting '
+      f'that a resumed run compares; choose among {", ".join(TRAINING_FIELDS)}'
+    )
+  _check(
+    config.process_id is None
+    or (_is_int(config.process_id) and 0 <= config.process_id <= INT32_MAX),
     'process_id',
     config.process_id,
-    'must be >= 0 or None',
+    f'must be an integer in [0, {INT32_MAX}], or None',
   )
   if config.process_id is not None and config.num_processes is not None:
     _check(
@@ -263,6 +353,12 @@ def validate(config: Config) -> None:
     )
   image_size = _AUGMENTED_IMAGE_SIZE.get(config.data)
   if image_size is not None:
+    _check(
+      config.padding_size < image_size,
+      'padding_size',
+      config.padding_size,
+      f'must be below the image size {image_size} (reflection padding mirrors the image)',
+    )
     _check(
       config.crop_size <= image_size + 2 * config.padding_size,
       'crop_size',
@@ -324,19 +420,34 @@ def run_name(config: Config) -> str:
   return f'{config.data}_{arch}_{config.optimizer}' + ('-euclidean' if euclidean else '')
 
 
-# Settings that a resumed run normally keeps; a change is reported, not refused.
-RESUME_FIELDS = (
-  'learnRate',
-  'learnRateG',
-  'learnRateDecay',
-  'decay_epochs',
-  'epochs',
-  'batch_size',
-  'seed',
-  'keep_prob',
-  'omega',
-  'grad_clip',
-  'momentum',
+# Settings that say how a run proceeds, not what it trains: a resumed run may change them freely.
+OPERATIONAL_FIELDS = (
+  'task',
+  'vali_batch_size',
+  'data_dir',
+  'download',
+  'max_steps',
+  'report_freq',
+  'vali_freq',
+  'save_freq',
+  'k',
+  'train_dir',
+  'train_path',
+  'load',
+  'allow_changed',
+  'max_to_keep',
+  'verbose',
+  'parallel',
+  'num_devices',
+  'coordinator_address',
+  'num_processes',
+  'process_id',
+  'visible_devices',
+  'log_device_placement',
+)
+# Settings that shape training: a resumed run that changes one must name it in --allow_changed.
+TRAINING_FIELDS = tuple(
+  name for name in FIELDS if name not in (*ARCHITECTURE_FIELDS, *OPERATIONAL_FIELDS)
 )
 
 
@@ -344,26 +455,108 @@ def to_json(config: Config, num_classes: int) -> dict[str, Any]:
   """The settings stored with each checkpoint and summary: every field, and the class count."""
   fields = dataclasses.asdict(config)
   fields.pop('explicit')
-  return {**fields, 'decay_epochs': list(config.decay_epochs), 'num_classes': num_classes}
+  return {
+    **fields,
+    'decay_epochs': list(config.decay_epochs),
+    'allow_changed': list(config.allow_changed),
+    'num_classes': num_classes,
+  }
+
+
+def check_schedule(config: Config, num_train: int) -> None:
+  """Raises ConfigError unless the run is at least one step and its steps fit int32.
+
+  The step counter and the schedule's decay boundaries are int32 on the device; the number of
+  steps is ``epochs * num_train / batch_size``.
+  """
+  steps = config.epochs * num_train / config.batch_size
+  _check(
+    steps >= 1,
+    'epochs',
+    config.epochs,
+    f'of {num_train} {config.data} images at --batch_size={config.batch_size} is less than one '
+    'step',
+  )
+  _check(
+    steps <= INT32_MAX,
+    'epochs',
+    config.epochs,
+    f'is {steps:.4g} steps of {num_train} {config.data} images at --batch_size='
+    f'{config.batch_size}; the step counter holds at most {INT32_MAX}',
+  )
+  for epoch in config.decay_epochs:
+    _check(
+      epoch * num_train / config.batch_size <= INT32_MAX,
+      'decay_epochs',
+      epoch,
+      f'is step {epoch * num_train / config.batch_size:.4g}; the step counter holds at most '
+      f'{INT32_MAX}',
+    )
+  _check(
+    config.batch_size <= num_train,
+    'batch_size',
+    config.batch_size,
+    f'exceeds the {num_train} training images of {config.data}',
+  )
+
+
+def _check_rates(config: Config) -> None:
+  """Each learning rate stays finite in float32 through every decay of the schedule."""
+  for name in ('learnRate', 'learnRateG'):
+    rate = getattr(config, name)
+    for count in range(1, len(config.decay_epochs) + 1):
+      rate *= config.learnRateDecay
+      _check(
+        _is_float32(rate),
+        'learnRateDecay',
+        config.learnRateDecay,
+        f'takes --{name}={getattr(config, name)} beyond float32 after {count} decay(s)',
+      )
 
 
 def check_architecture(saved: dict[str, Any], config: Config, num_classes: int) -> None:
-  """Raises ConfigError naming the difference if ``saved`` settings describe another network."""
+  """Raises ConfigError naming each difference if ``saved`` settings describe another network."""
   expected = {**architecture(config), 'num_classes': num_classes}
   found = {name: saved.get(name, 1.0 if name == 'width_scale' else None) for name in expected}
   if found != expected:
+    differ = ', '.join(
+      f'--{name}={found[name]} -> {expected[name]}'
+      for name in expected
+      if found[name] != expected[name]
+    )
     raise ConfigError(
       f'checkpoint was written for {describe_architecture(saved)} with '
       f'{saved.get("num_classes")} classes; this run is {describe_architecture(expected)} with '
-      f'{num_classes} classes'
+      f'{num_classes} classes ({differ}); its state does not fit this network: give the '
+      "checkpoint's values, or start a new run with --train_path"
     )
 
 
 def changed_settings(saved: dict[str, Any], config: Config) -> list[str]:
-  """``name: old -> new`` for each of ``RESUME_FIELDS`` that differs from the ``saved`` one."""
+  """``name: old -> new`` for each training setting that differs from the ``saved`` one."""
   now = to_json(config, 0)
   return [
     f'{name}: {saved[name]} -> {now[name]}'
-    for name in RESUME_FIELDS
+    for name in TRAINING_FIELDS
     if name in saved and saved[name] != now[name]
   ]
+
+
+def check_resume(saved: dict[str, Any], config: Config) -> list[str]:
+  """The changed training settings (``name: old -> new``) if ``--allow_changed`` names them all.
+
+  Raises:
+    ConfigError: a changed training setting is not named in ``--allow_changed``; the message
+      lists each with its old and new value.
+  """
+  now = to_json(config, 0)
+  changed = [name for name in TRAINING_FIELDS if name in saved and saved[name] != now[name]]
+  refused = [name for name in changed if name not in config.allow_changed]
+  if refused:
+    listed = '; '.join(f'--{name}={saved[name]} -> {now[name]}' for name in refused)
+    raise ConfigError(
+      f'the checkpoint was trained with other settings than this run ({listed}); to continue it '
+      f'with the new values add --allow_changed={",".join(changed)}, or give the old values, or '
+      'start a new run with --train_path'
+    )
+  return [f'{name}: {saved[name]} -> {now[name]}' for name in changed]

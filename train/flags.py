@@ -116,6 +116,12 @@ _string(
 )
 _string('train_path', 'run directory, used as is (overrides --train_dir)')
 _string('load', 'checkpoint to start from / to test (step dir, checkpoints or run dir)')
+flags.DEFINE_list(
+  'allow_changed',
+  None,
+  'training settings that a resumed run may change from its checkpoint, e.g. '
+  'learnRate,learnRateG (a change not named here is refused)',
+)
 _integer('max_to_keep', 'checkpoints kept')
 _bool('verbose', 'show a progress bar')
 # Devices.
@@ -143,6 +149,8 @@ def parse(argv: Sequence[str]) -> config_lib.Config:
   given = {name: FLAGS[name].value for name in config_lib.FIELDS if FLAGS[name].present}
   if 'decay_epochs' in given:
     given['decay_epochs'] = _integers('decay_epochs', given['decay_epochs'])
+  if 'allow_changed' in given:
+    given['allow_changed'] = tuple(name.strip() for name in given['allow_changed'])
   return config_lib.get_config(**given)
 
 

@@ -14,6 +14,7 @@ arXiv:1709.09603 (the TF code's ``cifar10_input.py``, ``svhn_input.py``, ``prepr
 import dataclasses
 import functools
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -358,6 +359,21 @@ def _not_prepared_message(source: TfdsSource, data_dir: str, reason: str) -> str
   )
 
 
+def _bad_archive_message(checksum_error: str, manual_dir: str) -> str:
+  """Names the archive that tfds found damaged (from its message) and how to fetch it again."""
+  found = re.search(r'Artifact (\S+), downloaded to (.+?), has wrong checksum', checksum_error)
+  url, path = found.groups() if found else ('its source', f'an archive in {manual_dir}')
+  sizes = re.search(
+    r'Expected: UrlInfo\(size=([^,]+),.*Got: UrlInfo\(size=([^,]+),', checksum_error, re.S
+  )
+  size = f' ({sizes.group(2)}; the original is {sizes.group(1)})' if sizes else ''
+  return (
+    f'the manually downloaded archive {path}{size} is incomplete or damaged: it does not match '
+    f'the checksum that tensorflow_datasets expects. Delete it and download it again from {url}, '
+    'then run again'
+  )
+
+
 def _ensure_prepared(builder, source: TfdsSource, download: bool) -> None:
   """Prepares the dataset if possible, failing within seconds when it is not.
 
@@ -370,8 +386,13 @@ def _ensure_prepared(builder, source: TfdsSource, download: bool) -> None:
   manual_dir = os.path.join(builder.data_dir_root, 'downloads', 'manual')
   if all(os.path.exists(os.path.join(manual_dir, name)) for name in source.archives):
     # tfds checksums and uses these files; skipping its GCS lookup keeps this offline.
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
     config = tfds.download.DownloadConfig(try_download_gcs=False)
-    builder.download_and_prepare(download_config=config)
+    try:
+      builder.download_and_prepare(download_config=config)
+    except NonMatchingChecksumError as error:
+      raise DatasetNotPreparedError(_bad_archive_message(str(error), manual_dir)) from None
     return
   data_dir = str(builder.data_dir_root)
   if not download:

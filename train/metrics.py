@@ -4,18 +4,29 @@ The training step returns its loss and error as device scalars; :class:`TrainWin
 until a report, a test evaluation or a checkpoint, then reads them all at once, so that no step
 waits for the host. :class:`MetricWriter` writes TensorBoard scalars (tensorboardX) and the same
 numbers to ``<run>/metrics.jsonl``, one JSON object a line, which a notebook reads with ``json``.
+
+The TensorBoard events go through tensorboardX's ``EventsWriter`` in the calling thread, flushed at
+each report, rather than through its ``SummaryWriter``: that one writes from a thread which a
+failed write (a full disk) ends silently, after which its queue blocks the program and its exit
+handler prints tracebacks. Here a failed write raises :class:`~train.workdir.WriteError` at once.
 """
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
+from tensorboardX.summary import scalar
 
 from train import parallel as parallel_lib
+from train.workdir import WriteError, reason
 
 
 class TrainWindow:
@@ -56,32 +67,98 @@ class MetricWriter:
   """TensorBoard scalars plus ``metrics.jsonl`` (``{"step", "split", name: value, ...}`` lines).
 
   A resumed run first drops the lines logged after its checkpoint (``start_step``), which the
-  interrupted run wrote and this one is about to write again. ``enabled=False`` (processes other
-  than the first) writes nothing.
+  interrupted run wrote and this one is about to write again, and a last line that a killed
+  process left unfinished (with a warning); every other line is kept as it is. ``enabled=False``
+  (processes other than the first) writes nothing. Used as a context manager it is closed
+  however the block ends.
+
+  Raises:
+    WriteError: a file cannot be written (a full disk, a file-size limit, a read-only folder).
   """
 
   def __init__(self, directory: str, *, enabled: bool, start_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
+    self.directory = directory
     path = os.path.join(directory, 'metrics.jsonl')
-    if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= start_step]
-      with open(path, 'w') as f:
-        f.writelines(kept)
-    self.jsonl = open(path, 'a')
-    self.tensorboard = SummaryWriter(directory)
+    with _writing(directory):
+      if os.path.exists(path):
+        _keep_lines_until(path, start_step)
+      self.jsonl = open(path, 'a')
+      self.tensorboard = EventsWriter(os.path.join(directory, 'events'))
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    for name, value in metrics.items():
-      self.tensorboard.add_scalar(f'{split}/{name}', value, step)
-    self.jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
-    self.jsonl.flush()
+    with _writing(self.directory):
+      for name, value in metrics.items():
+        summary = scalar(f'{split}/{name}', value)
+        self.tensorboard.write_event(
+          event_pb2.Event(summary=summary, step=step, wall_time=time.time())
+        )
+      self.tensorboard.flush()
+      self.jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+      self.jsonl.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self.tensorboard.close()
-      self.jsonl.close()
+      self.enabled = False
+      with _writing(self.directory):
+        try:
+          self.jsonl.close()
+        finally:
+          self.tensorboard.close()
+
+  def __enter__(self) -> 'MetricWriter':
+    return self
+
+  def __exit__(self, kind, error, traceback) -> None:
+    try:
+      self.close()
+    except (OSError, WriteError):
+      if error is None:
+        raise  # otherwise the error already on its way is the one to report
+
+
+def _keep_lines_until(path: str, start_step: int) -> None:
+  """Rewrites ``metrics.jsonl`` with the lines up to ``start_step``, whole or not at all."""
+  with open(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      step = json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):
+      if number == len(lines):
+        print(
+          f'warning: {path}: dropped its last line, which a stopped process left unfinished '
+          f'({line.strip()[:80]!r})',
+          file=sys.stderr,
+        )
+        continue
+      print(
+        f'warning: {path}: line {number} is not a metrics record; kept as it is', file=sys.stderr
+      )
+      kept.append(line if line.endswith('\n') else line + '\n')
+      continue
+    if step <= start_step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  temporary = f'{path}.tmp'
+  with open(temporary, 'w') as f:
+    f.writelines(kept)
+  os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _writing(directory: str) -> Iterator[None]:
+  try:
+    yield
+  except OSError as error:
+    raise WriteError(
+      f'cannot write the metrics in {directory} ({reason(error)}); the checkpoints are intact. '
+      'Fix the cause (free space, raise the file-size limit, make the folder writable) and run '
+      'the same command to resume'
+    ) from error

@@ -14,8 +14,15 @@ then the steps. What the TF program of the paper did, and this one repeats:
 
 A run resumes exactly from its newest checkpoint: the batch of step ``s`` and its dropout key are
 pure functions of ``(seed, s)``, and the checkpoint holds the step, parameters, BN statistics and
-optimizer state. It stops, without saving, at the first step whose training loss is not finite
+optimizer state. A resume with other training settings than the checkpoint's needs them named in
+``--allow_changed``. The run stops at the first non-finite training loss, test loss or state
 (:class:`TrainingDivergedError`), and on SIGINT/SIGTERM after saving the step in flight.
+
+A checkpoint is written only from a state that is finite and from which the next step came out
+finite too: the state of step ``t`` is held on the host and saved after step ``t + 1`` (the last
+one after its test evaluation). A state can be finite and still lost (parameters near 1e19, whose
+BatchNorm variance overflows at the next step); so after a divergence the newest checkpoint is
+one that a run with a lower learning rate can continue.
 
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
@@ -23,7 +30,6 @@ References:
 
 import contextlib
 import functools
-import json
 import math
 import os
 import sys
@@ -55,7 +61,7 @@ class TrainState(train_state.TrainState):
 
 
 class TrainingDivergedError(RuntimeError):
-  """A training loss was NaN or infinite; nothing from that step on was saved."""
+  """A loss or the state was NaN or infinite; nothing from that step on was saved."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +325,11 @@ def evaluate(
 ) -> dict[str, float]:
   """Mean cross-entropy, top-1 and top-k error over the whole test set.
 
-  Batches of ``batch_size`` rounded up to a multiple of the device count; the padding is masked
-  out, so one compiled step serves every batch and no example counts twice.
+  Batches of ``batch_size`` (at most the test set) rounded up to a multiple of the device count;
+  the padding is masked out, so one compiled step serves every batch and no example counts twice.
   """
+  # No batch larger than the test set: the padding would only cost memory.
+  batch_size = min(batch_size, len(test_ds))
   batch_size = -(-batch_size // parallel.num_devices) * parallel.num_devices
   sums = [
     parallel.eval_step(variables, *parallel.put_batch(*batch))
@@ -355,23 +363,20 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
       devices, an unwritable run directory), found before training starts.
     input_pipeline.DatasetNotPreparedError: a tfds dataset is missing and cannot be downloaded.
     workdir.RunDirectoryBusyError: another process trains in the run directory.
-    checkpoints.NoIntactCheckpointError: the run's checkpoints are all damaged.
-    TrainingDivergedError: a training loss was not finite.
+    checkpoints.NoIntactCheckpointError: none of the run's checkpoints can be read.
+    workdir.WriteError: a checkpoint or metrics file could not be written.
+    TrainingDivergedError: a loss or the state was not finite.
     interrupts.Interrupted: SIGINT or SIGTERM; the step in flight was saved.
   """
   if config.task == 'test':
     return evaluate_checkpoint(config)
+  config_lib.check_schedule(config, input_pipeline.DATASETS[config.data].num_train)
   parallel_lib.initialize_distributed(config)
   devices = parallel_lib.select_devices(config)
-  num_train = input_pipeline.DATASETS[config.data].num_train
-  if num_train_steps(config, num_train) < 1:
-    raise config_lib.ConfigError(
-      f'--epochs={config.epochs} of {num_train} {config.data} images at '
-      f'--batch_size={config.batch_size} is less than one step'
-    )
   run_dir = workdir.run_directory(config)
   lock = workdir.locked(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, interrupts.deferred() as stop:
+    workdir.check_directory(os.path.join(run_dir, 'checkpoints'))
     return _train(config, devices, run_dir, stop)
 
 
@@ -385,10 +390,8 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(init_rng, model, input_shape, labels, tx)
 
-  manager = checkpoints.checkpoint_manager(
-    os.path.join(run_dir, 'checkpoints'), max_to_keep=config.max_to_keep
-  )
-  with manager:
+  checkpoints_dir = os.path.join(run_dir, 'checkpoints')
+  with checkpoints.checkpoint_manager(checkpoints_dir, max_to_keep=config.max_to_keep) as manager:
     state = _restore(config, manager, state, info.num_classes)
     train_ds, test_ds, _ = _load_dataset(config)
     parallel = parallel_lib.create_parallel(
@@ -411,8 +414,10 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
       dynamic_ncols=True,
     )
     state, test_metrics, window = parallel.put_state(state), None, metrics_lib.TrainWindow()
+    diverged = functools.partial(_diverged, config, manager)
+    pending = None  # (step, host state) of a save that waits for the next step to come out finite
     started = time.perf_counter()
-    try:
+    with writer, progress:
       for step in range(start_step, num_steps):
         batch = input_pipeline.train_batch(train_ds, step, config.batch_size, config.seed)
         state, metrics = parallel.train_step(state, *parallel.put_batch(*batch), rng)
@@ -423,9 +428,16 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
         test = done % config.vali_freq == 0 or done == num_steps
         save = done % config.save_freq == 0 or done == num_steps
         signum = _stop_signal(stop, report)
-        if not (report or test or save or signum):
+        if not (report or test or save or signum or pending):
           continue
-        _check_finite(window, manager)
+        found = window.first_non_finite()
+        if found is not None:
+          raise diverged(found[0], f'training loss={found[1]}')
+        if save or signum or pending:
+          host_state = _finite_host_state(parallel, state, done, diverged)
+        if pending:
+          checkpoints.save(manager, *pending, saved_config)
+          pending = None
         if report:
           summary = _train_summary(window, step, state, learning_rate_fns, orthogonality)
           writer.write(done, 'train', summary)
@@ -436,20 +448,21 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
           )
         if test:
           test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
+          if not math.isfinite(test_metrics['loss']):
+            raise diverged(done, f'test loss={test_metrics["loss"]}')
           writer.write(done, 'test', test_metrics)
-        if save or signum:
-          host_state = checkpoint_payload(parallel.get_state(state))
+        if signum or done == num_steps:  # no next step to wait for; the test loss was finite
           checkpoints.save(manager, done, host_state, saved_config)
+        elif save:
+          pending = (done, host_state)
         if signum:
-          raise interrupts.Interrupted(signum, done, str(manager.directory))
-    finally:
-      progress.close()
-      writer.close()
-      manager.wait_until_finished()
-    elapsed = time.perf_counter() - started
+          raise interrupts.Interrupted(signum, done, checkpoints.directory(manager))
+      elapsed = time.perf_counter() - started
+      if test_metrics is None:  # nothing was left to train
+        test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
+        if not math.isfinite(test_metrics['loss']):
+          raise diverged(start_step, f'test loss={test_metrics["loss"]}')
 
-  if test_metrics is None:  # nothing was left to train
-    test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
   final_step = max(start_step, num_steps)
   result = _result(
     test_metrics,
@@ -460,8 +473,7 @@ def _train(config, devices, run_dir, stop) -> dict[str, Any]:
     steps_per_second=(final_step - start_step) / elapsed if elapsed > 0 else 0.0,
   )
   if jax.process_index() == 0:
-    with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-      json.dump({**result, 'config': saved_config}, f, indent=2)
+    workdir.write_json(os.path.join(run_dir, 'summary.json'), {**result, 'config': saved_config})
     print(_final_line(test_metrics, final_step), flush=True)
   return result
 
@@ -490,40 +502,89 @@ def _stop_signal(stop: interrupts.StopRequest, report: bool) -> int | None:
   return int(np.max(signals)) or None
 
 
-def _check_finite(window: metrics_lib.TrainWindow, manager) -> None:
-  """Raises TrainingDivergedError if a loss in ``window`` is NaN or infinite."""
-  found = window.first_non_finite()
-  if found is not None:
-    step, loss = found
-    newest = manager.latest_step()
-    kept = f'the newest checkpoint is step {newest}' if newest is not None else 'no checkpoint'
-    raise TrainingDivergedError(
-      f'training diverged at step {step} (loss={loss}); nothing from that step on was saved and '
-      f'{kept} in {manager.directory}. Lower --learnRate / --learnRateG (or set --grad_clip) and '
-      'run again to continue from there'
+_STATE_PARTS = {
+  'params': 'parameters',
+  'batch_stats': 'BatchNorm statistics',
+  'opt_state': 'optimizer state',
+}
+
+
+def non_finite_arrays(state: Mapping[str, Any]) -> str:
+  """Which parts of a host ``state`` hold a NaN or an infinity, e.g. ``'parameters'``; or ''."""
+  parts = [
+    _STATE_PARTS.get(name, name)
+    for name, tree in state.items()
+    if any(
+      np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(leaf))
+      for leaf in jax.tree.leaves(tree)
     )
+  ]
+  return ', '.join(parts)
+
+
+def _finite_host_state(parallel, state: TrainState, step: int, diverged) -> dict[str, Any]:
+  """The host copy of what a checkpoint of ``state`` holds; raises ``diverged`` if not finite."""
+  host_state = checkpoint_payload(parallel.get_state(state))
+  non_finite = non_finite_arrays(host_state)
+  if non_finite:
+    raise diverged(step, f'non-finite {non_finite} after it')
+  return host_state
+
+
+def _diverged(config: Config, manager, step: int, what: str) -> TrainingDivergedError:
+  """The error for a run that diverged at ``step``, saying how to continue from what is kept."""
+  newest = manager.latest_step()
+  lower = {name: getattr(config, name) / 10 for name in ('learnRate', 'learnRateG')}
+  if config.optimizer == 'sgd':
+    lower.pop('learnRateG')
+  flags = ' '.join(f'--{name}={value:g}' for name, value in lower.items())
+  if newest is None:
+    kept = f'no checkpoint was saved in {checkpoints.directory(manager)}'
+    advice = f'run again with lower learning rates (e.g. {flags}) to start afresh'
+  else:
+    kept = (
+      f'the newest checkpoint in {checkpoints.directory(manager)} is step {newest}, whose next '
+      'step was still finite'
+    )
+    advice = (
+      f'to continue from it, run again with lower learning rates, e.g. {flags} '
+      f'--allow_changed={",".join(lower)}'
+    )
+  return TrainingDivergedError(
+    f'training diverged at step {step} ({what}); {kept}; {advice} (or set --grad_clip)'
+  )
 
 
 def _restore(config: Config, manager, state: TrainState, num_classes: int) -> TrainState:
-  """``state`` restored from the run's newest intact checkpoint, else from ``--load``."""
+  """``state`` restored from the run's newest readable checkpoint, else from ``--load``.
+
+  The checkpoint's settings must describe the same network and, for the settings that shape
+  training, agree with this run's or be named in ``--allow_changed``.
+  """
 
   def check(saved):
     config_lib.check_architecture(saved, config, num_classes)
-    changed = config_lib.changed_settings(saved, config)
-    if changed:
-      print('warning: resuming with changed settings: ' + '; '.join(changed), file=sys.stderr)
+    return config_lib.check_resume(saved, config)
 
   target = checkpoint_payload(state)
   found = checkpoints.restore(manager, target, check, move_damaged=True)
   if found is None and config.load:
     directory, step = checkpoints.resolve(config.load)
-    with checkpoints.checkpoint_manager(directory) as source:
+    if not os.path.isdir(directory):
+      raise config_lib.ConfigError(f'--load={config.load}: no checkpoint there')
+    with checkpoints.reading(directory) as source:
       found = checkpoints.restore(source, target, check, step=step, move_damaged=False)
     if found is None:
       raise config_lib.ConfigError(f'--load={config.load}: no checkpoint there')
   if found is None:
     return state
-  _, restored, _ = found
+  _, restored, saved = found
+  changes = config_lib.changed_settings(saved, config)
+  if changes:
+    print(
+      'note: continuing with changed settings (--allow_changed): ' + '; '.join(changes),
+      file=sys.stderr,
+    )
   return state.replace(**restored)
 
 
@@ -592,5 +653,9 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
   parallel = parallel_lib.create_parallel(config, devices, None, steps)
   variables = parallel.put_state({'params': state['params'], 'batch_stats': state['batch_stats']})
   metrics = evaluate(parallel, variables, test_ds, config.vali_batch_size)
+  if not math.isfinite(metrics['loss']):
+    raise TrainingDivergedError(
+      f'the test loss of checkpoint step {step} in {config.load} is {metrics["loss"]}'
+    )
   print(_final_line(metrics, step), flush=True)
   return _result(metrics, config, step, checkpoint=config.load)

@@ -6,13 +6,20 @@ A run writes everything under one directory (``--train_path``, else
 ``<run>/lock``; a second process on the same directory finds the lock taken and refuses before it
 writes anything. The operating system releases the lock when the process ends, however it ends
 (``SIGKILL`` included), so a stale lock never blocks the next run.
+
+A file of the run that cannot be written once the run has started (a full disk, a file-size
+limit, a folder made read-only) raises :class:`WriteError`: the program stops with one line and
+every checkpoint written before stays as it was.
 """
 
 import contextlib
 import fcntl
+import json
 import os
+import re
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 from train import config as config_lib
 
@@ -21,6 +28,24 @@ LOCK_FILE = 'lock'
 
 class RunDirectoryBusyError(RuntimeError):
   """Another process holds the run directory's lock."""
+
+
+class WriteError(RuntimeError):
+  """A file of the run could not be written; the message names it, the reason and what is kept."""
+
+
+def reason(error: BaseException) -> str:
+  """What went wrong, in a few words: the operating system's reason where the error carries one
+  (``No space left on device``; TensorStore, which writes Orbax's arrays, puts its code at the end
+  of a long message), else the first line of the message, at most 200 characters.
+  """
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  text = str(error)
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if code:
+    return os.strerror(int(code.group(1)))
+  return text.splitlines()[0][:200] if text.strip() else type(error).__name__
 
 
 def run_directory(config: config_lib.Config) -> str:
@@ -61,6 +86,22 @@ def locked(path: str) -> Iterator[None]:
     os.close(descriptor)  # releases the lock
 
 
+def check_directory(path: str) -> None:
+  """Raises ConfigError if ``path`` exists but is no directory that this process can write."""
+  if not os.path.lexists(path):
+    return
+  if not os.path.isdir(path):
+    raise config_lib.ConfigError(
+      f'{path} is in the way: the run keeps its checkpoints there but it is not a directory; '
+      'move it away or choose another --train_path'
+    )
+  if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(
+      f'cannot write {path} (read-only or not permitted); make it writable or choose another '
+      '--train_path'
+    )
+
+
 def _write_holder(descriptor: int) -> None:
   """Records who holds the lock, for the message of a refused process."""
   try:
@@ -68,3 +109,20 @@ def _write_holder(descriptor: int) -> None:
     os.pwrite(descriptor, f'process {os.getpid()} on {socket.gethostname()}\n'.encode(), 0)
   except OSError as error:
     raise config_lib.ConfigError(f'cannot write the run directory ({error.strerror})') from error
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes ``value`` as JSON to ``path`` whole or not at all (through a temporary file).
+
+  Raises:
+    WriteError: the file cannot be written (a full disk, a file-size limit, a read-only folder).
+  """
+  temporary = f'{path}.tmp'
+  try:
+    with open(temporary, 'w') as f:
+      json.dump(value, f, indent=2)
+    os.replace(temporary, path)
+  except OSError as error:
+    with contextlib.suppress(OSError):
+      os.remove(temporary)
+    raise WriteError(f'cannot write {path} ({reason(error)})') from error
