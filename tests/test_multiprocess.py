@@ -1,6 +1,7 @@
 """Two processes on localhost train one model: the result equals one process on the same batch.
 
-Each process of ``python -m train --parallel=sharded --num_processes=2`` has one CPU device;
+Each process of ``python -m train --parallel=sharded --num_processes=2`` (or ``fsdp``, the state
+split over both processes) has one CPU device;
 JAX's CPU collectives (gloo) carry the gradient and BatchNorm sums between them. Every process
 computes the same global batch and feeds its half, so the update is that of one process holding
 both halves, up to the order of float32 sums.
@@ -16,7 +17,7 @@ import pytest
 from tests.train_helpers import TINY, assert_trees_close, final_state, program, run_main
 
 TIMEOUT_S = 180
-FLAGS = [*TINY, '--max_steps=3', '--keep_prob=None', '--parallel=sharded']
+FLAGS = [*TINY, '--max_steps=3', '--keep_prob=None']
 
 
 def _free_port() -> int:
@@ -25,7 +26,8 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize('parallel', ['sharded', 'fsdp'])
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, parallel):
   run = tmp_path / 'two_processes'
   env = {
     'JAX_PLATFORMS': 'cpu',
@@ -36,6 +38,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
   processes = [
     program(
       *FLAGS,
+      f'--parallel={parallel}',
       f'--coordinator_address={address}',
       '--num_processes=2',
       f'--process_id={index}',
@@ -57,7 +60,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
   assert 'final: ' not in outputs[1][0]  # only the first process reports
 
   assert jax.device_count() == 2
-  assert run_main([*FLAGS, '--num_devices=2', f'--train_path={tmp_path / "one_process"}']) == 0
+  one_process = [*FLAGS, '--parallel=sharded', '--num_devices=2']
+  assert run_main([*one_process, f'--train_path={tmp_path / "one_process"}']) == 0
   reference, actual = final_state(tmp_path / 'one_process'), final_state(run)
   assert int(actual['step']) == int(reference['step']) == 3
   assert_trees_close(actual['params'], reference['params'], rtol=1e-5, atol=1e-6)

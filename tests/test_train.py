@@ -429,7 +429,7 @@ def test_tfds_datasets_and_models_run(tmp_path, data, model):
   assert head.shape[-1] == info.num_classes
 
 
-@pytest.mark.parametrize('parallel', ['pmap', 'sharded'])
+@pytest.mark.parametrize('parallel', ['pmap', 'sharded', 'fsdp'])
 def test_two_devices_match_one(tmp_path, one_device_run, parallel):
   """Two devices with the same global batch give the one-device parameters, statistics and
   test metrics.
@@ -464,7 +464,7 @@ def test_two_devices_match_one(tmp_path, one_device_run, parallel):
     assert summaries[1][name] == pytest.approx(summaries[0][name], rel=1e-5, abs=1e-6), name
 
 
-@pytest.mark.parametrize('parallel', ['pmap', 'sharded'])
+@pytest.mark.parametrize('parallel', ['pmap', 'fsdp'])
 def test_resume_continues_exactly(tmp_path, parallel):
   """3 steps, then a restart to 6 steps, equals 6 straight steps, dropout on.
 
@@ -491,6 +491,34 @@ def test_resume_continues_exactly(tmp_path, parallel):
   assert_trees_close(resumed, straight, rtol=0, atol=0)
   records = (tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(r)['step'] for r in records if '"train"' in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fsdp_splits_the_state_and_equals_pmap_over_20_steps(tmp_path):
+  """``--parallel=fsdp``: parameters and optimizer state split over the devices; 20 Adam-G steps
+  (ω = 0.1, so the orthogonality Gram crosses devices) equal ``--parallel=pmap`` up to the order
+  of float32 sums."""
+  from jax.sharding import PartitionSpec as P
+
+  from train import parallel as parallel_lib
+
+  assert parallel_lib.fsdp_spec((3, 3, 16, 16), 2) == P(None, None, 'data', None)
+  assert parallel_lib.fsdp_spec((3, 3, 16, 160), 2) == P(None, None, None, 'data')
+  assert parallel_lib.fsdp_spec((16,), 2) == P()  # too small to split
+  assert parallel_lib.fsdp_spec((3, 3, 3, 1023), 2) == P()  # no axis the devices divide
+  layout = parallel_lib.create_parallel(
+    config_lib.get_config(parallel='fsdp'), jax.devices()[:2], None, lambda *a, **k: {}
+  )
+  placed = layout.put_state({'kernel': np.ones((3, 3, 16, 16), np.float32)})['kernel']
+  assert placed.sharding.spec == P(None, None, 'data', None)
+  assert {shard.data.shape for shard in placed.addressable_shards} == {(3, 3, 8, 16)}
+
+  flags = [*TINY, '--max_steps=20', '--num_devices=2', '--keep_prob=None', '--omega=0.1']
+  for parallel in ('pmap', 'fsdp'):
+    assert run_main([*flags, f'--parallel={parallel}', f'--train_path={tmp_path / parallel}']) == 0
+  reference, actual = final_state(tmp_path / 'pmap'), final_state(tmp_path / 'fsdp')
+  assert int(actual['step']) == int(reference['step']) == 20
+  for part in ('params', 'batch_stats', 'opt_state'):
+    assert_trees_close(actual[part], reference[part], rtol=1e-4, atol=2e-5)
 
 
 def test_task_test_evaluates_a_checkpoint(one_device_run, capsys):

@@ -229,7 +229,12 @@ def restore_state(
       '--train_path'
     )
   with _reading(manager, step, 'state'):
-    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), saved)
+    # Whole arrays on this process's first device, whatever layout saved them (a run with its
+    # state split over devices and processes, --parallel=fsdp, too); the program lays them out.
+    whole = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=whole), saved
+    )
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     restored = manager.restore(step, args=args)['state']
   if target is None:

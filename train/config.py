@@ -44,7 +44,7 @@ from train import input_pipeline, models
 OPTIMIZERS = ('sgd', 'sgdg', 'adamg')
 DATASETS = tuple(input_pipeline.DATASETS)
 MODELS = tuple(models.MODELS)
-PARALLEL = ('pmap', 'sharded')
+PARALLEL = ('pmap', 'sharded', 'fsdp')
 TASKS = ('train', 'test')
 
 

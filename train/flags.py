@@ -125,7 +125,12 @@ flags.DEFINE_list(
 _integer('max_to_keep', 'checkpoints kept')
 _bool('verbose', 'show a progress bar')
 # Devices.
-_enum('parallel', config_lib.PARALLEL, 'pmap (replicated state) or sharded (jit over a mesh)')
+_enum(
+  'parallel',
+  config_lib.PARALLEL,
+  'pmap (replicated state), sharded (jit over a mesh, replicated state) or fsdp (jit over a '
+  'mesh, parameters and optimizer state split over it)',
+)
 _integer('num_devices', 'local devices to use; default: all', optional=True)
 flags.DEFINE_alias('num_gpus', 'num_devices')
 _string('coordinator_address', 'multi-process: address of process 0, host:port')

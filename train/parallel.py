@@ -3,8 +3,12 @@
 ``--parallel=pmap``: the state is replicated on every local device, each device takes its slice of
 the global batch, gradients are ``pmean``-ed and BatchNorm averages its batch moments through the
 axis name :data:`PMAP_AXIS`. ``--parallel=sharded``: one ``jit`` program over a one-axis mesh, the
-state replicated and the batch split along the axis, so BatchNorm sees the global batch. Either way
-an update equals that of one device with the whole batch, up to the order of float32 sums.
+state replicated and the batch split along the axis, so BatchNorm sees the global batch.
+``--parallel=fsdp``: the same program with the parameters and the optimizer state split over the
+same mesh axis too (fully sharded data parallelism): each array of the state is split along one
+of its axes (:func:`fsdp_spec`), and XLA partitions the step, the optimizer's per-point sums and
+orthogonality Gram included (all-reduced, never gathered: ``docs/scaling.md``). Each way an
+update equals that of one device with the whole batch, up to the order of float32 sums.
 
 Several processes (one per host, or several on one machine) train one model when
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` are given (or JAX finds them
@@ -79,7 +83,7 @@ def select_devices(config: config_lib.Config) -> list[jax.Device]:
       raise config_lib.ConfigError(
         'multi-process runs use every local device; leave --num_devices unset'
       )
-    devices = jax.devices() if config.parallel == 'sharded' else local
+    devices = local if config.parallel == 'pmap' else jax.devices()
   else:
     devices = local[:count]
   total = count * jax.process_count()
@@ -100,8 +104,8 @@ def create_parallel(
   labels, mask, *, axis_name)``; ``axis_name`` is :data:`PMAP_AXIS` under pmap, else None.
   ``train_step`` may be None (evaluation only).
   """
-  factory = {'pmap': _pmap_parallel, 'sharded': _sharded_parallel}[config.parallel]
-  return factory(devices, train_step, eval_step)
+  factory = {'pmap': _pmap_parallel, 'sharded': _sharded_parallel, 'fsdp': _fsdp_parallel}
+  return factory[config.parallel](devices, train_step, eval_step)
 
 
 def _process_rows(array: np.ndarray) -> np.ndarray:
@@ -195,6 +199,73 @@ def _sharded_parallel(devices, train_step, eval_step) -> Parallel:
     eval_step=jax.jit(
       eval_step, in_shardings=(replicated, batch, batch, batch), out_shardings=replicated
     ),
+    compile_scalar=compile_scalar,
+  )
+
+
+# Arrays smaller than this stay whole on every device under fsdp: splitting them saves nothing.
+FSDP_MIN_SIZE = 1 << 10
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int) -> P:
+  """How ``--parallel=fsdp`` splits an array of ``shape`` over the mesh axis.
+
+  Along its largest axis that the devices divide; among equal sizes the earliest, so that a conv
+  kernel ``[kh, kw, c_in, c_out]`` with ``c_in = c_out`` is split by rows (its points' elements,
+  whose per-point sums and ``p × p`` Gram are all-reduced) rather than by columns (whose Gram is
+  ``n × n``). Arrays under :data:`FSDP_MIN_SIZE` elements, or with no such axis, stay whole.
+  """
+  size = int(np.prod(shape)) if shape else 1
+  candidates = [axis for axis, n in enumerate(shape) if n % num_devices == 0 and n > 1]
+  if size < FSDP_MIN_SIZE or not candidates or num_devices == 1:
+    return P()
+  axis = max(candidates, key=lambda a: (shape[a], -a))
+  return P(*(MESH_AXIS if a == axis else None for a in range(len(shape))))
+
+
+def _fsdp_parallel(devices, train_step, eval_step) -> Parallel:
+  mesh = Mesh(np.asarray(devices), (MESH_AXIS,))
+  replicated = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P(MESH_AXIS))
+  split = lambda shape: NamedSharding(mesh, fsdp_spec(tuple(shape), len(devices)))
+  sharded = _sharded_parallel(devices, None, eval_step)
+
+  def put_state(tree):
+    # Each process builds only its own shards, from the host copy every process holds alike.
+    def put(x):
+      x = np.asarray(x)
+      return jax.make_array_from_callback(x.shape, split(x.shape), lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+  compiled: dict[Any, Callable] = {}
+
+  def step(state, images, labels, rng):
+    # Compiled for the state's layout when the state first arrives, its outputs laid out alike.
+    layout = jax.tree.map(lambda x: x.sharding, state)
+    key = jax.tree.structure(state)
+    if key not in compiled:
+      compiled[key] = jax.jit(
+        train_step,
+        in_shardings=(layout, batch, batch, replicated),
+        out_shardings=(layout, replicated),
+        donate_argnums=0,
+      )
+    return compiled[key](state, images, labels, rng)
+
+  def compile_scalar(fn):
+    compiled_fn = jax.jit(fn, out_shardings=replicated)
+    return lambda tree: float(_any_copy(compiled_fn(tree)))
+
+  return sharded._replace(
+    put_state=put_state,
+    # The variables arrive split like the state; the batch is split, the sums come back whole.
+    eval_step=jax.jit(
+      eval_step, in_shardings=(None, batch, batch, batch), out_shardings=replicated
+    ),
+    # The state stays split; Orbax saves each process's shards as they are.
+    get_state=lambda tree: tree,
+    train_step=None if train_step is None else step,
     compile_scalar=compile_scalar,
   )
 

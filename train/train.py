@@ -510,20 +510,32 @@ _STATE_PARTS = {
 
 
 def non_finite_arrays(state: Mapping[str, Any]) -> str:
-  """Which parts of a host ``state`` hold a NaN or an infinity, e.g. ``'parameters'``; or ''."""
-  parts = [
-    _STATE_PARTS.get(name, name)
-    for name, tree in state.items()
-    if any(
-      np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(leaf))
-      for leaf in jax.tree.leaves(tree)
-    )
-  ]
+  """Which parts of a ``state`` hold a NaN or an infinity, e.g. ``'parameters'``; or ''.
+
+  Host arrays are checked on the host; device arrays (split over devices and processes under
+  ``--parallel=fsdp``) where they are, without gathering them.
+  """
+  parts = []
+  for name, tree in state.items():
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    on_device = [leaf for leaf in leaves if isinstance(leaf, jax.Array)]
+    on_host = [leaf for leaf in leaves if not isinstance(leaf, jax.Array)]
+    finite = all(np.all(np.isfinite(leaf)) for leaf in on_host)
+    if finite and on_device:
+      finite = bool(_all_finite(on_device))
+    if not finite:
+      parts.append(_STATE_PARTS.get(name, name))
   return ', '.join(parts)
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
 def _finite_host_state(parallel, state: TrainState, step: int, diverged) -> dict[str, Any]:
-  """The host copy of what a checkpoint of ``state`` holds; raises ``diverged`` if not finite."""
+  """What a checkpoint of ``state`` holds (a host copy, or the split device arrays under
+  ``--parallel=fsdp``); raises ``diverged`` if it is not finite."""
   host_state = checkpoint_payload(parallel.get_state(state))
   non_finite = non_finite_arrays(host_state)
   if non_finite:
