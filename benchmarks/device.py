@@ -92,10 +92,11 @@ def training_step(name: str, parallel: str, depth: int, width: int, batch: int, 
   return run, compile_s
 
 
-def train_section(depth, width, batch, *, repeats, sample_s) -> dict:
+def train_section(depth, width, batch, *, repeats, sample_s, parallels=None) -> dict:
   devices = jax.devices()
+  parallels = parallels or layouts()
   runs, compile_s = {}, {}
-  for parallel in layouts():
+  for parallel in parallels:
     for name in RECIPES:
       key = f'{name}, {parallel}'
       runs[key], compile_s[key] = training_step(name, parallel, depth, width, batch, devices)
@@ -105,21 +106,23 @@ def train_section(depth, width, batch, *, repeats, sample_s) -> dict:
     out['images_per_s'][key] = batch / t['median']
   out['ratios'] = {
     f'{name} / sgd, {parallel}': common.ratio(times, f'{name}, {parallel}', f'sgd, {parallel}')
-    for parallel in layouts()
+    for parallel in parallels
     for name in ('sgdg', 'adamg')
   }
   return out
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, parallels=None, with_update: bool = True) -> dict[str, Any]:
   from benchmarks import update
 
   repeats, sample_s = (3, 0.05) if quick else (7, 0.5)
   depth, width, batch = (10, 1, 16) if quick else (28, 10, 128)
   report: dict[str, Any] = {'machine': common.machine(), 'quick': quick}
   report[f'training step, WRN-{depth}-{width}'] = train_section(
-    depth, width, batch, repeats=repeats, sample_s=sample_s
+    depth, width, batch, repeats=repeats, sample_s=sample_s, parallels=parallels
   )
+  if not with_update:
+    return report
   shapes = common.wide_resnet_shapes(depth, width)
   labels = update.go.grassmann_labels(shapes)
   candidates = update.wide_resnet_candidates()
@@ -162,13 +165,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='WRN-10-1 at batch 16, few repeats')
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
+  parser.add_argument('--layouts', help=f'comma-separated, of {",".join(layouts())} (default: all)')
+  parser.add_argument('--no_update', action='store_true', help='the training step only')
   return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.perf_counter()
-  report = run(args.quick)
+  parallels = tuple(args.layouts.split(',')) if args.layouts else None
+  report = run(args.quick, parallels, not args.no_update)
   report['seconds'] = time.perf_counter() - start
   print(format_report(report))
   if args.json:

@@ -87,9 +87,22 @@ def state_sizes(shapes, labels, point_axes, candidates) -> dict:
   }
 
 
-def run(quick: bool) -> dict:
+SECTIONS = ('wrn', 'leaves', 'gpt2')
+
+
+def run(quick: bool, sections=SECTIONS) -> dict:
   repeats, sample_s = (5, 0.1) if quick else (11, 0.3)
   report: dict[str, Any] = {'machine': common.machine(), 'quick': quick}
+  if 'wrn' in sections:
+    _wide_resnet(report, quick, repeats, sample_s)
+  if 'leaves' in sections:
+    _many_leaves(report, quick, repeats, sample_s)
+  if 'gpt2' in sections:
+    _gpt2(report, quick, repeats, sample_s)
+  return report
+
+
+def _wide_resnet(report, quick, repeats, sample_s) -> None:
   depth, width = (16, 4) if quick else (28, 10)
   shapes = common.wide_resnet_shapes(depth, width)
   labels = go.grassmann_labels(shapes)
@@ -99,6 +112,8 @@ def run(quick: bool) -> dict:
   )
   report[f'WRN-{depth}-{width}']['state'] = state_sizes(shapes, labels, None, candidates)
 
+
+def _many_leaves(report, quick, repeats, sample_s) -> None:
   count = 100 if quick else 500
   shapes = common.many_leaves_shapes(count, (64, 16))
   labels = jax.tree.map(lambda _: go.GRASSMANN, shapes)
@@ -114,6 +129,8 @@ def run(quick: bool) -> dict:
     shapes, labels, None, candidates, ratios, repeats=repeats, sample_s=sample_s
   )
 
+
+def _gpt2(report, quick, repeats, sample_s) -> None:
   shapes = common.gpt2_shapes(layers=2 if quick else 12, vocab=5000 if quick else 50257)
   labels, point_axes = common.gpt2_groups(shapes)
   candidates = {
@@ -128,7 +145,6 @@ def run(quick: bool) -> dict:
     shapes, labels, point_axes, candidates, ratios, repeats=repeats, sample_s=sample_s
   )
   report[name]['state'] = state_sizes(shapes, labels, point_axes, candidates)
-  return report
 
 
 def format_report(report: dict) -> str:
@@ -160,13 +176,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='smaller trees, fewer repeats')
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
+  parser.add_argument(
+    '--sections',
+    default=','.join(SECTIONS),
+    help=f'comma-separated, of {",".join(SECTIONS)} (default: all)',
+  )
   return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.perf_counter()
-  report = run(args.quick)
+  report = run(args.quick, tuple(args.sections.split(',')))
   report['seconds'] = time.perf_counter() - start
   print(format_report(report))
   if args.json:
