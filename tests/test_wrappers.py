@@ -166,3 +166,36 @@ def test_nnx_optimizer_with_labels_from_the_state_and_the_loss_as_value():
   losses = [float(train_step(model, optimizer, x, y)) for _ in range(20)]
   assert losses[-1] < losses[0]
   np.testing.assert_allclose(norms(model.conv.kernel.get_value()), 1, atol=1e-6)
+
+
+@pytest.mark.parametrize('alias', [go.sgdg, go.adamg], ids=['sgdg', 'adamg'])
+@pytest.mark.parametrize(
+  'shape, point_axes',
+  [((3, 3, 4, 8), None), ((16, 2, 4), (0, 2)), ((12, 3), (0, 1))],
+  ids=['columns', 'heads', 'whole'],
+)
+def test_vmap_over_runs_equals_a_loop(alias, shape, point_axes):
+  """``jax.vmap`` over independent runs (a sweep of seeds and rates in one program, as the
+  notebooks do) equals running them one by one, orthogonality term included."""
+  runs, rates = 3, jnp.asarray([0.02, 0.05, 0.1])
+  keys = jax.random.split(jax.random.key(1), runs)
+  labels = {'w': 'grassmann', 'b': 'euclidean'}
+
+  def one_run(rate, key):
+    key_w, key_g = jax.random.split(key)
+    params = {'w': go.unit_initializer()(key_w, shape), 'b': jnp.zeros(shape[-1])}
+    tx = alias(0.01, rate, omega=0.1, param_labels=labels, point_axes={'w': point_axes})
+    state = tx.init(params)
+    for k in range(3):
+      g = jax.tree.map(
+        lambda p, k=k: jax.random.normal(jax.random.fold_in(key_g, k), p.shape), params
+      )
+      updates, state = tx.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  batched = jax.jit(jax.vmap(one_run))(rates, keys)
+  for i in range(runs):
+    alone = jax.jit(one_run)(rates[i], keys[i])
+    for name in alone:
+      np.testing.assert_allclose(batched[name][i], alone[name], rtol=2e-5, atol=2e-6)

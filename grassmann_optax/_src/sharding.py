@@ -195,9 +195,32 @@ def _partitioned_orthogonality(ndim: int, point_axes: tuple[int, ...]):
     sharding_rule=f'{factors}, -> {factors}',
   )
 
+  @jax.custom_batching.custom_vmap
+  def batchable(w, omega):
+    return gradient(w, omega)
+
+  @batchable.def_vmap
+  def vmap_rule(axis_size, in_batched, w, omega):
+    """``jax.vmap`` over runs (custom_partitioning has no batching rule of its own).
+
+    The mapped axis, moved to the front, indexes groups like any leading batch axis, so the
+    partitioned form of one more axis computes it; where the leaf has no batch axis (the mapped
+    axis would become the axis of a group's points) or ``omega`` is mapped too, the unpartitioned
+    form is mapped instead.
+    """
+    w_batched, omega_batched = in_batched
+    if not w_batched:
+      w = jnp.broadcast_to(w, (axis_size, *w.shape))
+    if batch and not omega_batched:
+      shifted = tuple(axis + 1 for axis in point_axes)
+      return _partitioned_orthogonality(ndim + 1, shifted)(w, omega), True
+    if not omega_batched:
+      omega = jnp.broadcast_to(omega, (axis_size,))
+    return jax.vmap(plain)(w, omega), True
+
   @jax.custom_jvp
   def differentiable(w, omega):
-    return gradient(w, omega)
+    return batchable(w, omega)
 
   @differentiable.defjvp
   def jvp(primals, tangents):  # derivatives through the unpartitioned form
