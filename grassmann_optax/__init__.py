@@ -1,11 +1,21 @@
 """grassmann_optax: SGD-G and Adam-G on the Grassmann manifold as composable Optax transforms.
 
-Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (arXiv:1709.09603).
+Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (arXiv:1709.09603). Also
+the Hyperball optimizers AdamH and MuonH (Wen et al., 2025), with a geodesic variant.
 """
 
 # The optional CPU kernel's switches, as a namespace of their own (as optax.contrib).
 from grassmann_optax import cpu_kernel as cpu_kernel
 from grassmann_optax._src.alias import adamg, euclidean_sgd, grassmann_partition, sgdg
+from grassmann_optax._src.hyperball import (
+  HyperballAdamState,
+  HyperballMuonState,
+  HyperballStepState,
+  hyperball_adam,
+  hyperball_muon,
+  hyperball_step,
+)
+from grassmann_optax._src.hyperball_alias import adamh, muonh
 from grassmann_optax._src.initializers import unit_initializer
 from grassmann_optax._src.labels import (
   EUCLIDEAN,
@@ -15,6 +25,7 @@ from grassmann_optax._src.labels import (
   grassmann_labels,
   is_undercomplete_conv,
 )
+from grassmann_optax._src.matrix_sign import scale_by_matrix_sign
 from grassmann_optax._src.orthogonality import orthogonality_penalty
 from grassmann_optax._src.steps import (
   Basis,
@@ -23,6 +34,7 @@ from grassmann_optax._src.steps import (
   grassmann_adam,
   grassmann_sgd,
 )
+from grassmann_optax._src.transformer_labels import transformer_labels
 from grassmann_optax._src.transforms import (
   ExpMapUpdateState,
   add_orthogonality_gradient,
@@ -41,9 +53,13 @@ __all__ = (
   'GRASSMANN',
   'GrassmannAdamState',
   'GrassmannSgdState',
+  'HyperballAdamState',
+  'HyperballMuonState',
+  'HyperballStepState',
   'ScaleInvariance',
   'add_orthogonality_gradient',
   'adamg',
+  'adamh',
   'cpu_kernel',
   'euclidean_sgd',
   'exp_map_update',
@@ -53,10 +69,16 @@ __all__ = (
   'grassmann_labels',
   'grassmann_partition',
   'grassmann_sgd',
+  'hyperball_adam',
+  'hyperball_muon',
+  'hyperball_step',
   'is_undercomplete_conv',
+  'muonh',
   'orthogonality_penalty',
   'project_params',
   'project_to_tangent',
+  'scale_by_matrix_sign',
   'sgdg',
+  'transformer_labels',
   'unit_initializer',
 )

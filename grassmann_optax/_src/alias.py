@@ -113,7 +113,7 @@ def grassmann_partition(
 
   Args:
     grassmann: the transformation of the manifold leaves (e.g. a chain of this library's
-      transforms, or :func:`sgdg_manifold_update`).
+      transforms, or :func:`grassmann_sgd`).
     euclidean: the transformation of every other leaf.
     param_labels: a label tree, a callable ``params -> labels``, or ``None`` for
       :func:`grassmann_labels`.

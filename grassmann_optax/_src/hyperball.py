@@ -1,0 +1,381 @@
+"""Hyperball steps: every matrix on the sphere of its initial norm, a fixed relative step.
+
+The Hyperball optimizers of Wen et al. (2025) keep every projection matrix ``W`` at its initial
+Frobenius norm ``R`` and move it by a fixed fraction ``η`` of that norm, whatever the size of the
+base update ``u``: ``W' = Norm(W − η‖W‖·u/max(‖u‖, 1e-10))·‖W‖``. AdamH takes Adam's ``u``,
+MuonH Muon's. Here the radius is stored at ``init``, so ``‖W‖`` cannot drift, and the step can
+also follow the great circle (``retraction='geodesic'``), with the buffers transported to the
+new point as SGD-G and Adam-G transport theirs (Cho & Lee 2017); :mod:`sphere` has the
+geometry.
+
+As :func:`grassmann_adam` does, :func:`hyperball_adam` and :func:`hyperball_muon` own their
+buffers and take the learning rate: a buffer that is transported must know the step its point
+takes (``docs/algorithm.md``, section 7). :func:`hyperball_step` is the step alone, for chains.
+
+References: Wen, Dang, Lyu, Ma, Liang, "Fantastic Pretraining Optimizers and Where to Find Them
+2.1: Hyperball Optimization", 2025; Cho & Lee, "Riemannian approach to batch normalization",
+NeurIPS 2017 (arXiv:1709.09603).
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from grassmann_optax._src import checks, manifold, matrix_sign, points, sphere
+
+
+class HyperballStepState(NamedTuple):
+  """State of :func:`hyperball_step`.
+
+  Attributes:
+    count: number of updates so far, int32 (drives a learning-rate schedule).
+    radius: the Frobenius norm of every point at ``init``, float32 or wider, shaped by the batch
+      axes of each leaf (``()`` for a matrix, ``(layers,)`` for a stacked kernel).
+  """
+
+  count: jax.Array
+  radius: optax.Params
+
+
+class HyperballAdamState(NamedTuple):
+  """State of :func:`hyperball_adam`.
+
+  Attributes:
+    count: number of updates so far (``t``), int32.
+    mu: Adam's first moment, in the shape and dtype of the params; with ``'geodesic'``, a
+      tangent vector at the current point.
+    nu: Adam's elementwise second moment, in the shape and dtype of the params.
+    radius: the Frobenius norm of every point at ``init``, shaped by the batch axes.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  radius: optax.Params
+
+
+class HyperballMuonState(NamedTuple):
+  """State of :func:`hyperball_muon`.
+
+  Attributes:
+    count: number of updates so far, int32 (drives a learning-rate schedule).
+    trace: the momentum buffer ``b`` (gradient units, as :func:`optax.trace`), in the shape and
+      dtype of the params; with ``'geodesic'``, a tangent vector at the current point.
+    radius: the Frobenius norm of every point at ``init``, shaped by the batch axes.
+  """
+
+  count: jax.Array
+  trace: optax.Updates
+  radius: optax.Params
+
+
+def _learning_rate(learning_rate, count):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _zeros(params):
+  return jax.tree.map(jnp.zeros_like, params)
+
+
+# ``rule(layout, w, y, g, lr, t, *buffers) -> (new point, new buffers)``, per leaf, where ``y`` is
+# the unit point and every array is in the compute dtype.
+LeafRule = Callable[..., tuple[jax.Array, tuple[jax.Array, ...]]]
+
+
+def _transform(
+  name: str,
+  make_state: Callable,
+  buffer_fields: tuple[str, ...],
+  rule: LeafRule,
+  *,
+  learning_rate,
+  point_axes,
+) -> optax.GradientTransformationExtraArgs:
+  """A hyperball step with buffers: what differs between the optimizers is ``rule``.
+
+  ``make_state(count, buffers, radius)`` builds the state from the buffers named
+  ``buffer_fields``. ``update`` returns ``W' − W`` and the new buffers, per leaf.
+  """
+  points.check_spec_tree(point_axes)
+
+  def init_fn(params):
+    layouts = sphere.resolve(params, point_axes)
+    sphere.check_points(params, layouts, name)
+    radius = sphere.initial_radius(params, layouts, name)
+    buffers = [_zeros(params) for _ in buffer_fields]
+    return make_state(jnp.zeros([], jnp.int32), buffers, radius)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(checks.NO_PARAMS_MSG)
+    if buffer_fields:
+      checks.check_update_trees(updates, params, getattr(state, buffer_fields[0]), name)
+    else:
+      checks.check_same_tree(updates, params, 'the updates', 'the params', name)
+    sphere.check_not_split(params, name)
+    layouts = sphere.resolve(params, point_axes)
+    lr = _learning_rate(learning_rate, state.count)
+    count = optax.safe_increment(state.count)
+    treedef = jax.tree.structure(params)
+    buffers = [treedef.flatten_up_to(getattr(state, f)) for f in buffer_fields]
+    radii = treedef.flatten_up_to(state.radius)
+    new_updates, new_buffers = [], [[] for _ in buffer_fields]
+    for index, (layout, w, g) in enumerate(
+      zip(layouts, jax.tree.leaves(params), jax.tree.leaves(updates), strict=True)
+    ):
+      dtype = manifold.compute_dtype(w)
+      w32, g32 = w.astype(dtype), g.astype(dtype)
+      radius = sphere.per_point(radii[index].astype(dtype), layout, w.shape)
+      y = sphere.unit(w32, layout.point)
+      own = [b[index].astype(dtype) for b in buffers]
+      step = jnp.asarray(lr, dtype)
+      new_w, own = rule(layout, radius, y, g32, step, count.astype(dtype), *own)
+      new_updates.append((new_w - w32).astype(w.dtype))
+      for out, new, old in zip(new_buffers, own, buffers, strict=True):
+        out.append(new.astype(old[index].dtype))
+    new_state = make_state(count, [treedef.unflatten(b) for b in new_buffers], state.radius)
+    return treedef.unflatten(new_updates), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def hyperball_step(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  retraction: str = 'geodesic',
+  point_axes: points.PointAxes = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The fixed relative step of the Hyperball optimizers: each point on its initial sphere.
+
+  For every point ``W`` (by default the matrix of the last two axes; leading axes index stacked
+  layers), with ``R`` its Frobenius norm at ``init`` (kept in the state), ``y = W/‖W‖`` and
+  ``u`` the incoming update:
+
+  .. math::
+    \texttt{'normalize'}:\quad W' = R\,\mathrm{Norm}\Big(y - \eta\,\frac{u}{\max(\lVert u\rVert,
+    10^{-10})}\Big), \qquad \mathrm{Norm}(x) = x/\lVert x\rVert,
+
+  Wen et al.'s step ``Norm(W − η‖W‖u/max(‖u‖, 1e-10))·‖W‖`` with the stored ``R`` for ``‖W‖``;
+
+  .. math::
+    \texttt{'geodesic'}:\quad u_\perp = u - (u\cdot y)\,y, \quad
+    \theta = \arctan\frac{\eta\lVert u_\perp\rVert}{\max(\lVert u_\perp\rVert, 10^{-10})},
+    \quad W' = R\Big(\cos\theta\,y - \sin\theta\,\frac{u_\perp}{\lVert u_\perp\rVert}\Big),
+
+  the great circle in the direction ``−u⊥`` by the angle that ``'normalize'`` takes for a tangent
+  ``u`` (so the two agree wherever ``u`` is tangent; ``η`` is ``tan θ``). The update is
+  ``W' − W``, so that :func:`optax.apply_updates` puts every point at ``R``: its norm cannot drift
+  over a run, as it is set anew at each step. Chained after :func:`optax.scale_by_adam` with
+  ``'normalize'`` this is AdamH; after :func:`optax.trace` and :func:`scale_by_matrix_sign`,
+  MuonH. With a buffer before it, prefer :func:`hyperball_adam` / :func:`hyperball_muon` for
+  ``'geodesic'``: they transport the buffer along the step, which a chain cannot.
+
+  Args:
+    learning_rate: η, the step relative to the radius (``tan θ`` of the angle), or a schedule.
+    retraction: ``'geodesic'`` or ``'normalize'`` (the published step).
+    point_axes: the axes of each leaf that form one point: ``None`` (the last two axes; a leaf of
+      one axis is one point), an int or a tuple of ints, a pytree of those with the paths of the
+      params, or a callable ``params -> pytree``.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` that needs ``params``; its state is a
+    :class:`HyperballStepState`. ``init`` raises a ValueError naming the leaf that is not real
+    floating-point, has points of fewer than 2 elements, or a point of norm 0; ``update`` one
+    for a leaf split across devices inside ``jax.shard_map``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, grassmann_optax as go
+    >>> w = jax.random.normal(jax.random.key(0), (16, 8))
+    >>> tx = go.hyperball_step(0.1)
+    >>> u, state = tx.update(jnp.ones_like(w), tx.init(w), w)
+    >>> bool(jnp.isclose(jnp.linalg.norm(w + u), jnp.linalg.norm(w)))
+    True
+
+  References:
+    Wen, Dang, Lyu, Ma, Liang, "Fantastic Pretraining Optimizers and Where to Find Them 2.1:
+    Hyperball Optimization", 2025.
+
+    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
+    `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
+  """
+  move = sphere.retraction_of(retraction)
+
+  def make_state(count, buffers, radius):
+    del buffers
+    return HyperballStepState(count=count, radius=radius)
+
+  def rule(layout, radius, y, u, lr, t):
+    del t
+    return move.step(y, u, radius, lr, layout.point)[0], ()
+
+  return _transform(
+    'hyperball_step', make_state, (), rule, learning_rate=learning_rate, point_axes=point_axes
+  )
+
+
+def hyperball_adam(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: ArrayLike = 0.9,
+  b2: ArrayLike = 0.95,
+  eps: ArrayLike = 1e-8,
+  retraction: str = 'geodesic',
+  point_axes: points.PointAxes = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamH's step: Adam's update, then the fixed relative step on each point's sphere.
+
+  For every point ``W`` with radius ``R`` (its norm at ``init``), ``y = W/‖W‖`` and step ``t``:
+
+  .. math::
+    h = P(g), \quad m \leftarrow \beta_1 m + (1-\beta_1) h, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2) h^2, \quad
+    u = \frac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \epsilon},
+
+  elementwise (ε outside the square root, as :func:`optax.scale_by_adam`), then ``W'`` by the
+  step of :func:`hyperball_step`. With ``retraction='normalize'``, ``P(g) = g`` and this is the
+  published AdamH, ``optax.chain(optax.scale_by_adam(b1, b2, eps),
+  hyperball_step(learning_rate, retraction='normalize'))``, to round-off. With ``'geodesic'``,
+  ``P(g) = g − (g·y) y`` (the gradient on the sphere), the point moves along the great circle,
+  and ``m`` is carried to the new point by the sphere's parallel transport
+  ``m + (m·d)((cos θ − 1) d − sin θ y)``, ``d`` the unit direction and ``θ`` the angle of the
+  step, as Adam-G transports its first moment (Cho & Lee 2017). The second moment ``v`` is a
+  per-element magnitude, not a tangent vector, so it is kept as it is.
+
+  Args:
+    learning_rate: η, the step relative to the radius, or a schedule.
+    b1: β1, the decay of the first moment.
+    b2: β2, the decay of the second moment (0.95 in Wen et al.).
+    eps: ε, added to the square root of the second moment.
+    retraction: ``'geodesic'`` or ``'normalize'`` (the published AdamH).
+    point_axes: the axes of each leaf that form one point, as in :func:`hyperball_step` (by
+      default the last two axes).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` that needs ``params``; its state is a
+    :class:`HyperballAdamState`, whose ``count`` also drives the schedule.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, grassmann_optax as go
+    >>> w = jax.random.normal(jax.random.key(0), (3, 16, 8))  # three stacked layers
+    >>> tx = go.hyperball_adam(0.05)
+    >>> state = tx.init(w)
+    >>> u, state = tx.update(jnp.ones_like(w), state, w)
+    >>> state.radius.shape, bool(jnp.allclose(jnp.linalg.norm(w + u, axis=(1, 2)), state.radius))
+    ((3,), True)
+
+  References:
+    Wen, Dang, Lyu, Ma, Liang, "Fantastic Pretraining Optimizers and Where to Find Them 2.1:
+    Hyperball Optimization", 2025.
+
+    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
+    `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
+  """
+  checks.check_hyperparameters(b1=b1, b2=b2, eps=eps)
+  move = sphere.retraction_of(retraction)
+
+  def make_state(count, buffers, radius):
+    mu, nu = buffers
+    return HyperballAdamState(count=count, mu=mu, nu=nu, radius=radius)
+
+  def rule(layout, radius, y, g, lr, t, mu, nu):
+    h = move.tangent(g, y, layout.point)
+    mu = b1 * mu + (1 - b1) * h
+    nu = b2 * nu + (1 - b2) * h * h
+    u = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
+    new_w, step = move.step(y, u, radius, lr, layout.point)
+    return new_w, (move.transport(mu, step, layout.point), nu)
+
+  return _transform(
+    'hyperball_adam',
+    make_state,
+    ('mu', 'nu'),
+    rule,
+    learning_rate=learning_rate,
+    point_axes=point_axes,
+  )
+
+
+def hyperball_muon(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: ArrayLike = 0.95,
+  nesterov: bool = True,
+  ns_steps: int = 5,
+  retraction: str = 'geodesic',
+  point_axes: points.PointAxes = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""MuonH's step: Muon's orthogonalised momentum, then the fixed relative step on the sphere.
+
+  For every point ``W`` (a matrix) with radius ``R`` and ``y = W/‖W‖``:
+
+  .. math::
+    h = P(g), \quad b \leftarrow \mu b + h, \quad
+    u = \mathrm{NS}(\mu b + h) \ \text{(Nesterov; else } \mathrm{NS}(b)\text{)},
+
+  with ``NS`` the Newton–Schulz orthogonalisation of :func:`scale_by_matrix_sign`, then ``W'``
+  by the step of :func:`hyperball_step`. With ``retraction='normalize'``, ``P(g) = g`` and this
+  is the published MuonH, ``optax.chain(optax.trace(momentum, nesterov),
+  scale_by_matrix_sign(ns_steps), hyperball_step(learning_rate, retraction='normalize'))``, to
+  round-off. With ``'geodesic'``, ``P(g) = g − (g·y) y``, the point moves along the great
+  circle, and ``b`` is carried to the new point by the sphere's parallel transport, as SGD-G
+  transports its momentum (Cho & Lee 2017).
+
+  Args:
+    learning_rate: η, the step relative to the radius, or a schedule.
+    momentum: μ, the decay of the momentum buffer (0.95).
+    nesterov: Nesterov momentum (``u`` from ``μb + h``), as in Muon.
+    ns_steps: the number of Newton–Schulz iterations (5).
+    retraction: ``'geodesic'`` or ``'normalize'`` (the published MuonH).
+    point_axes: the axes of each leaf that form one point, as in :func:`scale_by_matrix_sign`
+      (by default the last two axes).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` that needs ``params``; its state is a
+    :class:`HyperballMuonState`: one buffer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, grassmann_optax as go
+    >>> w = jax.random.normal(jax.random.key(0), (16, 8))
+    >>> tx = go.hyperball_muon(0.05)
+    >>> g = jax.random.normal(jax.random.key(1), (16, 8))
+    >>> u, state = tx.update(g, tx.init(w), w)
+    >>> bool(jnp.isclose(jnp.linalg.norm(w + u), jnp.linalg.norm(w)))
+    True
+
+  References:
+    Wen, Dang, Lyu, Ma, Liang, "Fantastic Pretraining Optimizers and Where to Find Them 2.1:
+    Hyperball Optimization", 2025.
+
+    Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
+    `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
+  """
+  checks.check_hyperparameters(momentum=momentum)
+  matrix_sign.check_steps(ns_steps)
+  move = sphere.retraction_of(retraction)
+
+  def make_state(count, buffers, radius):
+    (trace,) = buffers
+    return HyperballMuonState(count=count, trace=trace, radius=radius)
+
+  def rule(layout, radius, y, g, lr, t, trace):
+    del t
+    h = move.tangent(g, y, layout.point)
+    trace = momentum * trace + h
+    u = momentum * trace + h if nesterov else trace
+    u = matrix_sign.matrix_sign(u, layout, ns_steps, 1e-8)
+    new_w, step = move.step(y, u, radius, lr, layout.point)
+    return new_w, (move.transport(trace, step, layout.point),)
+
+  return _transform(
+    'hyperball_muon',
+    make_state,
+    ('trace',),
+    rule,
+    learning_rate=learning_rate,
+    point_axes=point_axes,
+  )

@@ -1,0 +1,149 @@
+r"""Muon's orthogonalisation: the matrix sign of every point by Newton–Schulz iterations.
+
+For a matrix ``X`` (rows > columns: its transpose), ``X₀ = X/(‖X‖_F + ε)`` and five times
+
+.. math::
+  A = X_k X_k^\top, \qquad X_{k+1} = a X_k + (b A + c A^2) X_k,
+
+with ``(a, b, c) = (3.4445, −4.7750, 2.0315)``: the quintic of Jordan et al.'s Muon, as
+:func:`optax.contrib.muon` computes it, which takes the singular values of ``X₀`` to about 1
+(``U S' Vᵀ``, ``S'`` between about 0.7 and 1.2) without an SVD.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from grassmann_optax._src import points, sphere
+
+# The coefficients of optax.contrib.muon (Jordan et al.'s Muon).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def _to_matrices(x: jax.Array, layout: points.Layout):
+  """``x`` as a stack of matrices (batch axes first), and the map back to its layout.
+
+  A point of two axes is the matrix of those axes, in the leaf's order; a point of more axes is
+  the matrix of its last axis against the others (the columns of its reshape), one of one axis a
+  column.
+  """
+  order = layout.batch + layout.point
+  moved = jnp.transpose(x, order)
+  batch = moved.shape[: len(layout.batch)]
+  point = moved.shape[len(layout.batch) :]
+  rows, cols = (math.prod(point[:-1]), point[-1]) if len(point) > 1 else (point[0], 1)
+  inverse = tuple(order.index(axis) for axis in range(x.ndim))
+
+  def back(m: jax.Array) -> jax.Array:
+    return jnp.transpose(m.reshape(moved.shape), inverse)
+
+  return moved.reshape(*batch, rows, cols), back
+
+
+def newton_schulz(x: jax.Array, ns_steps, eps) -> jax.Array:
+  """Newton–Schulz orthogonalisation of every matrix of ``x`` (shape ``(..., rows, cols)``).
+
+  ``ns_steps`` may be traced (under :func:`optax.inject_hyperparams`): a loop of XLA then runs
+  the iterations, in place of the unrolled ones.
+  """
+  tall = x.shape[-2] > x.shape[-1]
+  if tall:
+    x = jnp.swapaxes(x, -1, -2)
+  x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
+  a, b, c = (jnp.asarray(k, x.dtype) for k in NS_COEFFS)
+
+  def iteration(_, x):
+    gram = x @ jnp.swapaxes(x, -1, -2)
+    return a * x + (b * gram + c * gram @ gram) @ x
+
+  if isinstance(ns_steps, int):
+    for step in range(ns_steps):
+      x = iteration(step, x)
+  else:
+    x = jax.lax.fori_loop(0, ns_steps, iteration, x)
+  return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def matrix_sign(u: jax.Array, layout: points.Layout, ns_steps: int, eps) -> jax.Array:
+  """:func:`newton_schulz` of every point of ``u``, in ``u``'s layout."""
+  matrices, back = _to_matrices(u, layout)
+  return back(newton_schulz(matrices, ns_steps, eps))
+
+
+def check_steps(ns_steps) -> None:
+  """``ns_steps`` is an integer >= 0 (a concrete one: a traced one is not checked)."""
+  if isinstance(ns_steps, jax.core.Tracer):
+    return
+  if isinstance(ns_steps, bool) or not isinstance(ns_steps, int | np.integer | jax.Array):
+    raise ValueError(f'ns_steps={ns_steps!r}: expected an integer >= 0.')
+  if not jnp.issubdtype(jnp.asarray(ns_steps).dtype, jnp.integer) or int(ns_steps) < 0:
+    raise ValueError(f'ns_steps={ns_steps!r}: expected an integer >= 0.')
+
+
+def scale_by_matrix_sign(
+  ns_steps: int = 5,
+  *,
+  eps: jax.typing.ArrayLike = 1e-8,
+  point_axes: points.PointAxes = None,
+) -> optax.GradientTransformation:
+  r"""Orthogonalises every point of the updates by Newton–Schulz, as Muon does.
+
+  For every point ``U`` (by default the matrix of the last two axes; leading axes index stacked
+  layers), with ``X₀ = U/(‖U‖_F + ε)`` (or ``Uᵀ`` where ``U`` has more rows than columns):
+
+  .. math::
+    A = X_k X_k^\top, \quad X_{k+1} = 3.4445\,X_k + (-4.7750\,A + 2.0315\,A^2)\,X_k,
+
+  ``ns_steps`` times: the orthogonalisation of :func:`optax.contrib.muon`, whose result has the
+  singular vectors of ``U`` and singular values near 1. The arithmetic is in float32 or wider;
+  the updates keep their dtype. Put :func:`optax.trace` before it and
+  :func:`hyperball_step` after it for MuonH (:func:`hyperball_muon` is that step with its buffer
+  transported along the geodesic).
+
+  Args:
+    ns_steps: the number of Newton–Schulz iterations (5).
+    eps: ε added to the Frobenius norm before the first iteration.
+    point_axes: the axes of each leaf that form one point (a matrix): ``None`` (the last two
+      axes), an int or a tuple of ints (a point of more than two axes is the matrix of its last
+      axis against the others), a pytree of those with the paths of the updates, or a callable
+      ``updates -> pytree``.
+
+  Returns:
+    An :class:`optax.GradientTransformation` without state; it does not need ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, grassmann_optax as go
+    >>> u = jax.random.normal(jax.random.key(0), (2, 16, 8))  # two stacked layers
+    >>> o, _ = go.scale_by_matrix_sign().update(u, go.scale_by_matrix_sign().init(u))
+    >>> s = jnp.linalg.svd(o, compute_uv=False)
+    >>> bool(jnp.all((s > 0.6) & (s < 1.3)))
+    True
+
+  References:
+    Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024,
+    https://kellerjordan.github.io/posts/muon/.
+  """
+  check_steps(ns_steps)
+  points.check_spec_tree(point_axes)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    sphere.check_not_split(updates, 'scale_by_matrix_sign', 'the update of leaf')
+    layouts = sphere.resolve(updates, point_axes)
+    leaves, treedef = jax.tree.flatten(updates)
+    out = [
+      matrix_sign(
+        jnp.asarray(u, jnp.promote_types(u.dtype, jnp.float32)), layout, ns_steps, eps
+      ).astype(u.dtype)
+      for u, layout in zip(leaves, layouts, strict=True)
+    ]
+    return treedef.unflatten(out), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
