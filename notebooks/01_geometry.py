@@ -143,21 +143,28 @@ for step in range(51):
 # ## One SGD-G step on the sphere S²
 #
 # On G(1, 3) each point is a unit vector of R³, so a whole update can be drawn. The library's
-# transforms act on every column of an array, so a `(3, 1)` array is one point. The steps of
-# SGD-G ((S1)-(S7); paper Algorithm 1), each done by one public transform:
+# transforms act on every column of an array, so a `(3, 1)` array is one point. One SGD-G step
+# ((S1)-(S7); paper Algorithm 1) is one transform, `go.grassmann_sgd(η, γ, grad_clip=ν)`; the
+# pieces without a buffer are public transforms too, and draw the vectors in between:
 #
 # 1. `project_to_tangent`: the Riemannian gradient `h = g − (yᵀg)·y` ((G3), paper Eq. 6): the
 #    radial part of `g` is dropped; by the previous section it is ~0 for a real BN network anyway;
 # 2. `grassmann_clip(ν)`: `ĥ = h·min(1, ν/‖h‖)` per column ((G4), (S4)), so one step turns a
-#    column by at most `η·ν`;
-# 3. `grassmann_momentum(γ)`: the buffer `B = γ·pt(b) + ĥ` ((S5), with the buffer in gradient
-#    units);
+#    column by at most `η·ν` (at most `η·ν/(1 − γ)` with momentum);
+# 3. the buffer `B = γ·b + ĥ` ((S5), in gradient units; `b = 0` at the first step);
 # 4. `exp_map_update`: moves along the great circle, `exp_y(d) = y cos‖d‖ + d/‖d‖ sin‖d‖` with
 #    `d = −η·B` ((G5), paper Eq. 7), returned as the additive update `exp_y(d) − w`;
-# 5. at the next step, `grassmann_momentum` first carries the buffer to the new point: the
-#    parallel transport along the geodesic ((G6), paper Eq. 9), done lazily as
-#    `‖b‖·P_{y'}(b)/‖P_{y'}(b)‖` ((T1), exact for steps below π/2; notebook 2 shows the limit and
-#    the fused update that has none). We read it off with `γ = 1` and a zero gradient.
+# 5. the parallel transport of the buffer to the new point along the geodesic ((G6), paper
+#    Eq. 9).
+#
+# `grassmann_sgd` projects and clips the gradient itself and does steps 3-5 in one transform:
+# it takes the learning rate because it must know the step `d` to transport its buffer along
+# it, which it does when it writes the buffer, exactly for every step length (notebook 2 shows
+# what goes wrong past a right angle when a momentum transform does not know the step). Its
+# state holds the transported buffer (`GrassmannSgdState`: `basis.on_buffer·trace +
+# basis.on_point·w` at the new point `w`). Below, its step is compared with the exponential map
+# of `d = −η·ĥ` built from the pieces, and, with `γ = 1`, a second step with a zero gradient
+# shows the momentum alone.
 #
 # The numbers are exaggerated (`ν = 0.6`, `η = 1.5`) so that the picture shows something.
 
@@ -179,11 +186,14 @@ grad = jnp.array([[0.7], [0.45], [0.9]])
 
 tangent = transform(go.project_to_tangent(), grad, point)
 clipped = transform(go.grassmann_clip(nu), tangent, point)
-momentum = go.grassmann_momentum(decay=1.0)
-buffer, momentum_state = momentum.update(clipped, momentum.init(point), point)
-step = -eta * buffer
-new_point = move(point, step)
-carried, _ = momentum.update(jnp.zeros_like(point), momentum_state, new_point)
+step = -eta * clipped  # d = −η B, with B = ĥ at the first step
+
+sgdg = go.grassmann_sgd(eta, momentum=1.0, grad_clip=nu)
+updates, state = sgdg.update(grad, sgdg.init(point), point)
+new_point = optax.apply_updates(point, updates)
+carried = state.basis.on_buffer * state.trace + state.basis.on_point * new_point  # pt(B) at y'
+updates, _ = sgdg.update(jnp.zeros_like(point), state, new_point)  # momentum alone: B = pt(B)
+second_point = optax.apply_updates(new_point, updates)
 
 # The velocity of the geodesic t -> exp_y(t d) at t = 1, by central differences.
 velocity = (move(point, 1.001 * step) - move(point, 0.999 * step)) / 0.002
@@ -196,22 +206,26 @@ numbers = {
   'y.h': jnp.vdot(point, tangent),
   '|h|': jnp.linalg.norm(tangent),
   '|clipped h|': jnp.linalg.norm(clipped),
+  '|grassmann_sgd step - exp_y(d)|': jnp.max(jnp.abs(new_point - move(point, step))),
   '|exp_y(d)|': jnp.linalg.norm(new_point),
   'angle(y, exp_y(d))': jnp.arccos(jnp.vdot(point, new_point)),
   '|d|': jnp.linalg.norm(step),
-  "y'.pt(b)": jnp.vdot(new_point, carried),
-  '|pt(b)| - |b|': jnp.linalg.norm(carried) - jnp.linalg.norm(buffer),
+  "y'.pt(B)": jnp.vdot(new_point, carried),
+  '|pt(B)| - |B|': jnp.linalg.norm(carried) - jnp.linalg.norm(clipped),
   "cos(pt(d), geodesic velocity at y')": velocity_cos,
+  "angle(y, y'') after a step with g = 0": jnp.arccos(jnp.vdot(point, second_point)),
 }
 for name, value in numbers.items():
   print(f'{name:>38}: {round(float(value), 6) + 0.0:+.6f}')  # + 0.0: no '-0.000000'
 
 # %% [markdown]
 # The projection removed the radial part (`y·h = 0`), the clip cut `‖h‖` down to `ν = 0.6`, the
-# exponential map stayed on the sphere and turned the point by exactly `‖d‖ = η·ν = 0.9`
-# radians, and the transported buffer is tangent at the new point `y'`, has the norm it had, and
-# points along the geodesic's velocity at `y'`: momentum keeps pushing along the same great
-# circle.
+# step of `grassmann_sgd` is the exponential map of `d = −η·ĥ` and stays on the sphere, turning
+# the point by exactly `‖d‖ = η·ν = 0.9` radians, and the transported buffer is tangent at the
+# new point `y'`, has the norm it had, and points along the geodesic's velocity at `y'`:
+# momentum keeps pushing along the same great circle. With `γ = 1` and a zero gradient, the
+# second step is that buffer alone, and it turns the point by another 0.9 radians along the same
+# great circle (`y''` in the figure, 1.8 radians from `y`).
 
 
 # %%
@@ -243,8 +257,10 @@ arrow(ax, point, step, 'black', 'step d = −η ĥ, tangent at y', style='--')
 arrow(ax, new_point, -eta * carried, 'tab:purple', "transported step pt(d) at y' (G6)")
 ax.scatter(*np.ravel(point), color='black', s=40)
 ax.scatter(*np.ravel(new_point), color='crimson', s=40)
+ax.scatter(*np.ravel(second_point), color='tab:purple', s=40, label="y'': next step, g = 0")
 ax.text(*(np.ravel(point) * 1.12), 'y', fontsize=14)
 ax.text(*(np.ravel(new_point) * 1.1 + [0.0, 0.0, -0.22]), "y' = exp_y(d)", fontsize=13)
+ax.text(*(np.ravel(second_point) * 1.1), "y''", fontsize=13)
 ax.set_box_aspect((1, 1, 1))
 ax.set(xlim=(-1.1, 1.1), ylim=(-1.1, 1.1), zlim=(-1.1, 1.1), xlabel='x', ylabel='y', zlabel='z')
 ax.view_init(elev=22, azim=-35)
@@ -266,10 +282,11 @@ plt.show()
 # among the groupings that pass, the one with the most points wins: a leaf invariant per column is
 # also invariant as a whole, and the columns are the finer structure. It returns a
 # `ScaleInvariance(param_labels, point_axes)` that `go.sgdg` and `go.adamg` take as they are
-# (`go.adamg(lr, lr_g, **found._asdict())`). With `undercomplete_only=True` (the default), a
-# grouping must also have more elements per point than points per group, so that the points can
-# be mutually orthogonal, the target of the orthogonality penalty (R1); `groupings='columns'`
-# keeps to the paper's columns.
+# (`go.adamg(lr, lr_g, **found._asdict())`). With `undercomplete_only=True` (the default), the
+# finest invariant grouping must also have more elements per point than points per group, so that
+# the points can be mutually orthogonal, the target of the orthogonality penalty (R1); a leaf
+# whose finest grouping fails it stays Euclidean rather than being constrained along a coarser
+# grouping. `groupings='columns'` keeps to the paper's columns.
 #
 # The model below mixes all cases: convs that feed a BatchNorm, a conv with a bias followed only
 # by a ReLU, an over-complete conv (fan-in 9·32 = 288 < 512 outputs) that feeds a BatchNorm, a
@@ -369,12 +386,12 @@ for case, params, result in [('random', mixed_params, found), ('zero', None, at_
 #   paper's rule.
 # * `conv_bn_a` is scale-invariant per column, but its fan-in 9 is smaller than its 16 outputs:
 #   16 unit columns cannot be mutually orthogonal in R⁹, so the paper's rule and
-#   `groupings='columns'` keep it Euclidean; only `undercomplete_only=False` puts its columns on
-#   the sphere. With every grouping allowed, `find_scale_invariant` puts it on the sphere as
-#   **one** point instead (axes `0,1,3`: the single input channel indexes one point of all 144
-#   weights, the same as the whole leaf): invariant too, since a leaf invariant per column is
-#   invariant as a whole. `conv_bn_wide` (fan-in 288 < 512 outputs) is the same case, found as
-#   the whole leaf `0,1,2,3`.
+#   `find_scale_invariant` with `undercomplete_only=True` (with any grouping, or the columns
+#   only) keep it Euclidean; only `undercomplete_only=False` puts its columns on the sphere. The
+#   whole leaf, one point of 144 weights, is invariant too (a leaf invariant per column is
+#   invariant as a whole), but the default does not fall back to it: it would constrain the leaf
+#   along a coarser grouping than the one the network has. `conv_bn_wide` (fan-in 288 < 512
+#   outputs) is the same case.
 # * `conv_relu` has cosines of order 0.1 per column and of a few 1e-3 as a whole kernel, above
 #   `tol`: not invariant. At Flax's initialisation its bias is zero, ReLU is then positively
 #   homogeneous, and the whole kernel passes the test (cosine ~1e-7, last line): the test is

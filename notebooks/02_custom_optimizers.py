@@ -16,22 +16,30 @@
 # %% [markdown]
 # # 2. Custom optimizers from the transforms
 #
-# `go.sgdg` and `go.adamg` are short: an `optax.partition` over the labels `'grassmann'` /
-# `'euclidean'`, a manifold step for the first group and Nesterov momentum SGD for the second
-# (section 6 of `docs/algorithm.md`, the project's write-up of the algorithm, whose equation
-# numbers this notebook cites). The manifold step is fused for speed, but it equals a chain of the
-# library's public transforms, one per line of the paper's algorithms (Cho & Lee, NeurIPS 2017,
-# [arXiv:1709.09603](https://arxiv.org/abs/1709.09603)). This notebook
+# `go.sgdg` and `go.adamg` are short chains of the library's public transforms (sections 6 and 7
+# of `docs/algorithm.md`, the project's write-up of the algorithm, whose equation numbers this
+# notebook cites): an `optax.partition` over the labels `'grassmann'` / `'euclidean'`, the
+# orthogonality term and one manifold step for the first group, and Nesterov momentum SGD for the
+# second. The manifold steps, `go.grassmann_sgd` and `go.grassmann_adam`, each do a whole step of
+# the paper's algorithms (Cho & Lee, NeurIPS 2017,
+# [arXiv:1709.09603](https://arxiv.org/abs/1709.09603)): they project and clip the gradient,
+# update their buffer, move every point along its geodesic and transport the buffer along that
+# step. They take the learning rate and end their chain; before them, a chain can put any
+# gradient transformation. This notebook
 #
-# 1. rebuilds both optimizers from the transforms and checks that they match the aliases, and
-#    shows where the chain stops being exact (a step of π/2) and the fused update does not;
-# 2. builds variants a researcher would try (a cosine schedule through `optax.inject_hyperparams`,
-#    no orthogonality term, `optax.lookahead` around Grassmann momentum) and compares them on a
-#    small BatchNorm CNN trained on scikit-learn's digits;
+# 1. composes both optimizers from the transforms and checks that they are the aliases, and shows
+#    why the manifold step owns its buffer: a momentum transform written as a separate link of
+#    the chain cannot transport its buffer past a step of π/2, where `go.grassmann_sgd` is exact;
+# 2. builds variants a researcher would try (a cosine schedule, no clipping, no orthogonality
+#    term, `optax.lookahead` around SGD-G), compares them on a small BatchNorm CNN trained on
+#    scikit-learn's digits, and changes a learning rate in the optimizer state through
+#    `optax.inject_hyperparams`;
 # 3. drives the same optimizer through a Flax NNX model with `nnx.Optimizer`.
 
 # %%
 import functools
+import textwrap
+import warnings
 
 import flax.linen as nn
 import jax
@@ -64,7 +72,8 @@ common.describe(training_images=len(x_train), test_images=len(x_test), steps=STE
 # `fit` trains with any Optax optimizer on a fixed sequence of batches (so every optimizer sees
 # the same data) and returns the training losses and the final test error (with BatchNorm
 # population statistics, as the training program does; `docs/training.md`). `lookahead=True`
-# wraps the parameters in `optax.LookaheadParams` and evaluates the slow weights.
+# wraps the parameters in `optax.LookaheadParams` and evaluates the slow weights, put back on the
+# sphere by `go.project_params` (they are averages of points: see the variants below).
 
 
 # %%
@@ -118,7 +127,7 @@ def fit(tx, *, lookahead=False, steps=STEPS):
       params, stats, opt_state, x_train[batch], y_train[batch], tx=tx, lookahead=lookahead
     )
     losses.append(float(loss))
-  final = params.slow if lookahead else params
+  final = go.project_params(params.slow) if lookahead else params
   return {'losses': np.array(losses), 'test_error': test_error(final, stats), 'state': opt_state}
 
 
@@ -128,41 +137,32 @@ for name, label in common.named_leaves(labels).items():
 
 
 # %% [markdown]
-# ## SGD-G and Adam-G, rebuilt from the transforms
+# ## SGD-G and Adam-G, composed from the transforms
 #
-# The manifold chain, one transform per step of the paper's algorithms:
+# The manifold chain, one transform per part of the paper's algorithms:
 #
 # | transform | SGD-G (Algorithm 1) | Adam-G (Algorithm 2) |
 # | --- | --- | --- |
 # | `add_orthogonality_gradient(ω)` | (S2): `g + 2ω(YYᵀY − Y)` (R2) | (A2) |
-# | `project_to_tangent()` | (S3), (G3) | (A3) |
-# | `grassmann_clip(ν)` | (S4), (G4) | (A4) |
-# | `grassmann_momentum(γ)` | (S5), (S7), (G6) | |
-# | `grassmann_adam_moments(β1, β2, ε)` | | (A5)-(A8), (A10)-(A11), (G7) |
-# | `optax.scale_by_learning_rate(η_G)` | the `−η` of (S5) | the `−η` of (A8) |
-# | `exp_map_update()` | (S6), (G5) | (A9), (G5) |
+# | `grassmann_sgd(η_G, γ, grad_clip=ν)` | (S1), (S3)-(S7): (G3)-(G6) | |
+# | `grassmann_adam(η_G, β1, β2, ε, grad_clip=ν)` | | (A1), (A3)-(A11): (G3)-(G5), (G7) |
 #
 # and the Euclidean part ((N1)-(N3)): coupled L2 decay on kernels (`ndim >= 2`), then Nesterov
-# momentum SGD. The rebuilt and the alias optimizers run side by side on the same batches from the
-# same initialisation, in lockstep: at every step both get the same parameters and gradients (those
-# of the alias's trajectory), and we print the largest difference between their updates. (Two
+# momentum SGD, here written with Optax's own transforms. A plain `optax.partition` joins the two
+# (`go.grassmann_partition` is the same partition with the labels checked at `init`). The
+# projection and the clipping are also transforms of their own, `project_to_tangent()` ((G3))
+# and `grassmann_clip(ν)` ((G4)); put before the step (whose own clipping is then switched off
+# with `grad_clip=None`) they change nothing but rounding, since the step projects again.
+#
+# The composed and the alias optimizers run side by side on the same batches from the same
+# initialisation, in lockstep: at every step both get the same parameters and gradients (those of
+# the alias's trajectory), and we print the largest difference between their updates. (Two
 # independent runs would drift apart by more than round-off: float32 rounding differences of
 # ~1e-8 are amplified by the training dynamics, Adam-G's normalisation by `√v` most of all, and
 # that would measure the dynamics, not the optimizers.)
 
 
 # %% tags=["alias-diff"]
-def manifold_chain(moments, learning_rate, *, omega=0.1, grad_clip=0.1):
-  return optax.chain(
-    go.add_orthogonality_gradient(omega),
-    go.project_to_tangent(),
-    go.grassmann_clip(grad_clip),
-    moments,
-    optax.scale_by_learning_rate(learning_rate),
-    go.exp_map_update(),
-  )
-
-
 def euclidean_chain(learning_rate, *, weight_decay=5e-4):
   kernels = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
@@ -175,21 +175,36 @@ def hybrid(manifold, euclidean):
   return optax.partition({go.GRASSMANN: manifold, go.EUCLIDEAN: euclidean}, go.grassmann_labels)
 
 
-rebuilt = {
-  'SGD-G': hybrid(manifold_chain(go.grassmann_momentum(0.9), 0.2), euclidean_chain(0.05)),
-  'Adam-G': hybrid(
-    manifold_chain(go.grassmann_adam_moments(b1=0.9, b2=0.99, eps=1e-8), 0.05),
+def steps(grad_clip):
+  return {
+    'SGD-G': go.grassmann_sgd(0.2, momentum=0.9, grad_clip=grad_clip),
+    'Adam-G': go.grassmann_adam(0.05, b1=0.9, b2=0.99, eps=1e-8, grad_clip=grad_clip),
+  }
+
+
+composed = {
+  (name, "the aliases' chain"): hybrid(
+    optax.chain(go.add_orthogonality_gradient(0.1), step), euclidean_chain(0.05)
+  )
+  for name, step in steps(grad_clip=0.1).items()
+}
+composed |= {
+  (name, 'projection and clipping as transforms'): hybrid(
+    optax.chain(
+      go.add_orthogonality_gradient(0.1), go.project_to_tangent(), go.grassmann_clip(0.1), step
+    ),
     euclidean_chain(0.05),
-  ),
+  )
+  for name, step in steps(grad_clip=None).items()
 }
 aliases = {'SGD-G': go.sgdg(0.05, 0.2), 'Adam-G': go.adamg(0.05, 0.05)}
 
 compare_steps = 10 if common.QUICK else 50
-for name in rebuilt:
+for (name, how), tx in composed.items():
   variables = model.init(jax.random.key(0), x_train[:2])
   params, stats = variables['params'], variables['batch_stats']
-  updaters = [jax.jit(aliases[name].update), jax.jit(rebuilt[name].update)]
-  states = [aliases[name].init(params), rebuilt[name].init(params)]
+  updaters = [jax.jit(aliases[name].update), jax.jit(tx.update)]
+  states = [aliases[name].init(params), tx.init(params)]
   largest = 0.0
   for batch in batch_order[:compare_steps]:
     (_, stats), grads = gradient(params, stats, x_train[batch], y_train[batch])
@@ -200,29 +215,50 @@ for name in rebuilt:
     diff = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), *updates)
     largest = max(largest, float(max(jax.tree.leaves(diff))))
     params = optax.apply_updates(params, updates[0])
-  print(f'{name}: max |rebuilt - alias| over {compare_steps} steps = {largest:.1e}')
+  print(f'{name}, {how}: max |composed - alias| over {compare_steps} steps = {largest:.1e}')
 
 # %% [markdown]
-# The two agree to float32 round-off. The fused update in the aliases computes the same algorithm
-# from per-column inner products instead of one transform at a time (section 9 of
-# `docs/algorithm.md`, (F1)-(F11)), and it carries the momentum buffer to the new point when it
-# writes it (eager transport, as the original implementations do), where the chain's
-# `grassmann_momentum` carries it at the start of the next update from the new point alone (lazy
-# transport, (T1)). The two transports agree while every step turns each column by less than π/2,
-# which clipping guarantees in the paper's settings: at most `η_G ν/(1 − γ)` = 0.2 rad per step
-# here for SGD-G.
+# The aliases' chain written out is the alias: the same transforms, so the same updates, to the
+# last bit. With the projection and the clipping as separate transforms the updates differ by
+# float32 round-off only.
 #
-# ## Beyond a right angle
+# ## Why the manifold step owns its buffer
 #
-# The lazy transport reads the buffer's direction from its projection on the new tangent space,
-# `cos θ · pt(b)`; past `θ = π/2` that projection points backwards and the chain reverses the
-# momentum. The fused update has no such limit ((F9)). Two SGD-G steps on one column of R⁵,
-# without clipping, with `η = 1`, `γ = 0.9`, a first gradient that turns the column by `θ` and a
-# second, random one, compared with the same two steps computed in float64 from the formulas
+# Why not a momentum transform of its own, chained with `optax.scale_by_learning_rate` and
+# `go.exp_map_update()` after it, as Optax builds `optax.sgd`? In an Optax chain a transform sees
+# only the updates it is given and the current parameters. A momentum transform stores its buffer
+# at the point `y` where it was computed, and at the next step it sees the new point `y'` but not
+# the step that led there. The best it can do is to carry the buffer over from `y'` alone: project
+# it onto the new tangent space and restore its norm, `‖b‖·P_{y'}(b)/‖P_{y'}(b)‖` ((T1)). That
+# projection is `cos θ · pt(b)` for a step of `θ` radians: past `θ = π/2` it points backwards and
+# the momentum reverses. `go.grassmann_sgd` knows the step, since it takes the learning rate and
+# makes the step itself, and transports its buffer along it when it writes it ((G6)).
+#
+# The cell writes that momentum transform as a user would (a dozen lines), chains it, and runs two
+# SGD-G steps on one column of R⁵ through that chain and through `go.grassmann_sgd`, without
+# clipping, with `η = 1`, `γ = 0.9`, a first gradient that turns the column by `θ` and a second,
+# random one. Both are compared with the same two steps computed in float64 from the formulas
 # (G3), (G5), (G6) and (S5):
 
 
 # %% tags=["large-steps"]
+def momentum_from_new_point(decay):
+  """Momentum whose buffer is carried to the new point from that point alone ((T1))."""
+
+  def init_fn(params):
+    return jnp.zeros_like(params)
+
+  def update_fn(updates, buffer, params):
+    y = params / jnp.linalg.norm(params, axis=0)
+    projected = buffer - jnp.sum(y * buffer, axis=0) * y
+    norm = jnp.linalg.norm(projected, axis=0)
+    carried = projected * jnp.linalg.norm(buffer, axis=0) / jnp.where(norm > 0, norm, 1.0)
+    buffer = decay * carried + updates
+    return buffer, buffer
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def exp_map(y, d):  # (G5), and the unit direction and angle of the step
   theta = np.linalg.norm(d)
   u = d / theta
@@ -256,87 +292,87 @@ direction = rng.normal(size=5)
 direction -= (y0 @ direction) * y0
 direction /= np.linalg.norm(direction)
 second = 0.3 * rng.normal(size=5)
-chain = optax.chain(
+separate_momentum = optax.chain(
   go.project_to_tangent(),
-  go.grassmann_momentum(0.9),
+  momentum_from_new_point(0.9),
   optax.scale_by_learning_rate(1.0),
   go.exp_map_update(),
 )
-fused = go.sgdg_manifold_update(1.0, momentum=0.9, grad_clip=None)
-print(f'{"first step (rad)":>16} {"|chain - exact|":>16} {"|fused - exact|":>16}')
+manifold_step = go.grassmann_sgd(1.0, momentum=0.9, grad_clip=None)
+print(f'{"first step (rad)":>16} {"|chain - exact|":>16} {"|grassmann_sgd - exact|":>24}')
 for theta in (0.2, 1.0, 1.5, 1.6, 2.0, 3.0):
   gradients = [theta * direction, second]
   exact = exact_sgdg(y0, gradients, eta=1.0, gamma=0.9)
-  errors = [np.abs(two_steps(tx, y0, gradients) - exact).max() for tx in (chain, fused)]
-  print(f'{theta:16.1f} {errors[0]:16.1e} {errors[1]:16.1e}')
+  errors = [
+    np.abs(two_steps(tx, y0, gradients) - exact).max() for tx in (separate_momentum, manifold_step)
+  ]
+  print(f'{theta:16.1f} {errors[0]:16.1e} {errors[1]:24.1e}')
 
 # %% [markdown]
-# Below π/2 ≈ 1.571 both match the exact steps to float32 round-off; past it, the chain's
-# transported momentum points the wrong way and its second step lands far from the exact point,
-# while the fused update stays exact. Hence the rule of thumb of (T1): build variants from the
-# chain where steps are small (clipping, small rates), and use `go.sgdg_manifold_update` /
-# `go.adamg_manifold_update` (or the aliases) where a step may be large.
+# Below π/2 ≈ 1.571 both match the exact steps to float32 round-off; past it, the chain's carried
+# momentum points the wrong way and its second step lands far from the exact point, while
+# `go.grassmann_sgd` stays within 2e-6 of it at every angle, in float32. Hence the library's rule
+# (section 7 of `docs/algorithm.md`): the transforms that keep a buffer take the learning rate
+# and end the chain. The pieces without a buffer compose freely:
+# `optax.chain(go.project_to_tangent(), go.grassmann_clip(ν), optax.scale_by_learning_rate(η),
+# go.exp_map_update())` is Riemannian SGD without momentum, exact for every step.
 #
 # ## Variants
 #
-# Once the optimizer is a chain, variants are one-line changes:
+# Once the optimizer is a chain, variants are one-line changes. Each is joined by
+# `go.grassmann_partition`, which checks the labels at `init`, with `go.euclidean_sgd` (coupled
+# L2 and Nesterov SGD, the `euclidean_chain` above) for the other leaves:
 #
-# * **Adam-G, cosine schedule.** `optax.inject_hyperparams(go.adamg)` turns both learning rates
-#   into schedules stored in the optimizer state, where a training loop can read or change them.
-#   A *callable* `param_labels` must be named in `static_args`: `inject_hyperparams` treats
-#   every callable argument as a schedule and would call `go.grassmann_labels(step)` (see the
-#   error below). The default `param_labels=None` needs nothing.
-# * **Adam-G without the orthogonality term** (`omega=0`): the paper adds
-#   `ω/2‖YᵀY − I‖²` (R1) to push different output units apart; this measures what it buys here.
-# * **SGD-G inside `optax.lookahead`** (Zhang et al., 2019): the chain with Grassmann momentum is
-#   the fast optimizer; every 5 steps the slow weights move half-way to the fast ones. The
-#   interpolation is a chord, not a geodesic, so slow weights are not unit vectors, but the loss
-#   does not see the norm (notebook 1) and `exp_map_update` re-normalises the fast weights at their
-#   next step ((S1)).
+# * **Adam-G, cosine schedule**: an Optax schedule as the learning rate of `go.grassmann_adam` and
+#   of `go.euclidean_sgd`; the step count in the step's state drives it.
+# * **Adam-G without clipping** (`grad_clip=None`): Adam-G normalises its step by `√v` anyway;
+#   this measures what the paper's `ν = 0.1` adds.
+# * **Adam-G without the orthogonality term**: the chain without `add_orthogonality_gradient`.
+#   The paper adds `ω/2‖YᵀY − I‖²` (R1) to push different output units apart; this measures what
+#   it buys here.
+# * **SGD-G inside `optax.lookahead`** (Zhang et al., 2019): `go.sgdg` is the fast optimizer;
+#   every 5 steps the slow weights move half-way to the fast ones. The interpolation is a chord,
+#   not a geodesic, so the slow weights are not unit vectors: `init` warns (printed below), the
+#   fast weights are re-normalised at their next step ((S1)), and `fit` evaluates
+#   `go.project_params(params.slow)`, the slow weights put back on the sphere.
 # * Plain **SGD** (Nesterov, L2 on everything, as the paper's baseline) as a reference.
 
-# %%
-try:
-  optax.inject_hyperparams(go.adamg)(
-    learning_rate=0.05, grassmann_learning_rate=0.05, param_labels=go.grassmann_labels
-  ).init(model.init(jax.random.key(0), x_train[:2])['params'])
-except ValueError as error:
-  print('without static_args:', str(error).split('.')[0])
-
-# %%
+# %% tags=["variants"]
 cosine = lambda peak: optax.cosine_decay_schedule(peak, STEPS)
+
+
+def adamg_variant(manifold, learning_rate=0.05):
+  return go.grassmann_partition(manifold, go.euclidean_sgd(learning_rate), go.grassmann_labels)
+
+
 variants = {
   'SGD (Nesterov)': optax.chain(
     optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True)
   ),
   'SGD-G': go.sgdg(0.05, 0.2),
   'Adam-G': go.adamg(0.05, 0.05),
-  'Adam-G, cosine schedule': optax.inject_hyperparams(go.adamg, static_args=('param_labels',))(
+  'Adam-G, cosine schedule': adamg_variant(
+    optax.chain(go.add_orthogonality_gradient(0.1), go.grassmann_adam(cosine(0.05))),
     learning_rate=cosine(0.05),
-    grassmann_learning_rate=cosine(0.05),
-    param_labels=go.grassmann_labels,
   ),
-  'Adam-G, omega = 0': go.adamg(0.05, 0.05, omega=0.0),
-  'SGD-G chain in lookahead': optax.lookahead(
-    hybrid(manifold_chain(go.grassmann_momentum(0.9), 0.2), euclidean_chain(0.05)),
-    sync_period=5,
-    slow_step_size=0.5,
+  'Adam-G, no clipping': adamg_variant(
+    optax.chain(go.add_orthogonality_gradient(0.1), go.grassmann_adam(0.05, grad_clip=None))
   ),
+  'Adam-G, no orthogonality': adamg_variant(go.grassmann_adam(0.05)),
+  'SGD-G in lookahead': optax.lookahead(go.sgdg(0.05, 0.2), sync_period=5, slow_step_size=0.5),
 }
 results = {}
-for name, tx in variants.items():
-  results[name] = fit(tx, lookahead='lookahead' in name)
-  tail = results[name]['losses'][-20:].mean()
-  print(
-    f'{name:<26} mean loss of the last 20 steps {tail:.4f}   '
-    f'test error {100 * results[name]["test_error"]:.1f}%'
-  )
-
-hyperparams = results['Adam-G, cosine schedule']['state'].hyperparams
-print(
-  f'\ncosine variant, G learning rate in the state after {STEPS} steps: '
-  f'{float(hyperparams["grassmann_learning_rate"]):.2e}'
-)
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  for name, tx in variants.items():
+    results[name] = fit(tx, lookahead='lookahead' in name)
+    tail = results[name]['losses'][-20:].mean()
+    print(
+      f'{name:<26} mean loss of the last 20 steps {tail:.4f}   '
+      f'test error {100 * results[name]["test_error"]:.1f}%'
+    )
+for warning in caught:
+  print(f'\n{warning.category.__name__}:', textwrap.fill(str(warning.message), 96))
 
 # %%
 smooth = common.smooth
@@ -345,7 +381,7 @@ for name, result in results.items():
   label = f'{name} (test error {100 * result["test_error"]:.1f}%)'
   ax.plot(np.arange(len(smooth(result['losses']))) + 10, smooth(result['losses']), label=label)
 ax.set(yscale='log', xlabel='step', ylabel='training loss (moving average of 10 steps)')
-ax.set_title("Small BatchNorm CNN on digits: the paper's optimizers and three variants")
+ax.set_title("Small BatchNorm CNN on digits: the paper's optimizers and five variants")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=9)
 fig.tight_layout()
@@ -357,6 +393,59 @@ plt.show()
 # One seed and one small problem: the curves show that each variant trains and how it behaves, not
 # which optimizer is better in general (notebook 3 repeats the paper's comparison over five seeds).
 #
+# ## Rates in the state: `optax.inject_hyperparams`
+#
+# `optax.inject_hyperparams(go.adamg)` stores both learning rates (and `b1`, `b2`, `eps`,
+# `grad_clip`, `omega`) in the optimizer state, where a training loop can read or change them
+# between steps. A *callable* `param_labels` must be named in `static_args`: `inject_hyperparams`
+# treats every callable argument as a schedule and would call `go.grassmann_labels(step)` (the
+# error below). The default `param_labels=None` needs nothing. Adam-G's first step turns every
+# point by about its learning rate (at `t = 1`, (A7) and (A8) give `d ≈ −η ĥ/‖ĥ‖`), so a rate
+# set to 0.01 in the state shows in the angles of the first step.
+
+# %% tags=["inject"]
+params = model.init(jax.random.key(0), x_train[:2])['params']
+try:
+  optax.inject_hyperparams(go.adamg)(
+    learning_rate=0.05, grassmann_learning_rate=0.05, param_labels=go.grassmann_labels
+  ).init(params)
+except ValueError as error:
+  print('without static_args:', textwrap.fill(str(error), 96, subsequent_indent='  '))
+
+injected = optax.inject_hyperparams(go.adamg, static_args=('param_labels',))(
+  learning_rate=0.05, grassmann_learning_rate=0.05, param_labels=go.grassmann_labels
+)
+state = injected.init(params)
+state.hyperparams['grassmann_learning_rate'] = jnp.asarray(0.01)
+stats = model.init(jax.random.key(0), x_train[:2])['batch_stats']
+_, grads = gradient(params, stats, x_train[batch_order[0]], y_train[batch_order[0]])
+updates, state = injected.update(grads, state, params)
+moved = optax.apply_updates(params, updates)
+
+
+def column_angles(w, w_new):  # the angle each column turned by, from the chord of unit vectors
+  w, w_new = (a.reshape(-1, a.shape[-1]) for a in (w, w_new))
+  chord = w_new / jnp.linalg.norm(w_new, axis=0) - w / jnp.linalg.norm(w, axis=0)
+  return 2 * jnp.arcsin(jnp.linalg.norm(chord, axis=0) / 2)
+
+
+angles = jnp.concatenate(
+  [
+    column_angles(w, w_new)
+    for w, w_new, label in zip(
+      jax.tree.leaves(params), jax.tree.leaves(moved), jax.tree.leaves(labels), strict=True
+    )
+    if label == go.GRASSMANN
+  ]
+)
+print(
+  f'grassmann_learning_rate set to {float(state.hyperparams["grassmann_learning_rate"]):g} in the '
+  f'state; first step: every manifold column turned by {float(angles.min()):.5f} to '
+  f'{float(angles.max()):.5f} rad'
+)
+
+
+# %% [markdown]
 # ## The same optimizer with Flax NNX
 #
 # NNX models hold their parameters as `nnx.Param` variables. `go.grassmann_labels` works directly
