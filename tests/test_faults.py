@@ -544,6 +544,7 @@ def _two_processes(run, max_steps):
   ]
 
 
+@pytest.mark.slow  # four two-process starts
 def test_two_processes_killed_either_way_resume_from_the_same_step(tmp_path, capsys):
   """``kill -9`` of process 1, then (after a restart) of process 0; each time the job ends, and
   both processes of the next start resume from the newest checkpoint."""

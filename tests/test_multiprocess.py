@@ -26,6 +26,7 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes compile and train each: about a minute
 @pytest.mark.parametrize('parallel', ['sharded', 'fsdp'])
 def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, parallel):
   run = tmp_path / 'two_processes'

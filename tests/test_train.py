@@ -464,7 +464,7 @@ def test_two_devices_match_one(tmp_path, one_device_run, parallel):
     assert summaries[1][name] == pytest.approx(summaries[0][name], rel=1e-5, abs=1e-6), name
 
 
-@pytest.mark.parametrize('parallel', ['pmap', 'fsdp'])
+@pytest.mark.parametrize('parallel', ['pmap', pytest.param('fsdp', marks=pytest.mark.slow)])
 def test_resume_continues_exactly(tmp_path, parallel):
   """3 steps, then a restart to 6 steps, equals 6 straight steps, dropout on.
 
