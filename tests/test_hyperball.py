@@ -230,6 +230,26 @@ def test_the_norm_does_not_drift_over_10000_float32_steps(name, retraction):
   assert drift < 1e-6, drift
 
 
+@pytest.mark.parametrize('retraction', RETRACTIONS)
+@pytest.mark.parametrize('name', FACTORIES)
+def test_the_cpu_tuning_changes_nothing_beyond_round_off(name, retraction):
+  """The CPU kernel's products, the barriers and the leaves ordered one after another (tuning)
+  give the steps of plain XLA reductions, to float32 round-off."""
+  from grassmann_optax._src import tuning
+
+  rs = np.random.RandomState(4)
+  shapes = {'a': (24, 16), 'b': (3, 20, 8), 'c': (16, 24)}
+  params = {k: jnp.asarray(rs.randn(*s), jnp.float32) for k, s in shapes.items()}
+  grads = [{k: jnp.asarray(rs.randn(*s), jnp.float32) for k, s in shapes.items()} for _ in range(5)]
+  tx = FACTORIES[name](LR, retraction=retraction)
+  tuned, tuned_state = run(tx, params, grads)
+  with tuning.disabled():
+    plain, plain_state = run(tx, params, grads)
+  close = functools.partial(np.testing.assert_allclose, atol=2e-6, rtol=0)
+  jax.tree.map(close, tuned[-1], plain[-1])
+  jax.tree.map(close, tuned_state, plain_state)
+
+
 # Devices.
 
 LABELS = {'w': 'grassmann', 'b': 'euclidean'}

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, manifold, matrix_sign, points, sphere
+from grassmann_optax._src import checks, manifold, matrix_sign, points, sphere, tuning
 
 
 class HyperballStepState(NamedTuple):
@@ -81,9 +81,53 @@ def _zeros(params):
   return jax.tree.map(jnp.zeros_like, params)
 
 
-# ``rule(layout, w, y, g, lr, t, *buffers) -> (new point, new buffers)``, per leaf, where ``y`` is
-# the unit point and every array is in the compute dtype.
-LeafRule = Callable[..., tuple[jax.Array, tuple[jax.Array, ...]]]
+class _Leaf(NamedTuple):
+  """What a rule needs of one leaf besides its arrays: per-point values shaped to broadcast."""
+
+  layout: points.Layout
+  radius: jax.Array
+  lr: jax.Array
+  t: jax.Array  # the step count, in the compute dtype
+  allow_kernel: bool  # False where the leaf is upcast from a narrower dtype
+  previous: jax.Array | None  # a scalar of the leaf before, known once its products are reduced
+
+  def products(self, w, u, m):
+    return sphere.products(w, u, m, self.layout.point, allow_kernel=self.allow_kernel)
+
+  def after_previous(self, x):
+    """``x``, computed after the previous leaf's products (:func:`tuning.after`)."""
+    return tuning.after(x, self.previous)
+
+
+# ``rule(leaf, w, g, *buffers) -> (update, new buffers, mark)``, per leaf, every array in the
+# compute dtype; the update is ``W' − W``; ``mark`` is a per-point value known once the leaf's
+# products are reduced (the next leaf waits for it, :func:`tuning.after`).
+LeafRule = Callable[..., tuple[jax.Array, tuple[jax.Array, ...], jax.Array]]
+
+
+def _combine(w, u, on_w, on_u, *, after=None):
+  """``(on_w − 1)·w + on_u·u``, the update to ``W' = on_w·w + on_u·u``, in one element pass, and
+  the materialised ``on_w − 1`` (a mark for the next leaf).
+
+  The per-point coefficients are materialised first (:func:`tuning.per_point`), so that the
+  per-point maths runs once per point, not once per element. ``after`` is an array written from
+  ``w`` in another pass (the transported buffer): the update's pass reads it, with no effect on
+  the result (it is added only where ``on_w`` is NaN, where the update is NaN already), so that
+  XLA orders the two passes and writes the new params in place of donated ones instead of
+  copying them first.
+  """
+  on_w, on_u = tuning.per_point(on_w - 1, on_u)
+  update = on_w * w + on_u * u
+  if after is not None:
+    update = update + jnp.where(jnp.isnan(on_w), after, 0)
+  return update, on_w
+
+
+def _transported(w, u, m, wm, um, transport: sphere.Transport) -> jax.Array:
+  """The buffer ``m`` carried along the geodesic step (:class:`sphere.Transport`), in one element
+  pass; ``wm = w·m`` and ``um = u·m``."""
+  on_u, on_w = tuning.per_point(*transport.coefficients(wm, um))
+  return m + on_u * u + on_w * w
 
 
 def _transform(
@@ -124,18 +168,23 @@ def _transform(
     treedef = jax.tree.structure(params)
     buffers = [treedef.flatten_up_to(getattr(state, f)) for f in buffer_fields]
     radii = treedef.flatten_up_to(state.radius)
-    new_updates, new_buffers = [], [[] for _ in buffer_fields]
+    new_updates, new_buffers, previous = [], [[] for _ in buffer_fields], None
     for index, (layout, w, g) in enumerate(
       zip(layouts, jax.tree.leaves(params), jax.tree.leaves(updates), strict=True)
     ):
       dtype = manifold.compute_dtype(w)
-      w32, g32 = w.astype(dtype), g.astype(dtype)
-      radius = sphere.per_point(radii[index].astype(dtype), layout, w.shape)
-      y = sphere.unit(w32, layout.point)
+      leaf = _Leaf(
+        layout=layout,
+        radius=sphere.per_point(radii[index].astype(dtype), layout, w.shape),
+        lr=jnp.asarray(lr, dtype),
+        t=count.astype(dtype),
+        allow_kernel=w.dtype == dtype and g.dtype == dtype,
+        previous=previous,
+      )
       own = [b[index].astype(dtype) for b in buffers]
-      step = jnp.asarray(lr, dtype)
-      new_w, own = rule(layout, radius, y, g32, step, count.astype(dtype), *own)
-      new_updates.append((new_w - w32).astype(w.dtype))
+      update, own, mark = rule(leaf, w.astype(dtype), g.astype(dtype), *own)
+      previous = mark.reshape(-1)[0]
+      new_updates.append(update.astype(w.dtype))
       for out, new, old in zip(new_buffers, own, buffers, strict=True):
         out.append(new.astype(old[index].dtype))
     new_state = make_state(count, [treedef.unflatten(b) for b in new_buffers], state.radius)
@@ -203,15 +252,17 @@ def hyperball_step(
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
     `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
   """
-  move = sphere.retraction_of(retraction)
+  step = sphere.retraction_of(retraction)
 
   def make_state(count, buffers, radius):
     del buffers
     return HyperballStepState(count=count, radius=radius)
 
-  def rule(layout, radius, y, u, lr, t):
-    del t
-    return move.step(y, u, radius, lr, layout.point)[0], ()
+  def rule(leaf, w, u):
+    ww, wu, uu = leaf.products(w, u, u)[:3]
+    on, _ = step(ww, wu, uu, leaf.radius, leaf.lr)
+    update, mark = _combine(w, u, *on)
+    return update, (), mark
 
   return _transform(
     'hyperball_step', make_state, (), rule, learning_rate=learning_rate, point_axes=point_axes
@@ -276,19 +327,37 @@ def hyperball_adam(
     `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
   """
   checks.check_hyperparameters(b1=b1, b2=b2, eps=eps)
-  move = sphere.retraction_of(retraction)
+  sphere.retraction_of(retraction)
 
   def make_state(count, buffers, radius):
     mu, nu = buffers
     return HyperballAdamState(count=count, mu=mu, nu=nu, radius=radius)
 
-  def rule(layout, radius, y, g, lr, t, mu, nu):
-    h = move.tangent(g, y, layout.point)
+  def adam(leaf, h, mu, nu):
     mu = b1 * mu + (1 - b1) * h
     nu = b2 * nu + (1 - b2) * h * h
+    t = leaf.after_previous(leaf.t)
     u = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
-    new_w, step = move.step(y, u, radius, lr, layout.point)
-    return new_w, (move.transport(mu, step, layout.point), nu)
+    return u, mu, nu
+
+  def normalize(leaf, w, g, mu, nu):
+    u, mu, nu = adam(leaf, g, mu, nu)
+    ww, wu, uu = leaf.products(w, u, u)[:3]
+    on, _ = sphere.normalize_step(ww, wu, uu, leaf.radius, leaf.lr)
+    update, mark = _combine(w, u, *on)
+    return update, (mu, nu), mark
+
+  def geodesic(leaf, w, g, mu, nu):
+    ww, wg = leaf.products(w, g, g)[:2]
+    (c,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
+    u, mu, nu = adam(leaf, g - c * w, mu, nu)
+    _, wu, uu, wm, um, _ = leaf.products(w, u, mu)
+    on, transport = sphere.geodesic_step(ww, wu, uu, leaf.radius, leaf.lr)
+    mu = _transported(w, u, mu, wm, um, transport)
+    update, mark = _combine(w, u, *on, after=mu)
+    return update, (mu, nu), mark
+
+  rule = geodesic if retraction == 'geodesic' else normalize
 
   return _transform(
     'hyperball_adam',
@@ -356,20 +425,36 @@ def hyperball_muon(
   """
   checks.check_hyperparameters(momentum=momentum)
   matrix_sign.check_steps(ns_steps)
-  move = sphere.retraction_of(retraction)
+  sphere.retraction_of(retraction)
 
   def make_state(count, buffers, radius):
     (trace,) = buffers
     return HyperballMuonState(count=count, trace=trace, radius=radius)
 
-  def rule(layout, radius, y, g, lr, t, trace):
-    del t
-    h = move.tangent(g, y, layout.point)
-    trace = momentum * trace + h
-    u = momentum * trace + h if nesterov else trace
-    u = matrix_sign.matrix_sign(u, layout, ns_steps, 1e-8)
-    new_w, step = move.step(y, u, radius, lr, layout.point)
-    return new_w, (move.transport(trace, step, layout.point),)
+  def muon(leaf, h, trace):
+    decay = leaf.after_previous(jnp.asarray(momentum, h.dtype))
+    trace = decay * trace + h
+    u = decay * trace + h if nesterov else trace
+    return matrix_sign.matrix_sign(u, leaf.layout, ns_steps, 1e-8), trace
+
+  def normalize(leaf, w, g, trace):
+    u, trace = muon(leaf, g, trace)
+    ww, wu, uu = leaf.products(w, u, u)[:3]
+    on, _ = sphere.normalize_step(ww, wu, uu, leaf.radius, leaf.lr)
+    update, mark = _combine(w, u, *on)
+    return update, (trace,), mark
+
+  def geodesic(leaf, w, g, trace):
+    ww, wg = leaf.products(w, g, g)[:2]
+    (c,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
+    u, trace = muon(leaf, g - c * w, trace)
+    _, wu, uu, wm, um, _ = leaf.products(w, u, trace)
+    on, transport = sphere.geodesic_step(ww, wu, uu, leaf.radius, leaf.lr)
+    trace = _transported(w, u, trace, wm, um, transport)
+    update, mark = _combine(w, u, *on, after=trace)
+    return update, (trace,), mark
+
+  rule = geodesic if retraction == 'geodesic' else normalize
 
   return _transform(
     'hyperball_muon',

@@ -22,7 +22,16 @@ step turns with it, the rest is unchanged, so the norm and tangency are kept. ``
 no transport (the published optimizers keep their buffers as they are).
 
 Every function acts on one array and each of its points independently, in ``compute_dtype``
-(float32 or wider).
+(float32 or wider). A step is computed as :mod:`steps` computes SGD-G and Adam-G: the new point
+``W' = on_w·W + on_u·u`` and the transported buffer ``m + on_u·u + on_w·W`` are combinations of
+the arrays with per-point coefficients, which follow from the per-point inner products
+``W·W, W·u, u·u, W·m, u·m`` (:func:`normalize_step`, :func:`geodesic_step`). So a step reads the
+arrays once to reduce the products (:func:`products`: one pass of the CPU kernel of
+:mod:`native`; ``'geodesic'`` first reduces ``W·W`` and ``W·g`` for the tangent part of the
+gradient) and once more to write each result, and the trigonometry runs once per point. Norms
+of such combinations come from the products (``‖u⊥‖² = u·u − 2p·W·u + p²·W·W``), exact to
+round-off, which is relative to ``‖u‖²``: an update almost along ``W`` (``‖u⊥‖ ≪ ‖u‖``) has
+its direction ``d`` known less precisely, as in :mod:`steps`.
 
 References: Wen, Dang, Lyu, Ma, Liang, "Fantastic Pretraining Optimizers and Where to Find Them
 2.1: Hyperball Optimization", 2025; Cho & Lee, "Riemannian approach to batch normalization",
@@ -35,7 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from grassmann_optax._src import checks, manifold, points, sharding
+from grassmann_optax._src import checks, manifold, native, points, sharding, tuning
 
 # The floor of ‖u‖ in the published step (Levanter's and Marin's AdamH and MuonH).
 MIN_UPDATE_NORM = 1e-10
@@ -142,72 +151,85 @@ def norm_of(x: jax.Array, axes) -> jax.Array:
   return manifold.safe_sqrt(dot(x, x, axes))
 
 
-def unit(w: jax.Array, axes) -> jax.Array:
-  """``y = w/‖w‖`` per point (a zero point stays zero)."""
-  return manifold.safe_divide(w, norm_of(w, axes))
+def products(w: jax.Array, u: jax.Array, m: jax.Array, axes, *, allow_kernel: bool = True):
+  """``(w·w, w·u, u·u, w·m, u·m, m·m)`` per point, 1 on the point axes, from one read of each.
 
-
-def tangent(g: jax.Array, y: jax.Array, axes) -> jax.Array:
-  """``g − (g·y) y``: the component of ``g`` in the tangent space at the unit point ``y``."""
-  return g - dot(g, y, axes) * y
-
-
-class Move(NamedTuple):
-  """One step along a great circle: from unit ``y`` in the unit direction ``d`` by ``θ``."""
-
-  y: jax.Array
-  d: jax.Array
-  theta: jax.Array
-
-
-def normalize_step(y, u, radius, lr, axes) -> tuple[jax.Array, None]:
-  """``R·Norm(y − η·u/max(‖u‖, 1e-10))``, the published step; it transports nothing."""
-  step = y - lr * u / jnp.maximum(norm_of(u, axes), MIN_UPDATE_NORM)
-  return radius * manifold.safe_divide(step, norm_of(step, axes)), None
-
-
-def geodesic_step(y, u, radius, lr, axes) -> tuple[jax.Array, Move]:
-  """``R·(cos θ·y + sin θ·d)``, ``d = −u⊥/‖u⊥‖``, ``θ = arctan(η·‖u⊥‖/max(‖u⊥‖, 1e-10))``."""
-  u_t = tangent(u, y, axes)
-  n = norm_of(u_t, axes)
-  d = -manifold.safe_divide(u_t, n)
-  theta = jnp.arctan(lr * n / jnp.maximum(n, MIN_UPDATE_NORM))
-  return radius * (jnp.cos(theta) * y + jnp.sin(theta) * d), Move(y, d, theta)
-
-
-def transport(m: jax.Array, move: Move, axes) -> jax.Array:
-  """Parallel transport of the tangent vector ``m`` along ``move``:
-  ``m + (m·d)((cos θ − 1) d − sin θ·y)``."""
-  along = dot(m, move.d, axes)
-  return m + along * ((jnp.cos(move.theta) - 1) * move.d - jnp.sin(move.theta) * move.y)
-
-
-class Retraction(NamedTuple):
-  """How a hyperball step moves a point, and what that makes of gradients and buffers.
-
-  ``tangent(g, y, axes)``: the gradient the moments see; ``step(y, u, radius, lr, axes)``: the
-  new point and what ``transport(m, move, axes)`` needs to carry a buffer to it.
+  On CPU the three arrays are read once by the kernel of :mod:`native` (where ``allow_kernel``,
+  the tuning is on and the arrays are float32); otherwise XLA reduces the products that are used
+  (a GPU fuses sibling reductions into one pass). Pass the same array twice where fewer are
+  needed: ``products(w, g, g, axes)[:2]`` is ``(w·w, w·g)`` from one read of ``w`` and ``g``.
   """
-
-  tangent: Callable
-  step: Callable
-  transport: Callable
-
-
-_RETRACTIONS = {
-  'normalize': Retraction(
-    tangent=lambda g, y, axes: g,
-    step=normalize_step,
-    transport=lambda m, move, axes: m,
-  ),
-  'geodesic': Retraction(tangent=tangent, step=geodesic_step, transport=transport),
-}
+  return native.column_products(
+    w, u, m, point_axes=axes, allow_kernel=allow_kernel and tuning.use_cpu_kernel()
+  )
 
 
-def retraction_of(retraction: str) -> Retraction:
-  if not isinstance(retraction, str) or retraction not in _RETRACTIONS:
+def _inverse(x: jax.Array) -> jax.Array:
+  return manifold.safe_divide(jnp.ones_like(x), x)
+
+
+def tangent_coefficient(ww: jax.Array, wg: jax.Array) -> jax.Array:
+  """``c`` of ``g − (g·y) y = g − c·w``, ``y = w/‖w‖``: ``c = w·g/‖w‖²`` (0 for a zero point)."""
+  return _inverse(ww) * wg
+
+
+class Transport(NamedTuple):
+  """The parallel transport ``m ↦ m + (m·d)((cos θ − 1) d − sin θ·y)`` along a geodesic step,
+  per point, on the arrays: ``m·d = d_u·(u·m) + d_w·(w·m)`` and ``(cos θ − 1) d − sin θ·y =
+  k_u·u + k_w·w``."""
+
+  d_u: jax.Array
+  d_w: jax.Array
+  k_u: jax.Array
+  k_w: jax.Array
+
+  def coefficients(self, wm: jax.Array, um: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(on_u, on_w)`` of the transported ``m = m + on_u·u + on_w·w``."""
+    along = self.d_u * um + self.d_w * wm
+    return along * self.k_u, along * self.k_w
+
+
+def normalize_step(ww, wu, uu, radius, lr) -> tuple[tuple[jax.Array, jax.Array], None]:
+  """``R·Norm(y − η·u/max(‖u‖, 1e-10))`` as ``on_w·w + on_u·u``; it transports nothing.
+
+  Per point, from ``w·w``, ``w·u`` and ``u·u``: ``y = a·w`` with ``a = 1/‖w‖``, ``s = η/max(‖u‖,
+  1e-10)``, ``‖y − s·u‖² = a²·w·w − 2as·w·u + s²·u·u`` and ``k = R/‖y − s·u‖`` (0 for a zero
+  step), so ``W' = ka·w − ks·u``.
+  """
+  a = _inverse(manifold.safe_sqrt(ww))
+  s = lr / jnp.maximum(manifold.safe_sqrt(uu), MIN_UPDATE_NORM)
+  step_sq = jnp.maximum(a * a * ww - 2 * a * s * wu + s * s * uu, 0)
+  k = manifold.safe_divide(radius, manifold.safe_sqrt(step_sq))
+  return (k * a, -k * s), None
+
+
+def geodesic_step(ww, wu, uu, radius, lr) -> tuple[tuple[jax.Array, jax.Array], Transport]:
+  """``R·(cos θ·y + sin θ·d)`` as ``on_w·w + on_u·u``, and the :class:`Transport` of the step.
+
+  Per point, from ``w·w``, ``w·u`` and ``u·u``: ``y = a·w``, ``a = 1/‖w‖``; ``u⊥ = u − p·w`` with
+  ``p = a²·w·u``, ``‖u⊥‖² = u·u − 2p·w·u + p²·w·w``; ``d = −u⊥/‖u⊥‖ = d_u·u + d_w·w`` with
+  ``d_u = −1/‖u⊥‖``, ``d_w = p/‖u⊥‖`` (0 where ``u⊥ = 0``); ``θ = arctan(η·‖u⊥‖/max(‖u⊥‖,
+  1e-10))``.
+  """
+  a = _inverse(manifold.safe_sqrt(ww))
+  p = a * a * wu
+  n = manifold.safe_sqrt(jnp.maximum(uu - 2 * p * wu + p * p * ww, 0))
+  inverse_n = _inverse(n)
+  d_u, d_w = -inverse_n, inverse_n * p
+  theta = jnp.arctan(lr * n / jnp.maximum(n, MIN_UPDATE_NORM))
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  on = (radius * (cos * a + sin * d_w), radius * sin * d_u)
+  return on, Transport(d_u, d_w, (cos - 1) * d_u, (cos - 1) * d_w - sin * a)
+
+
+_STEPS = {'normalize': normalize_step, 'geodesic': geodesic_step}
+
+
+def retraction_of(retraction: str) -> Callable:
+  """The step function of ``retraction`` (:func:`normalize_step` or :func:`geodesic_step`)."""
+  if not isinstance(retraction, str) or retraction not in _STEPS:
     raise ValueError(f'retraction={retraction!r}: expected one of {RETRACTIONS}.')
-  return _RETRACTIONS[retraction]
+  return _STEPS[retraction]
 
 
 def per_point(value: jax.Array, layout: points.Layout, shape) -> jax.Array:

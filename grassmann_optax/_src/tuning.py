@@ -14,6 +14,10 @@ The fused steps (:mod:`steps`) make three choices for speed, each here:
    the element passes (:func:`per_point`), and the six inner products come from one pass of the
    C++ kernel (:mod:`native`) instead of six XLA reductions.
 
+The Hyperball steps (:mod:`hyperball`) use the barriers and the kernel too, and on CPU order
+their leaves one after another (:func:`after`), so that the arrays a leaf computes and reads
+again need no temporary memory as large as the params.
+
 ``GRASSMANN_OPTAX_TUNING=0`` in the environment, or :func:`disabled` around the tracing, turns all
 of it off: every leaf alone, no barrier, XLA's reductions. The results agree to float rounding
 (sums in another order); the tests compare both.
@@ -115,6 +119,22 @@ def materialized(x: jax.Array) -> jax.Array:
   :func:`per_point` is the fusion boundary.
   """
   return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0)
+
+
+def after(x: jax.Array, previous: jax.Array | None) -> jax.Array:
+  """``x`` (a per-point value), computed after the scalar ``previous`` on CPU; else ``x`` as is.
+
+  XLA:CPU schedules independent leaves side by side, so that the arrays each of them computes
+  and reads again (Adam's update, the iterates of Newton–Schulz) are all alive at once, in one
+  temporary buffer as large as the params that is mapped and faulted in again at every step.
+  Making what produces a leaf's first such array wait on a scalar of the previous leaf (its
+  per-point coefficients, known once its products are reduced) keeps about two leaves' worth
+  alive. The select never takes its first branch (nothing is above infinity, not even NaN), so
+  the value is ``x`` exactly.
+  """
+  if previous is None or not (enabled() and _cpu()):
+    return x
+  return jnp.where(previous > jnp.inf, jnp.zeros_like(x), x)
 
 
 def use_cpu_kernel() -> bool:
