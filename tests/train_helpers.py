@@ -26,7 +26,9 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # once and load it afterwards, and the runs of :func:`shared_run`.
 _SESSION = tempfile.mkdtemp(prefix='grassmann-tests-')
 atexit.register(shutil.rmtree, _SESSION, ignore_errors=True)
-COMPILATION_CACHE = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(_SESSION, 'jax-cache')
+COMPILATION_CACHE = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
+  _SESSION, 'jax-cache'
+)
 
 
 @functools.cache
