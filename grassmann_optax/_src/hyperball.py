@@ -130,6 +130,34 @@ def _transported(w, u, m, wm, um, transport: sphere.Transport) -> jax.Array:
   return m + on_u * u + on_w * w
 
 
+def _sphere_rule(base: Callable, retraction: str) -> LeafRule:
+  """The leaf rule that moves each point on its sphere along ``base``'s update.
+
+  ``base(leaf, h, *buffers) -> (u, new buffers)`` is the unconstrained step (Adam's, Muon's) on
+  the gradient ``h``. ``'normalize'`` feeds it the raw gradient; ``'geodesic'`` the gradient
+  projected on the tangent space, and transports the first buffer (the momentum) along the step.
+  """
+
+  def normalize(leaf, w, g, *buffers):
+    u, buffers = base(leaf, g, *buffers)
+    ww, wu, uu = leaf.products(w, u, u)[:3]
+    on, _ = sphere.normalize_step(ww, wu, uu, leaf.radius, leaf.lr)
+    update, mark = _combine(w, u, *on)
+    return update, buffers, mark
+
+  def geodesic(leaf, w, g, *buffers):
+    ww, wg = leaf.products(w, g, g)[:2]
+    (c,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
+    u, (m, *rest) = base(leaf, g - c * w, *buffers)
+    _, wu, uu, wm, um, _ = leaf.products(w, u, m)
+    on, transport = sphere.geodesic_step(ww, wu, uu, leaf.radius, leaf.lr)
+    m = _transported(w, u, m, wm, um, transport)
+    update, mark = _combine(w, u, *on, after=m)
+    return update, (m, *rest), mark
+
+  return geodesic if retraction == 'geodesic' else normalize
+
+
 def _transform(
   name: str,
   make_state: Callable,
@@ -338,26 +366,9 @@ def hyperball_adam(
     nu = b2 * nu + (1 - b2) * h * h
     t = leaf.after_previous(leaf.t)
     u = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
-    return u, mu, nu
+    return u, (mu, nu)
 
-  def normalize(leaf, w, g, mu, nu):
-    u, mu, nu = adam(leaf, g, mu, nu)
-    ww, wu, uu = leaf.products(w, u, u)[:3]
-    on, _ = sphere.normalize_step(ww, wu, uu, leaf.radius, leaf.lr)
-    update, mark = _combine(w, u, *on)
-    return update, (mu, nu), mark
-
-  def geodesic(leaf, w, g, mu, nu):
-    ww, wg = leaf.products(w, g, g)[:2]
-    (c,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
-    u, mu, nu = adam(leaf, g - c * w, mu, nu)
-    _, wu, uu, wm, um, _ = leaf.products(w, u, mu)
-    on, transport = sphere.geodesic_step(ww, wu, uu, leaf.radius, leaf.lr)
-    mu = _transported(w, u, mu, wm, um, transport)
-    update, mark = _combine(w, u, *on, after=mu)
-    return update, (mu, nu), mark
-
-  rule = geodesic if retraction == 'geodesic' else normalize
+  rule = _sphere_rule(adam, retraction)
 
   return _transform(
     'hyperball_adam',
@@ -435,26 +446,9 @@ def hyperball_muon(
     decay = leaf.after_previous(jnp.asarray(momentum, h.dtype))
     trace = decay * trace + h
     u = decay * trace + h if nesterov else trace
-    return matrix_sign.matrix_sign(u, leaf.layout, ns_steps, 1e-8), trace
+    return matrix_sign.matrix_sign(u, leaf.layout, ns_steps, 1e-8), (trace,)
 
-  def normalize(leaf, w, g, trace):
-    u, trace = muon(leaf, g, trace)
-    ww, wu, uu = leaf.products(w, u, u)[:3]
-    on, _ = sphere.normalize_step(ww, wu, uu, leaf.radius, leaf.lr)
-    update, mark = _combine(w, u, *on)
-    return update, (trace,), mark
-
-  def geodesic(leaf, w, g, trace):
-    ww, wg = leaf.products(w, g, g)[:2]
-    (c,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
-    u, trace = muon(leaf, g - c * w, trace)
-    _, wu, uu, wm, um, _ = leaf.products(w, u, trace)
-    on, transport = sphere.geodesic_step(ww, wu, uu, leaf.radius, leaf.lr)
-    trace = _transported(w, u, trace, wm, um, transport)
-    update, mark = _combine(w, u, *on, after=trace)
-    return update, (trace,), mark
-
-  rule = geodesic if retraction == 'geodesic' else normalize
+  rule = _sphere_rule(muon, retraction)
 
   return _transform(
     'hyperball_muon',
