@@ -256,3 +256,25 @@ def test_find_scale_invariant_finds_columns_rows_heads_and_whole_leaves():
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   columns_only = go.find_scale_invariant(loss, variables['params'], groupings='columns')
   assert columns_only.param_labels['qk']['kernel'] == 'euclidean'
+
+
+def test_find_scale_invariant_takes_losses_that_need_concrete_values():
+  """The gradient is compiled once for all draws; a loss that branches in Python on an array
+  argument, or takes a flag, still gets its answer (op by op, for the first)."""
+  w = go.unit_initializer()(jax.random.key(0), (6, 3))
+  x = jax.random.normal(jax.random.key(1), (5, 6))
+
+  def normalised(params, x, *, flag):
+    h = x @ params['w']
+    h = h / jnp.linalg.norm(params['w'], axis=0)
+    return jnp.sum(jnp.sin(h)) + (params['b'] ** 2).sum() if flag else 0.0
+
+  def branching(params, x):
+    if float(x.sum()) > -1e9:  # a Python branch on an array argument
+      return normalised(params, x, flag=True)
+    return 0.0
+
+  params = {'w': w, 'b': jnp.ones(3)}
+  for loss_fn in (lambda p, x: normalised(p, x, flag=True), branching):
+    found = go.find_scale_invariant(loss_fn, params, x)
+    assert found.param_labels == {'w': go.GRASSMANN, 'b': go.EUCLIDEAN}

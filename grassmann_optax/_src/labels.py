@@ -142,23 +142,59 @@ def _perturbed(params: Any, seed: int) -> Any:
   return jax.tree.map(move, params)
 
 
-def _float_gradients(loss_fn, params, args) -> list:
-  """The gradient of every real floating-point leaf (None for the others: integer step counts,
-  masks), as a list in the order of the leaves."""
-  leaves, treedef = jax.tree.flatten(params)
-  floating = [jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) for x in leaves]
-  chosen = [x for x, f in zip(leaves, floating, strict=True) if f]
-
-  def loss_of(chosen):
-    it = iter(chosen)
-    full = [next(it) if f else x for x, f in zip(leaves, floating, strict=True)]
-    return loss_fn(treedef.unflatten(full), *args)
-
-  grads = iter(jax.grad(loss_of)(chosen))
-  return [next(grads) if f else None for f in floating]
+# What a loss function raises under ``jit`` when it uses a traced value as a Python value (an
+# ``if`` on an argument, an integer step count) or gets a leaf ``jit`` cannot take: its gradient is
+# then taken op by op, which raises the loss function's own error if it has one.
+_NEEDS_CONCRETE = (
+  TypeError,
+  jax.errors.ConcretizationTypeError,
+  jax.errors.TracerArrayConversionError,
+  jax.errors.TracerIntegerConversionError,
+)
 
 
-@docstrings.fill
+def _float_gradients(loss_fn, args) -> Callable[[Any], list]:
+  """``point -> gradients``: the gradient of every real floating-point leaf of ``point`` (None
+  for the others: integer step counts, masks), as a list in the order of the leaves.
+
+  The gradient is compiled once with ``jax.jit`` and reused for every point of one structure
+  (the draws differ in values only); the arguments that are arrays are traced, the others (flags,
+  strings) are fixed. A loss that needs concrete values gets its gradient op by op.
+  """
+  arg_leaves, arg_def = jax.tree.flatten(args)
+  traced = [isinstance(a, (jax.Array, np.ndarray)) for a in arg_leaves]
+
+  def loss_of(chosen, floating, fixed, treedef, arrays):
+    chosen, fixed, arrays = iter(chosen), iter(fixed), iter(arrays)
+    full = [next(chosen) if f else next(fixed) for f in floating]
+    call_args = arg_def.unflatten(
+      [next(arrays) if t else a for a, t in zip(arg_leaves, traced, strict=True)]
+    )
+    return loss_fn(treedef.unflatten(full), *call_args)
+
+  compiled = jax.jit(jax.grad(loss_of), static_argnums=(1, 3))
+  arrays = [a for a, t in zip(arg_leaves, traced, strict=True) if t]
+  use_jit = [True]
+
+  def gradients(point) -> list:
+    leaves, treedef = jax.tree.flatten(point)
+    floating = tuple(bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)) for x in leaves)
+    chosen = [x for x, f in zip(leaves, floating, strict=True) if f]
+    fixed = [x for x, f in zip(leaves, floating, strict=True) if not f]
+    grads = None
+    if use_jit[0]:
+      try:
+        grads = compiled(chosen, floating, fixed, treedef, arrays)
+      except _NEEDS_CONCRETE:
+        use_jit[0] = False
+    if grads is None:
+      grads = jax.grad(loss_of)(chosen, floating, fixed, treedef, arrays)
+    grads = iter(grads)
+    return [next(grads) if f else None for f in floating]
+
+  return gradients
+
+
 def find_scale_invariant(
   loss_fn: Callable[..., jax.Array],
   params: Any,
@@ -234,7 +270,8 @@ def find_scale_invariant(
     raise ValueError(f'draws={draws}: at least one gradient is needed.')
   at = [params] + [_perturbed(params, seed + k) for k in range(draws - 1)]
   leaves, treedef = jax.tree.flatten(params)
-  samples = [(point, _float_gradients(loss_fn, point, args)) for point in at]
+  gradients = _float_gradients(loss_fn, args)
+  samples = [(point, gradients(point)) for point in at]
   names = [name for name, _ in checks.named_leaves(params)]
   per_leaf = [
     [
