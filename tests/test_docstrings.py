@@ -34,6 +34,16 @@ def test_every_public_function_has_an_example():
   assert not missing, f'public functions without a runnable example: {missing}'
 
 
+def test_docstring_templates_are_filled():
+  """Shared docstring text (``{{name}}`` in the source) is filled in every public docstring."""
+  unfilled = {
+    name: re.findall(r'\{\{\w+\}\}', doc)
+    for name in grassmann_optax.__all__
+    if '{{' in (doc := getattr(grassmann_optax, name).__doc__ or '')
+  }
+  assert not unfilled, f'unfilled docstring templates: {unfilled}'
+
+
 def _documented_arguments(doc: str) -> set[str] | None:
   """The names of a Google-style ``Args:`` section, or None where there is none."""
   section = re.search(r'^Args:\n((?:(?:  .*)?\n)+)', doc + '\n', re.M)

@@ -275,6 +275,7 @@ def test_find_scale_invariant_takes_losses_that_need_concrete_values():
     return 0.0
 
   params = {'w': w, 'b': jnp.ones(3)}
-  for loss_fn in (lambda p, x: normalised(p, x, flag=True), branching):
-    found = go.find_scale_invariant(loss_fn, params, x)
+  flagged = lambda p, x, flag: normalised(p, x, flag=flag)
+  for loss_fn, args in ((flagged, (x, True)), (branching, (x,))):
+    found = go.find_scale_invariant(loss_fn, params, *args)
     assert found.param_labels == {'w': go.GRASSMANN, 'b': go.EUCLIDEAN}

@@ -174,19 +174,20 @@ def _float_gradients(loss_fn, args) -> Callable[[Any], list]:
 
   compiled = jax.jit(jax.grad(loss_of), static_argnums=(1, 3))
   arrays = [a for a, t in zip(arg_leaves, traced, strict=True) if t]
-  use_jit = [True]
+  use_jit = True
 
   def gradients(point) -> list:
+    nonlocal use_jit
     leaves, treedef = jax.tree.flatten(point)
     floating = tuple(bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)) for x in leaves)
     chosen = [x for x, f in zip(leaves, floating, strict=True) if f]
     fixed = [x for x, f in zip(leaves, floating, strict=True) if not f]
     grads = None
-    if use_jit[0]:
+    if use_jit:
       try:
         grads = compiled(chosen, floating, fixed, treedef, arrays)
       except _NEEDS_CONCRETE:
-        use_jit[0] = False
+        use_jit = False
     if grads is None:
       grads = jax.grad(loss_of)(chosen, floating, fixed, treedef, arrays)
     grads = iter(grads)
@@ -195,6 +196,7 @@ def _float_gradients(loss_fn, args) -> Callable[[Any], list]:
   return gradients
 
 
+@docstrings.fill
 def find_scale_invariant(
   loss_fn: Callable[..., jax.Array],
   params: Any,
