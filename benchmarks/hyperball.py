@@ -100,11 +100,39 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def published_step(learning_rate: float) -> optax.GradientTransformation:
+  """Wen et al.'s step as they write it, ``Norm(W − η‖W‖u/max(‖u‖, 1e-10))·‖W‖`` per matrix (the
+  last two axes), in a few lines of JAX: what the algorithm costs written directly, without
+  this library (no stored radius, no transport)."""
+
+  def norm(x):
+    return jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+
+  def step(w, u):
+    radius = norm(w)
+    moved = w - learning_rate * radius * u / jnp.maximum(norm(u), 1e-10)
+    return moved / norm(moved) * radius - w
+
+  def update_fn(updates, state, params):
+    return jax.tree.map(step, params, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def published_adamh(labels: Any) -> optax.GradientTransformation:
+  """AdamH as published, in plain JAX and Optax: ``optax.scale_by_adam`` then
+  :func:`published_step` on the hyperball leaves, ``optax.adamw`` on the others."""
+  hyperball = optax.chain(optax.scale_by_adam(B1, B2, eps=1e-8), published_step(LR_HYPERBALL))
+  euclidean = optax.adamw(LR, b1=B1, b2=B2, weight_decay=WEIGHT_DECAY, mask=decay_mask)
+  return optax.partition({go.GRASSMANN: hyperball, go.EUCLIDEAN: euclidean}, labels)
+
+
 def adam_candidates(labels: Any) -> dict[str, Any]:
   candidates = {
     'optax.adamw': lambda: optax.adamw(
       LR, b1=B1, b2=B2, weight_decay=WEIGHT_DECAY, mask=decay_mask
     ),
+    REFERENCE: lambda: published_adamh(labels),
   }
   for retraction in RETRACTIONS:
     candidates[f'adamh {retraction}'] = lambda retraction=retraction: go.adamh(
@@ -147,10 +175,19 @@ def muon_candidates(labels: Any, shapes: Any) -> dict[str, Any]:
   return candidates
 
 
+REFERENCE = 'AdamH in plain JAX'
+
+
 def twin_ratios(candidates: dict[str, Any]) -> dict[str, tuple[str, str, float | None]]:
-  """``{name: (numerator, denominator, goal)}``: each hyperball candidate over the first."""
-  twin, *hyperball = candidates
+  """``{name: (numerator, denominator, goal)}``: each hyperball candidate over the first (its
+  twin), held to the goal; the published formula in plain JAX, where there is one, over the
+  twin and under each of ours, with no goal."""
+  twin, *others = candidates
+  hyperball = [name for name in others if name != REFERENCE]
   ratios = {f'step: {name} / {twin}': (name, twin, GOAL) for name in hyperball}
+  if REFERENCE in candidates:
+    ratios[f'step: {REFERENCE} / {twin}'] = (REFERENCE, twin, None)
+    ratios |= {f'step: {name} / {REFERENCE}': (name, REFERENCE, None) for name in hyperball}
   ratios |= {f'compile: {name} / {twin}': (name, twin, None) for name in hyperball}
   return ratios
 

@@ -13,13 +13,15 @@ import shlex
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import optax
 
 import grassmann_optax as go
 from benchmarks import hyperball
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = '--layers 1 --d_model 32 --heads 2 --vocab 64 --context 16 --repeats 2 --sample_s 0.01'
-RATIO = re.compile(r'^  (step|compile): (.+?) / (\S+) +([0-9.eE+-]+|nan|inf) \(', re.M)
+RATIO = re.compile(r'^  (step|compile): (.+?) / (.+?) +([0-9.eE+-]+|nan|inf) \(', re.M)
 STATE = re.compile(r'^  state of (.+?) +([0-9,]+) = ([0-9.]+|nan|inf) × params', re.M)
 
 
@@ -59,11 +61,17 @@ def test_a_tiny_run_reports_every_ratio_finite(tmp_path):
     for base, twin in (('adam', 'optax.adamw'), ('muon', 'optax.contrib.muon'))
     for retraction in ('geodesic', 'normalize')
   }
+  reference = hyperball.REFERENCE
+  expected |= {('step', reference, 'optax.adamw')}
+  expected |= {
+    ('step', f'adamh {retraction}', reference) for retraction in ('geodesic', 'normalize')
+  }
   assert set(ratios) == expected, text
   assert all(math.isfinite(value) and value > 0 for value in ratios.values()), text
   assert text.count('goal ≤ 1.1: ') == 4  # each step ratio says whether it meets the goal
   states = {name: float(times) for name, _, times in STATE.findall(text)}
-  assert set(states) == {'optax.adamw', 'optax.contrib.muon'} | {name for _, name, _ in expected}
+  twins = {'optax.adamw', 'optax.contrib.muon', reference}
+  assert set(states) == twins | {name for _, name, _ in expected if name != reference}
   assert all(math.isfinite(times) and times > 0 for times in states.values()), text
   assert abs(states['optax.adamw'] - 2) < 0.01  # two moments per parameter, and a count
   assert (tmp_path / 'report.json').exists() and report['goal'] == 1.1
@@ -77,3 +85,34 @@ def test_the_commands_of_the_documents_parse():
   assert len(found) >= 4 and any(argv.strip() for argv in found)
   for argv in found:
     hyperball.parse_args(shlex.split(argv))
+
+
+def test_the_plain_jax_reference_is_adamh_as_published():
+  """The reference the benchmark times is AdamH: one step equals ``go.adamh(retraction=
+  'normalize')`` in float64 (the library keeps the radius, the reference takes ‖W‖ anew, which
+  agree on the first step)."""
+  with jax.enable_x64():
+    shapes = hyperball.gpt2_shapes(1, 16, 2, 32, 8)
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, 'float64'), shapes)
+    keys = iter(jax.random.split(jax.random.key(0), 64))
+    params = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), shapes)
+    grads = jax.tree.map(lambda s: jax.random.normal(next(keys), s.shape, s.dtype), shapes)
+    labels = go.transformer_labels(params)
+    ours = go.adamh(
+      hyperball.LR,
+      hyperball.LR_HYPERBALL,
+      b1=hyperball.B1,
+      b2=hyperball.B2,
+      weight_decay=hyperball.WEIGHT_DECAY,
+      param_labels=labels,
+      retraction='normalize',
+    )
+    reference = hyperball.published_adamh(labels)
+    for _ in range(3):
+      results = []
+      for tx in (ours, reference):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        results.append(optax.apply_updates(params, updates))
+      gaps = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *results)
+      assert max(jax.tree.leaves(gaps)) < 1e-12, gaps
+      params = results[0]
