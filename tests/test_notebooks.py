@@ -144,8 +144,12 @@ def test_geometry_notebook():
   assert images(nb) >= 1 and (FIGURES / '01_sphere.png').exists()
   fresh = run_quick('01_geometry')
 
-  for tag in ('scale-invariance', 'sgd-norms', 'sphere-numbers', 'labels'):
+  for tag in ('scale-invariance', 'sgd-norms', 'sphere-numbers'):
     assert_same_printout(tagged_text(fresh, tag), tagged_text(nb, tag), floor=1e-6)
+  # The labels are compared exactly. The cosines of scale-invariant leaves (under 1e-3, the
+  # rule's tolerance) are round-off of float32 gradients through BatchNorm, computed in one
+  # compiled program: they moved from 4.1e-4 to 3.9e-4 between two x86-64 machines.
+  assert_same_printout(tagged_text(fresh, 'labels'), tagged_text(nb, 'labels'), floor=1e-4)
 
   text = tagged_text(fresh, 'scale-invariance')
   cos = r'max \|cos\(w_j, dL/dw_j\)\| over the 8 columns, epsilon={}: ' + NUMBER
