@@ -257,6 +257,32 @@ def test_every_read_failure_falls_back_to_the_previous_checkpoint(
   assert int(state['step']) == 2
 
 
+def test_a_step_that_vanishes_while_orbax_lists_them_is_listed_again(
+  tmp_path, three_steps, monkeypatch
+):
+  """A live run deletes its oldest checkpoint while a reader's Orbax lists them (seen in CI:
+  ``FileNotFoundError`` on the vanished step's metadata): the reader lists them again instead of
+  reporting them unreadable; a directory that keeps failing is still reported, by name."""
+  run = _copy(three_steps, tmp_path)
+  real = checkpoints.ocp.CheckpointManager
+  failures = {'left': 2}
+
+  def vanishing(*args, **kwargs):
+    if failures['left']:
+      failures['left'] -= 1
+      raise FileNotFoundError(2, 'No such file or directory', str(run / 'checkpoints' / '1'))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoints.ocp, 'CheckpointManager', vanishing)
+  with checkpoints.checkpoint_manager(str(run / 'checkpoints')) as manager:
+    assert list(manager.all_steps()) == [1, 2, 3]
+  assert failures['left'] == 0
+  failures['left'] = 100
+  with pytest.raises(checkpoints.NoIntactCheckpointError, match='cannot read the checkpoints in'):
+    with checkpoints.checkpoint_manager(str(run / 'checkpoints')):
+      pass
+
+
 def test_a_damaged_newest_checkpoint_and_a_cut_metrics_line_cost_nothing(
   tmp_path, three_steps, four_steps, capsys
 ):

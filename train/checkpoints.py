@@ -48,6 +48,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -101,12 +102,20 @@ def checkpoint_manager(
   )
   handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
   with _plain_path(os.path.abspath(directory)) as path:
-    try:
-      manager = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
-    except OSError as error:
-      raise NoIntactCheckpointError(
-        f'cannot read the checkpoints in {directory} ({workdir.reason(error)})'
-      ) from error
+    for attempt in range(_READ_ATTEMPTS):
+      try:
+        manager = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+        break
+      except OSError as error:
+        # Orbax lists the steps, then reads each one's metadata: a live run that deletes an old
+        # checkpoint in between makes a step vanish under the listing. List them again.
+        vanished = isinstance(error, FileNotFoundError) and os.path.isdir(path)
+        if vanished and attempt + 1 < _READ_ATTEMPTS:
+          time.sleep(0.05 * (attempt + 1))
+          continue
+        raise NoIntactCheckpointError(
+          f'cannot read the checkpoints in {directory} ({workdir.reason(error)})'
+        ) from error
     try:
       yield manager
     finally:
