@@ -1,5 +1,5 @@
-// The extension module grassmann_optax._src._column_gram: the CPU kernel of column_gram.cc as an
-// XLA FFI handler in a capsule, which grassmann_optax/_src/native.py registers with
+// The extension module grassmann_optax._src._column_gram: the CPU kernels of column_gram.cc and
+// unstack.cc as XLA FFI handlers in capsules, which grassmann_optax/_src/native.py registers with
 // jax.ffi.register_ffi_target, and the instruction-set variant the kernel chose when it was
 // loaded. Built at install time (CMakeLists.txt).
 
@@ -8,8 +8,9 @@
 
 namespace nb = nanobind;
 
-// Defined in column_gram.cc.
+// Defined in column_gram.cc and unstack.cc.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(GrassmannColumnGram);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(GrassmannUnstack);
 extern "C" const char* GrassmannColumnGramVariant();
 
 NB_MODULE(_column_gram, m) {
@@ -17,6 +18,10 @@ NB_MODULE(_column_gram, m) {
   m.def(
       "handler", [] { return nb::capsule(reinterpret_cast<void*>(GrassmannColumnGram)); },
       "The XLA FFI handler, for jax.ffi.register_ffi_target(..., platform='cpu').");
+  m.def(
+      "unstack_handler",
+      [] { return nb::capsule(reinterpret_cast<void*>(GrassmannUnstack)); },
+      "The XLA FFI handler that copies out the slices of a stack of leaves.");
   m.def(
       "variant", [] { return GrassmannColumnGramVariant(); },
       "The instruction-set variant of the kernel's loops: 'avx2' or 'baseline'.");

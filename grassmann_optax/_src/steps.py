@@ -219,9 +219,8 @@ class _Part(NamedTuple):
     if len(self.members) == 1:
       out[self.members[0]] = value
     else:
-      value = tuning.materialized(value)
-      for j, i in enumerate(self.members):
-        out[i] = value[j]
+      for i, piece in zip(self.members, native.unstack(value), strict=True):
+        out[i] = piece
 
 
 def _parts(layouts, g_leaves, x_leaves, w_leaves) -> list[_Part]:

@@ -89,6 +89,17 @@ def groups(dtypes: Sequence[str], sizes: Sequence[int]) -> list[list[int]]:
   return alone + list(by_dtype.values())
 
 
+def _barrier(x: jax.Array) -> jax.Array:
+  """``x``, through a trivial reduction that XLA:CPU keeps as a fusion boundary.
+
+  The product of ``x`` and ones over a new axis of two: exact for every value (``x·1 = x``,
+  signed zeros and NaN included), and left to XLA's own loop emitter. A sum with zeros would do
+  the same, but XLA:CPU hands sum reductions to YNNPACK, whose reduction over a leading axis of
+  two measured 50x slower on a (500, 64, 16) array (5.3 ms against 0.1 ms).
+  """
+  return jnp.prod(jnp.stack([x, jnp.ones_like(x)]), axis=0)
+
+
 def per_point(*coefficients: jax.Array) -> jax.Array:
   """The per-point coefficients stacked, ``(len(coefficients), *shape)``, for the element passes.
 
@@ -107,7 +118,7 @@ def per_point(*coefficients: jax.Array) -> jax.Array:
   gathered = jnp.broadcast_to(coefficients[-1], row.shape).astype(dtype)
   for index in range(len(coefficients) - 2, -1, -1):
     gathered = jnp.where(row == index, coefficients[index], gathered)
-  return jnp.sum(jnp.stack([gathered, jnp.zeros_like(gathered)]), axis=0)
+  return _barrier(gathered)
 
 
 def materialized(x: jax.Array) -> jax.Array:
@@ -118,7 +129,7 @@ def materialized(x: jax.Array) -> jax.Array:
   of leaves (500 leaves: 12x the compile time of ``optax.adamw``). The same trivial reduction as
   :func:`per_point` is the fusion boundary.
   """
-  return jnp.sum(jnp.stack([x, jnp.zeros_like(x)]), axis=0)
+  return _barrier(x)
 
 
 def after(x: jax.Array, previous: jax.Array | None) -> jax.Array:
