@@ -44,9 +44,12 @@ def state_specs(state, spec):
   """The state's specs: buffers as the leaf, per-point values as its points, the rest whole."""
 
   def one(path, x):
+    key = jax.tree_util.keystr(path)
+    if 'grassmann' in key and 'per_point' in key:  # (values, points)
+      return P(None, spec[1])
     if x.ndim == 2:
       return spec
-    if x.ndim == 1 and x.shape[0] == 32 and 'grassmann' in jax.tree_util.keystr(path):
+    if x.ndim == 1 and x.shape[0] == 32 and 'grassmann' in key:
       return P(spec[1])
     return P()
 

@@ -383,3 +383,17 @@ def test_many_equal_small_leaves_step_as_each_leaf_alone(name):
   with tuning.disabled():
     alone = run(params)
   chex.assert_trees_all_close(stacked, alone, atol=2e-6, rtol=0)
+
+
+def test_the_state_has_as_many_arrays_as_adamw():
+  """Each array of the state is a buffer that every jitted step hands over, whatever its size:
+  Adam-G keeps its per-point values in one array per leaf, so it has AdamW's count of arrays."""
+  params = {f'leaf{i}': random_columns(jax.random.key(i), (9, 4)) for i in range(7)}
+  labels = jax.tree.map(lambda _: go.GRASSMANN, params)
+  state = go.adamg(0.01, 0.05, param_labels=labels).init(params)
+  assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(optax.adamw(0.01).init(params)))
+  inner = go.grassmann_adam(0.05).init(params)
+  assert inner.per_point['leaf0'].shape == (3, 4)
+  np.testing.assert_array_equal(inner.basis.on_buffer['leaf0'], np.ones(4))
+  np.testing.assert_array_equal(inner.basis.on_point['leaf0'], np.zeros(4))
+  np.testing.assert_array_equal(inner.nu['leaf0'], np.zeros(4))

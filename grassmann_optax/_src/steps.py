@@ -286,7 +286,7 @@ def _gram(parts: list[_Part]) -> Gram:
   return Gram(*s, scale=scale, inverse=inverse)
 
 
-def _flat(per_part: list[jax.Array], parts: list[_Part], dtype) -> jax.Array:
+def _flat(per_part: list[jax.Array], dtype) -> jax.Array:
   return jnp.concatenate([v.reshape(-1).astype(dtype) for v in per_part])
 
 
@@ -331,46 +331,52 @@ def _write(gram: Gram, step: Step, parts: list[_Part]) -> tuple[list, list]:
 PointStep = Callable[[Gram, dict[str, jax.Array]], tuple[Step, dict[str, jax.Array]]]
 
 
-def _fused_step(updates, buffers, params, per_point: dict, *, point_axes, mesh_axes, point_step):
+def _fused_step(
+  updates, buffers, params, per_point: list, names, radii, *, point_axes, mesh_axes, point_step
+):
   """One step of every manifold leaf of ``updates``.
 
-  ``per_point`` maps names to lists (one entry per leaf, batch-shaped) of per-point state:
-  ``on_buffer`` and ``on_point`` (the :class:`Basis`), ``radius`` with ``radius='init'``, and
-  the rule's own.
-  ``point_step(gram, vectors)`` gets them as vectors over the points and returns the
-  :class:`Step` and the new per-point state (same names, minus ``radius``). Points whose gradient
-  is not finite keep their state. Returns the updates, the new buffers (trees) and the new
-  per-point state (lists over the leaves).
+  ``per_point`` holds, per leaf, its per-point state: the values named ``names`` stacked on a
+  leading axis (the :class:`Basis`, then the rule's own); ``radii`` the radius of every point per
+  leaf (batch-shaped) with ``radius='init'``, else None. ``point_step(gram, vectors)`` gets them
+  as vectors over the points (``radius`` among them where given) and returns the :class:`Step`
+  and the new values of ``names``, in that order. Points whose gradient is not finite keep their
+  state. Returns the updates, the new buffers (trees) and the new per-point state (a list over
+  the leaves, stacked as ``per_point``).
   """
   g_leaves, treedef = jax.tree.flatten(updates)
   x_leaves, w_leaves = (treedef.flatten_up_to(tree) for tree in (buffers, params))
   layouts = points.resolve(params, point_axes, mesh_axes)
   parts = _parts(layouts, g_leaves, x_leaves, w_leaves)
   new_updates, new_buffers = [None] * len(g_leaves), [None] * len(g_leaves)
-  new_state = {name: [None] * len(g_leaves) for name in per_point if name != 'radius'}
+  new_state = [None] * len(g_leaves)
   for group in tuning.groups([str(p.w.dtype) for p in parts], [p.w.size for p in parts]):
     group_parts = [parts[i] for i in group]
     gram = _gram(group_parts)
-    vectors = {
-      name: _flat([part.stack(values) for part in group_parts], group_parts, gram.ww.dtype)
-      for name, values in per_point.items()
-    }
+    rows = []
+    for part in group_parts:
+      stacked = part.stack(per_point)  # (values, *batch), or a stack's (members, values, *batch)
+      stacked = stacked if len(part.members) == 1 else jnp.moveaxis(stacked, 0, 1)
+      rows.append(stacked.reshape(len(names), -1).astype(gram.ww.dtype))
+    table = jnp.concatenate(rows, axis=1)
+    vectors = {name: table[index] for index, name in enumerate(names)}
+    if radii is not None:
+      vectors['radius'] = _flat([part.stack(radii) for part in group_parts], gram.ww.dtype)
     step, held = point_step(gram, vectors)
     part_updates, part_buffers = _write(gram, step, group_parts)
     finite = jnp.isfinite(gram.gg)
     for index, part in enumerate(group_parts):
       part.unstack(part_updates[index], new_updates)
       part.unstack(part_buffers[index], new_buffers)
-    for name, value in held.items():
-      kept = jnp.where(finite, value, vectors[name])
-      for part, piece in zip(group_parts, _split(kept, group_parts, broadcast=False), strict=True):
-        part.unstack(piece, new_state[name])
+    kept = jnp.stack([jnp.where(finite, held[name], vectors[name]) for name in names])
+    for part, piece in zip(group_parts, _split(kept, group_parts, broadcast=False), strict=True):
+      # (values, *batch) per leaf; a stack's (values, members, *batch) with its members first.
+      part.unstack(piece if len(part.members) == 1 else jnp.moveaxis(piece, 0, 1), new_state)
   cast = lambda new, old: [a.astype(b.dtype) for a, b in zip(new, old, strict=True)]
-  new_state = {name: cast(values, per_point[name]) for name, values in new_state.items()}
   return (
     treedef.unflatten(cast(new_updates, w_leaves)),
     treedef.unflatten(cast(new_buffers, x_leaves)),
-    new_state,
+    cast(new_state, per_point),
   )
 
 
@@ -410,24 +416,18 @@ def warn_if_wrapped(name: str) -> None:
   )
 
 
-def _basis_init(params, layouts):
-  """``(1, 0)`` per point: the stored buffer is the transported one."""
-  ones, zeros = [], []
+def per_point_init(params, layouts, values: tuple[float, ...]):
+  """Per leaf, ``values`` for every point (float32 or wider), stacked on a leading axis:
+  shape ``(len(values), *batch_shape)``."""
+  leaves = []
   for layout, w in zip(layouts, jax.tree.leaves(params), strict=True):
     shape, dtype = layout.batch_shape(w.shape), manifold.compute_dtype(w)
-    ones.append(jnp.ones(shape, dtype))
-    zeros.append(jnp.zeros(shape, dtype))
-  treedef = jax.tree.structure(params)
-  return Basis(on_buffer=treedef.unflatten(ones), on_point=treedef.unflatten(zeros))
-
-
-def per_point_zeros(params, layouts):
-  """One zero per point (float32 or wider), shaped by the batch axes of each leaf."""
-  leaves = [
-    jnp.zeros(layout.batch_shape(w.shape), manifold.compute_dtype(w))
-    for layout, w in zip(layouts, jax.tree.leaves(params), strict=True)
-  ]
+    leaves.append(jnp.stack([jnp.full(shape, value, dtype) for value in values]))
   return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def _rows(per_point, index: int):
+  return jax.tree.map(lambda values: values[index], per_point)
 
 
 def initial_radius(params, layouts, name: str):
@@ -461,9 +461,14 @@ def _learning_rate(learning_rate, count):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def _per_point_lists(state_trees: dict, params) -> dict:
-  treedef = jax.tree.structure(params)
-  return {name: treedef.flatten_up_to(tree) for name, tree in state_trees.items()}
+# Why the per-point values of a leaf are one array: each array of the state is a buffer that
+# every call of a jitted step hands over and takes back, at a few microseconds whatever its size.
+# With three arrays per leaf, a step of 500 leaves of (64, 16) took 1.78x AdamW's time; with one,
+# 1.12x (docs/performance.md, "Many small leaves").
+_PER_POINT_DOC = """per_point: per leaf, its per-point values stacked on a leading axis, each
+      shaped by the batch axes of the leaf (``params.shape[-1:]`` for columns), float32 or
+      wider: {rows}. One array per leaf, not one per value, so that a model of many small
+      leaves hands over few arrays; the properties name the rows."""
 
 
 class GrassmannSgdState(NamedTuple):
@@ -473,15 +478,20 @@ class GrassmannSgdState(NamedTuple):
     count: number of updates so far, int32 (drives a learning-rate schedule).
     trace: the momentum buffer ``b`` (gradient units) in the shape of the params; the buffer
       transported to the current point is ``basis.on_buffer·trace + basis.on_point·params``.
-    basis: a :class:`Basis` of per-point values, shaped by the batch axes of each leaf.
+    {per_point}
     radius: with ``radius='init'``, the radius of every point, shaped by the batch axes;
       otherwise ``None``.
   """
 
   count: jax.Array
   trace: optax.Params
-  basis: Basis
+  per_point: optax.Params
   radius: optax.Params = None
+
+  @property
+  def basis(self) -> 'Basis':
+    """The :class:`Basis` of every point (rows 0 and 1 of ``per_point``)."""
+    return Basis(_rows(self.per_point, 0), _rows(self.per_point, 1))
 
 
 class GrassmannAdamState(NamedTuple):
@@ -491,17 +501,32 @@ class GrassmannAdamState(NamedTuple):
     count: number of updates so far (``t``), int32.
     mu: first moment ``m`` in the shape of the params; the moment transported to the current
       point is ``basis.on_buffer·mu + basis.on_point·params``.
-    nu: one scalar second moment per point, float32 or wider, shaped by the batch axes
-      (``params.shape[-1:]`` for columns).
-    basis: a :class:`Basis` of per-point values, shaped by the batch axes of each leaf.
+    {per_point}
     radius: with ``radius='init'``, the radius of every point; otherwise ``None``.
   """
 
   count: jax.Array
   mu: optax.Updates
-  nu: optax.Updates
-  basis: Basis
+  per_point: optax.Params
   radius: optax.Params = None
+
+  @property
+  def basis(self) -> 'Basis':
+    """The :class:`Basis` of every point (rows 0 and 1 of ``per_point``)."""
+    return Basis(_rows(self.per_point, 0), _rows(self.per_point, 1))
+
+  @property
+  def nu(self) -> optax.Updates:
+    """The scalar second moment ``v`` of every point (row 2 of ``per_point``)."""
+    return _rows(self.per_point, 2)
+
+
+GrassmannSgdState.__doc__ = GrassmannSgdState.__doc__.format(
+  per_point=_PER_POINT_DOC.format(rows='``basis.on_buffer``, ``basis.on_point``')
+)
+GrassmannAdamState.__doc__ = GrassmannAdamState.__doc__.format(
+  per_point=_PER_POINT_DOC.format(rows='``basis.on_buffer``, ``basis.on_point``, ``nu``')
+)
 
 
 PointRule = Callable[..., tuple[Step, dict[str, jax.Array]]]
@@ -521,17 +546,20 @@ def _transform(
 ) -> optax.GradientTransformationExtraArgs:
   """The transformation of a fused step; what differs between SGD-G and Adam-G is passed in.
 
-  ``init_state(params, layouts, basis, radii)`` builds the state; ``buffer_field`` names its
-  buffer and ``own_fields`` its other per-point fields (Adam-G's ``nu``).
+  ``init_state(params, layouts, per_point, radii)`` builds the state; ``buffer_field`` names its
+  buffer and ``own_fields`` its per-point values after the :class:`Basis` (Adam-G's ``nu``, which
+  starts at 0), the rows of its ``per_point`` field in that order.
   ``point_rule(gram, basis, own, radius, lr, count)`` returns the :class:`Step` and the new
   values of ``own`` (a dict of per-point vectors).
   """
+  names = (*Basis._fields, *own_fields)
+  initial = (1.0, 0.0, *(0.0 for _ in own_fields))  # the stored buffer is the transported one
 
   def init_fn(params):
     layouts = check_init(params, name, point_axes)
     warn_if_wrapped(name)
     radii = initial_radius(params, layouts, name) if isinstance(radius, str) else None
-    return init_state(params, layouts, _basis_init(params, layouts), radii)
+    return init_state(params, layouts, per_point_init(params, layouts, initial), radii)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -541,9 +569,8 @@ def _transform(
     sharding.check_split(params, sharding.resolve(params, mesh_axes), name)
     lr = _learning_rate(learning_rate, state.count)
     count = optax.safe_increment(state.count)
-    trees = {**state.basis._asdict(), **{f: getattr(state, f) for f in own_fields}}
-    if isinstance(radius, str):
-      trees['radius'] = state.radius
+    treedef = jax.tree.structure(params)
+    radii = treedef.flatten_up_to(state.radius) if isinstance(radius, str) else None
     scalar_radius = None if isinstance(radius, str) else radius
 
     def point_step(gram, vectors):
@@ -552,20 +579,21 @@ def _transform(
       step, own = point_rule(gram, basis, own, vectors.get('radius', scalar_radius), lr, count)
       return step, {**step.basis._asdict(), **own}
 
-    new_updates, new_buffers, held = _fused_step(
+    new_updates, new_buffers, per_point = _fused_step(
       updates,
       buffers,
       params,
-      _per_point_lists(trees, params),
+      treedef.flatten_up_to(state.per_point),
+      names,
+      radii,
       point_axes=point_axes,
       mesh_axes=mesh_axes,
       point_step=point_step,
     )
-    treedef = jax.tree.structure(params)
-    held = {field: treedef.unflatten(values) for field, values in held.items()}
-    new_basis = Basis(*(held.pop(f) for f in Basis._fields))
     return new_updates, state._replace(
-      count=count, basis=new_basis, **{buffer_field: new_buffers}, **held
+      count=count,
+      per_point=treedef.unflatten(per_point),
+      **{buffer_field: new_buffers},
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -628,12 +656,12 @@ def grassmann_sgd(
   points.check_spec_tree(point_axes)
   sharding.check_spec_tree(mesh_axes)
 
-  def init_state(params, layouts, basis, radii):
+  def init_state(params, layouts, per_point, radii):
     del layouts
     return GrassmannSgdState(
       count=jnp.zeros([], jnp.int32),
       trace=jax.tree.map(jnp.zeros_like, params),
-      basis=basis,
+      per_point=per_point,
       radius=radii,
     )
 
@@ -714,12 +742,12 @@ def grassmann_adam(
   points.check_spec_tree(point_axes)
   sharding.check_spec_tree(mesh_axes)
 
-  def init_state(params, layouts, basis, radii):
+  def init_state(params, layouts, per_point, radii):
+    del layouts
     return GrassmannAdamState(
       count=jnp.zeros([], jnp.int32),
       mu=jax.tree.map(jnp.zeros_like, params),
-      nu=per_point_zeros(params, layouts),
-      basis=basis,
+      per_point=per_point,
       radius=radii,
     )
 
