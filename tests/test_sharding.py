@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +132,43 @@ def test_mesh_axes_that_are_no_partition_spec_are_refused():
     go.adamg(0.01, 0.05, mesh_axes=3)
   with pytest.raises(TypeError, match=r"entry 'model' for 'w'"):
     go.grassmann_sgd(0.1, mesh_axes={'w': 'model'})
+
+
+@pytest.mark.parametrize(
+  'spec', [P('model', None), P(None, 'model'), P()], ids=['rows', 'columns', 'whole']
+)
+def test_equal_small_leaves_inside_shard_map_step_as_under_jit(mesh, spec):
+  """Equal small leaves are stacked for the step and split again by the CPU kernel; inside
+  shard_map each device splits its own block, and the step is the one of one device."""
+  params = {f'w{i}': go.unit_initializer()(jax.random.key(i), (48, 24)) for i in range(4)}
+  labels = jax.tree.map(lambda _: go.GRASSMANN, params)
+  grads = jax.tree.map(lambda p: jnp.sin(5 * p), params)
+  specs = jax.tree.map(lambda _: spec, params)
+  tx = go.adamg(0.01, 0.05, param_labels=labels, mesh_axes=specs)
+  reference = go.adamg(0.01, 0.05, param_labels=labels)
+  state = tx.init(params)
+
+  def state_spec(path, leaf):
+    if leaf.shape == (48, 24):
+      return spec
+    if 'per_point' in jax.tree_util.keystr(path):  # (values, columns)
+      return P(None, spec[1] if len(spec) > 1 else None)
+    return P()
+
+  def step(tx):
+    def run(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    return run
+
+  state_specs = jax.tree_util.tree_map_with_path(state_spec, state)
+  sharded = jax.jit(
+    jax.shard_map(
+      step(tx), mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=(specs, state_specs)
+    )
+  )
+  got = sharded(params, state, grads)
+  want = jax.jit(step(reference))(params, reference.init(params), grads)
+  chex.assert_trees_all_close(got[0], want[0], atol=2e-6, rtol=0)
+  chex.assert_trees_all_close(got[1].inner_states, want[1].inner_states, atol=2e-6, rtol=0)

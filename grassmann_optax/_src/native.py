@@ -51,7 +51,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grassmann_optax._src import points, tuning
+from grassmann_optax._src import points, sharding, tuning
 
 ENV_SWITCH = 'GRASSMANN_OPTAX_CPU_KERNEL'
 # Read by the kernel when it is loaded: 'baseline' forces the portable loop instead of AVX2.
@@ -436,8 +436,10 @@ def _partitioned_unstack(ndim: int, count: int):
 
 
 def _cpu_unstack(x: jax.Array) -> list[jax.Array]:
-  if x.ndim == 1:  # scalars: nothing to keep sharded
-    return _ffi_unstack(x)
+  if x.ndim == 1 or sharding.varying(x):
+    # Scalars have nothing to keep sharded; inside shard_map this is the device's own block, and
+    # the results vary along the mesh axes that the block does.
+    return [sharding.like(piece, x) for piece in _ffi_unstack(x)]
   return list(_partitioned_unstack(x.ndim, x.shape[0])(x))
 
 
@@ -476,8 +478,9 @@ def unstack(x: jax.Array) -> list[jax.Array]:
   the slices. As XLA slices, each would be a kernel of its own, with its own offset, that LLVM
   compiles: 500 leaves of one shape took 5.5 s to compile for one array, against 0.3 s for an
   elementwise operation on the same leaves. Otherwise the slices of ``x``, computed once as a
-  whole first (:func:`tuning.materialized`). Both are exact copies; differentiable, and per
-  member under ``vmap``.
+  whole first (:func:`tuning.materialized`). Both are exact copies; differentiable, per member
+  under ``vmap``, shard by shard under ``jit`` with sharded arrays and on each device's block
+  inside ``shard_map``.
   """
   usable = (
     tuning.use_cpu_kernel()
