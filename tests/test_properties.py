@@ -368,9 +368,11 @@ def test_many_equal_small_leaves_step_as_each_leaf_alone(name):
   keys = jax.random.split(jax.random.key(20), 12)
   params = {f'leaf{i}': random_columns(k, (9, 4)) for i, k in enumerate(keys)}
   params['other'] = random_columns(jax.random.key(21), (3, 3, 2, 5))
-  tx = manifold_chain(name, omega=0.1)
 
   def run(params):
+    # A transform of its own per run: jax.jit reuses the trace of a function it has seen, and
+    # the tuning applies where the update is traced.
+    tx = manifold_chain(name, omega=0.1)
     state = tx.init(params)
     step = jax.jit(tx.update)
     for k in range(4):
@@ -397,3 +399,31 @@ def test_the_state_has_as_many_arrays_as_adamw():
   np.testing.assert_array_equal(inner.basis.on_buffer['leaf0'], np.ones(4))
   np.testing.assert_array_equal(inner.basis.on_point['leaf0'], np.zeros(4))
   np.testing.assert_array_equal(inner.nu['leaf0'], np.zeros(4))
+
+
+@pytest.mark.parametrize('point_axes', [None, (0, 1)], ids=['columns', 'whole leaves'])
+def test_orthogonality_of_many_equal_small_leaves_as_each_leaf_alone(point_axes):
+  """Equal small leaves get their orthogonality term as one stack (two batched products, not two
+  per leaf); each leaf stays a group of its own, whole-leaf points too (no coupling)."""
+  from grassmann_optax._src import tuning
+
+  params = {f'leaf{i:02d}': random_columns(jax.random.key(i), (9, 4)) for i in range(12)}
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p), params)
+  tx = go.add_orthogonality_gradient(0.1, point_axes=point_axes)
+
+  def run():
+    fresh = go.add_orthogonality_gradient(0.1, point_axes=point_axes)  # traced anew
+    return jax.jit(fresh.update)(grads, fresh.init(params), params)[0]
+
+  def dots(count):
+    few = {k: params[k] for k in list(params)[:count]}
+    lowered = jax.jit(tx.update).lower({k: grads[k] for k in few}, tx.init(few), few)
+    return lowered.compile().as_text().count(' dot(')
+
+  stacked = run()
+  with tuning.disabled():
+    alone = run()
+  chex.assert_trees_all_close(stacked, alone, atol=1e-6, rtol=0)
+  assert float(jnp.abs(stacked['leaf00'] - grads['leaf00']).max()) > 1e-3 or point_axes
+  if point_axes is None:
+    assert dots(6) == dots(12)

@@ -172,7 +172,9 @@ def disabled() -> Iterator[None]:
 
   For comparing or timing the two; the results are the same up to float rounding. Public as
   ``grassmann_optax.cpu_kernel.disabled``. It applies to tracing in the current thread: jit a
-  function inside the block, and it keeps the XLA reductions wherever it is called.
+  function inside the block, and it keeps the XLA reductions wherever it is called. ``jax.jit``
+  reuses the trace it already has of a function, so a transform whose ``update`` was traced
+  before the block keeps the kernel in it: build the transform anew inside the block to compare.
 
   Example:
     >>> import jax, jax.numpy as jnp, grassmann_optax as go

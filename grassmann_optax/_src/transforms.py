@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, docstrings, manifold, points, sharding, steps
+from grassmann_optax._src import (
+  checks,
+  docstrings,
+  manifold,
+  native,
+  points,
+  sharding,
+  steps,
+  tuning,
+)
 from grassmann_optax._src import labels as labels_lib
 
 
@@ -115,7 +124,32 @@ def add_orthogonality_gradient(
       return (manifold.upcast(g) + term).astype(g.dtype)
 
     layouts = _layouts(params, point_axes, mesh_axes, 'add_orthogonality_gradient')
-    return map_leaves(add, layouts, updates, params), state
+    g_leaves, treedef = jax.tree.flatten(updates)
+    w_leaves = treedef.flatten_up_to(params)
+    out = [None] * len(g_leaves)
+    signatures = [
+      (tuple(w.shape), str(w.dtype), str(g.dtype), layout)
+      for layout, g, w in zip(layouts, g_leaves, w_leaves, strict=True)
+    ]
+    for members in tuning.stacks(signatures, [w.size for w in w_leaves]):
+      layout = layouts[members[0]]
+      if len(members) == 1 or layout.split or not layout.batch:
+        for i in members:
+          out[i] = add(layouts[i], g_leaves[i], w_leaves[i])
+        continue
+      # Equal small leaves as one stack, each leaf a group of its own (a new leading batch
+      # axis): two batched matrix products instead of two per leaf.
+      stacked = layout._replace(
+        point=tuple(a + 1 for a in layout.point), batch=(0, *(a + 1 for a in layout.batch))
+      )
+      new = add(
+        stacked,
+        jnp.stack([g_leaves[i] for i in members]),
+        jnp.stack([w_leaves[i] for i in members]),
+      )
+      for i, piece in zip(members, native.unstack(new), strict=True):
+        out[i] = piece
+    return treedef.unflatten(out), state
 
   init_fn = _checked_init('add_orthogonality_gradient', point_axes, mesh_axes, undercomplete=True)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -47,7 +47,11 @@ def enabled() -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-  """Functions traced inside this block use no backend tuning (for comparing and timing)."""
+  """Functions traced inside this block use no backend tuning (for comparing and timing).
+
+  ``jax.jit`` reuses the trace it already has of a function: build the transform anew inside
+  the block, or its ``update`` keeps the tuning it was first traced with.
+  """
   before = getattr(_off_here, 'value', False)
   _off_here.value = True
   try:
