@@ -120,10 +120,13 @@ def _many_leaves(report, quick, repeats, sample_s) -> None:
   candidates = {
     'optax.adamw': lambda: optax.adamw(LR),
     'adamg ω=0': lambda: go.adamg(LR, LR_G_ADAM, omega=0, param_labels=labels),
+    'adamg ω=0.1': lambda: go.adamg(LR, LR_G_ADAM, omega=0.1, param_labels=labels),
   }
   ratios = {
     'step: adamg / optax.adamw': ('adamg ω=0', 'optax.adamw', 1.5),
     'compile: adamg / optax.adamw': ('adamg ω=0', 'optax.adamw', 2.0),
+    'step: adamg ω=0.1 / optax.adamw': ('adamg ω=0.1', 'optax.adamw', None),
+    'compile: adamg ω=0.1 / optax.adamw': ('adamg ω=0.1', 'optax.adamw', None),
   }
   report[f'{count} leaves of (64, 16)'] = section(
     shapes, labels, None, candidates, ratios, repeats=repeats, sample_s=sample_s
