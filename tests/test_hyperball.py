@@ -230,23 +230,48 @@ def test_the_norm_does_not_drift_over_10000_float32_steps(name, retraction):
   assert drift < 1e-6, drift
 
 
-@pytest.mark.parametrize('retraction', RETRACTIONS)
-@pytest.mark.parametrize('name', FACTORIES)
-def test_the_cpu_tuning_changes_nothing_beyond_round_off(name, retraction):
-  """The CPU kernel's products, the barriers and the leaves ordered one after another (tuning)
-  give the steps of plain XLA reductions, to float32 round-off."""
+def assert_tuning_changes_nothing(name, retraction, shapes, *, steps, seed):
+  """Steps ``steps`` random gradients with and without the CPU tuning; both agree to float32
+  round-off. Returns the params, the gradients and the tuned run's last params."""
   from grassmann_optax._src import tuning
 
-  rs = np.random.RandomState(4)
-  shapes = {'a': (24, 16), 'b': (3, 20, 8), 'c': (16, 24)}
+  rs = np.random.RandomState(seed)
   params = {k: jnp.asarray(rs.randn(*s), jnp.float32) for k, s in shapes.items()}
-  grads = [{k: jnp.asarray(rs.randn(*s), jnp.float32) for k, s in shapes.items()} for _ in range(5)]
+  grads = [
+    {k: jnp.asarray(rs.randn(*s), jnp.float32) for k, s in shapes.items()} for _ in range(steps)
+  ]
   tuned, tuned_state = run(FACTORIES[name](LR, retraction=retraction), params, grads)
   with tuning.disabled():  # a transform of its own: jax.jit reuses the trace of one it has seen
     plain, plain_state = run(FACTORIES[name](LR, retraction=retraction), params, grads)
   close = functools.partial(np.testing.assert_allclose, atol=2e-6, rtol=0)
   jax.tree.map(close, tuned[-1], plain[-1])
   jax.tree.map(close, tuned_state, plain_state)
+  return params, grads, tuned[-1]
+
+
+@pytest.mark.parametrize('retraction', RETRACTIONS)
+@pytest.mark.parametrize('name', FACTORIES)
+def test_the_cpu_tuning_changes_nothing_beyond_round_off(name, retraction):
+  """The CPU kernel's products, the barriers and the leaves ordered one after another (tuning)
+  give the steps of plain XLA reductions, to float32 round-off."""
+  shapes = {'a': (24, 16), 'b': (3, 20, 8), 'c': (16, 24)}
+  assert_tuning_changes_nothing(name, retraction, shapes, steps=5, seed=4)
+
+
+@pytest.mark.parametrize('retraction', RETRACTIONS)
+@pytest.mark.parametrize('name', FACTORIES)
+def test_many_equal_small_leaves_step_as_each_leaf_alone(name, retraction):
+  """Equal small leaves are stepped as one stack (tuning), each leaf its own point: the steps
+  equal those of each leaf alone, and the compiled step does not grow a slice per leaf."""
+  from grassmann_optax._src import native
+
+  shapes = {f'leaf{i:02d}': (12, 8) for i in range(10)} | {'stacked': (3, 12, 8)}
+  params, grads, stacked = assert_tuning_changes_nothing(name, retraction, shapes, steps=4, seed=5)
+  assert float(jnp.abs(stacked['leaf00'] - params['leaf00']).max()) > 1e-3
+  if native.available():
+    tx = FACTORIES[name](LR, retraction=retraction)
+    text = jax.jit(tx.update).lower(grads[0], tx.init(params), params).as_text()
+    assert native.UNSTACK_TARGET in text
 
 
 # Devices.
