@@ -213,10 +213,7 @@ def _transform(
         layout = layouts[first]
       else:
         pick = lambda leaves, members=members: jnp.stack([leaves[i] for i in members])
-        layout = layouts[first]._replace(
-          point=tuple(a + 1 for a in layouts[first].point),
-          batch=(0, *(a + 1 for a in layouts[first].batch)),
-        )
+        layout = layouts[first].stacked()
       w, g = pick(w_leaves), pick(g_leaves)
       dtype = manifold.compute_dtype(w)
       leaf = _Leaf(

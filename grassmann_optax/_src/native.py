@@ -74,7 +74,6 @@ class _Kernel(NamedTuple):
 
   variant: str | None  # 'avx2' or 'baseline'; None where it is not in use
   missing: str | None  # why it is not installed or not loadable (for the warning); else None
-  unstack: bool = False  # the module's handler for unstack() is registered
 
 
 def _switched_off() -> bool:
@@ -98,7 +97,7 @@ def _load() -> _Kernel:
     return _Kernel(None, missing)
   jax.ffi.register_ffi_target(TARGET, module.handler(), platform='cpu')
   jax.ffi.register_ffi_target(UNSTACK_TARGET, module.unstack_handler(), platform='cpu')
-  return _Kernel(module.variant(), None, unstack=True)
+  return _Kernel(module.variant(), None)
 
 
 _loaded: list[_Kernel] = []
@@ -488,7 +487,7 @@ def unstack(x: jax.Array) -> list[jax.Array]:
     tuning.use_cpu_kernel()
     and not getattr(_disabled_here, 'value', False)
     and jax.default_backend() == 'cpu'
-    and _kernel().unstack
+    and _kernel().variant is not None
   )
   if not usable:
     return _slices(tuning.materialized(x))

@@ -148,6 +148,17 @@ class Layout(NamedTuple):
   def split(self) -> bool:
     return bool(self.point_mesh or self.member_mesh)
 
+  def stacked(self) -> 'Layout':
+    """The layout of equal leaves of this layout stacked on a new leading axis, a batch axis.
+
+    Each leaf keeps its points. The new axis is a group axis where the leaves have batch axes;
+    where they have none (one point per leaf) it is the last batch axis, so the leaves' points
+    form one group: maths that couples the points of a group must not stack such leaves.
+    """
+    return self._replace(
+      point=tuple(a + 1 for a in self.point), batch=(0, *(a + 1 for a in self.batch))
+    )
+
   def point_size(self, shape) -> int:
     return math.prod(shape[a] for a in self.point)
 

@@ -243,10 +243,7 @@ def _parts(layouts, g_leaves, x_leaves, w_leaves) -> list[_Part]:
         manifold.upcast(jnp.stack([tree[i] for i in members]))
         for tree in (w_leaves, g_leaves, x_leaves)
       ]
-      layout = layouts[first]._replace(
-        point=tuple(a + 1 for a in layouts[first].point),
-        batch=(0, *(a + 1 for a in layouts[first].batch)),
-      )
+      layout = layouts[first].stacked()
     parts.append(_Part(*arrays, layout, tuple(members), allow_kernel))
   return parts
 

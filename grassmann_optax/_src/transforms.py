@@ -139,11 +139,8 @@ def add_orthogonality_gradient(
         continue
       # Equal small leaves as one stack, each leaf a group of its own (a new leading batch
       # axis): two batched matrix products instead of two per leaf.
-      stacked = layout._replace(
-        point=tuple(a + 1 for a in layout.point), batch=(0, *(a + 1 for a in layout.batch))
-      )
       new = add(
-        stacked,
+        layout.stacked(),
         jnp.stack([g_leaves[i] for i in members]),
         jnp.stack([w_leaves[i] for i in members]),
       )
