@@ -382,20 +382,52 @@ def hyperball_adam(
     mu, nu = buffers
     return HyperballAdamState(count=count, mu=mu, nu=nu, radius=radius)
 
+  def update(mu, nu, t):
+    return (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
+
   def adam(leaf, h, mu, nu):
     mu = b1 * mu + (1 - b1) * h
     nu = b2 * nu + (1 - b2) * h * h
-    t = leaf.after_previous(leaf.t)
-    u = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
-    return u, (mu, nu)
+    return update(mu, nu, leaf.after_previous(leaf.t)), (mu, nu)
 
   rule = _sphere_rule(adam, retraction)
+
+  def fused(leaf, w, g, mu, nu):
+    """The step with the moments and the products of ``u`` from one pass on CPU (the kernel of
+    :func:`native.adam_products`); where it does not apply, :func:`_sphere_rule`'s.
+
+    The kernel writes the moments in place and, for ``'normalize'``, no array besides: the
+    leaves need no ordering (:func:`tuning.after`) to keep temporary memory small, and without it
+    XLA overlaps one leaf's kernel with another's element pass.
+    """
+    allow_kernel = leaf.allow_kernel and tuning.use_cpu_kernel()
+    axes = leaf.layout.point
+    if not native.adam_kernel_applies(w, g, mu, nu, point_axes=axes, allow_kernel=allow_kernel):
+      return rule(leaf, w, g, mu, nu)
+    geodesic = retraction == 'geodesic'
+    tangent = None
+    if geodesic:
+      ww, wg = leaf.products(w, g, g)[:2]
+      (tangent,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
+    moments = native.adam_products(
+      w, g, mu, nu, b1=b1, b2=b2, eps=eps, t=leaf.t, point_axes=axes, tangent=tangent
+    )
+    mu, nu, u, (ww, wu, uu, wm, um) = moments
+    u = update(mu, nu, leaf.t) if u is None else u
+    if not geodesic:
+      on, _ = sphere.normalize_step(ww, wu, uu, leaf.radius, leaf.lr)
+      step, mark = _combine(w, u, *on)
+      return step, (mu, nu), mark
+    on, transport = sphere.geodesic_step(ww, wu, uu, leaf.radius, leaf.lr)
+    mu = _transported(w, u, mu, wm, um, transport)
+    step, mark = _combine(w, u, *on, after=mu)
+    return step, (mu, nu), mark
 
   return _transform(
     'hyperball_adam',
     make_state,
     ('mu', 'nu'),
-    rule,
+    fused,
     learning_rate=learning_rate,
     point_axes=point_axes,
   )

@@ -30,6 +30,12 @@ kernel has a JVP rule (the products are bilinear), so the update stays different
 ``vmap`` it runs once per batch member; under ``jit`` with sharded arrays each device reduces its
 own shard (a ``psum`` adds up shards of point axes), so nothing is gathered.
 
+The same extension module has two more handlers: ``unstack.cc`` (:func:`unstack`) copies the
+leaves of a stack out in one call, and ``adam_products.cc`` (:func:`adam_products`) computes
+AdamH's moments and the per-point products of its update in one pass, writing the moments in
+place. Both have the same rules under ``vmap``, JVP and sharded ``jit`` as the products, and the
+same switches.
+
 The public switches are in :mod:`grassmann_optax.cpu_kernel`.
 
 References:
@@ -39,6 +45,7 @@ References:
 import contextlib
 import functools
 import importlib
+import itertools
 import os
 import threading
 import warnings
@@ -62,6 +69,9 @@ ENV_BUILD = 'GRASSMANN_OPTAX_BUILD_CPU_KERNEL'
 MODULE = 'grassmann_optax._src._column_gram'
 TARGET = 'grassmann_optax_column_gram'
 UNSTACK_TARGET = 'grassmann_optax_unstack'
+ADAM_TARGET = 'grassmann_optax_adam_products'
+# The sums of adam_products.cc: w·w, w·u, u·u, w·m', u·m'.
+ADAM_SUMS = 5
 # Runs of fewer elements take the kernel's column loop (kShortRun in column_gram.cc).
 SHORT_RUN = 16
 
@@ -97,6 +107,7 @@ def _load() -> _Kernel:
     return _Kernel(None, missing)
   jax.ffi.register_ffi_target(TARGET, module.handler(), platform='cpu')
   jax.ffi.register_ffi_target(UNSTACK_TARGET, module.unstack_handler(), platform='cpu')
+  jax.ffi.register_ffi_target(ADAM_TARGET, module.adam_products_handler(), platform='cpu')
   return _Kernel(module.variant(), None)
 
 
@@ -492,6 +503,198 @@ def unstack(x: jax.Array) -> list[jax.Array]:
   if not usable:
     return _slices(tuning.materialized(x))
   return list(_kernel_unstack(x))
+
+
+def contiguous_points(shape: Sequence[int], point_axes: Sequence[int]) -> tuple[int, int] | None:
+  """``(points, size)`` where every point is ``size`` contiguous elements of a row-major array of
+  ``shape`` (the batch axes before the point axes, axes of size 1 aside); else ``None``.
+
+  Example:
+    >>> from grassmann_optax._src import native
+    >>> native.contiguous_points((12, 768, 2304), (1, 2)), native.contiguous_points((8, 4), (0,))
+    ((12, 1769472), None)
+  """
+  roles = [axis in point_axes for axis, size in enumerate(shape) if size != 1]
+  if any(is_point and not later for is_point, later in itertools.pairwise(roles)):
+    return None
+  size = int(np.prod([shape[axis] for axis in point_axes], dtype=np.int64))
+  points = int(np.prod(shape, dtype=np.int64)) // max(size, 1)
+  return (points, size) if size > 0 and points > 0 else None
+
+
+def _xla_adam(w, g, mu, nu, c, scalars, point_axes, tangent):
+  """:func:`adam_products` in XLA: the moments, then five reductions."""
+  b1, c1, b2, c2, eps, d1, d2 = (scalars[k] for k in range(7))
+  h = g - c.reshape(_point_shape(w.shape, point_axes)) * w if tangent else g
+  mu = b1 * mu + c1 * h
+  nu = b2 * nu + (c2 * h) * h
+  u = (mu / d1) / (jnp.sqrt(nu / d2) + eps)
+  pairs = ((w, w), (w, u), (u, u), (w, mu), (u, mu))
+  sums = _stack([_dot(a, b, point_axes) for a, b in pairs], _batch_shape(w.shape, point_axes))
+  return (mu, nu, u, sums) if tangent else (mu, nu, sums)
+
+
+def _ffi_adam(w, g, mu, nu, c, scalars, point_axes, tangent):
+  """The kernel on one device's operands; the moments are written in place of the old ones."""
+  batch_shape = _batch_shape(w.shape, point_axes)
+  layout = contiguous_points(w.shape, point_axes)
+  if layout is None:
+    return _xla_adam(w, g, mu, nu, c, scalars, point_axes, tangent)
+  moment = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+  update = jax.ShapeDtypeStruct(w.shape if tangent else (0,), jnp.float32)
+  out = (moment, moment, update, jax.ShapeDtypeStruct((ADAM_SUMS, layout[0]), jnp.float32))
+  mu, nu, u, sums = jax.ffi.ffi_call(
+    ADAM_TARGET, out, vmap_method='sequential', input_output_aliases={2: 0, 3: 1}
+  )(w, g, mu, nu, c.reshape(-1), scalars, points=np.int64(layout[0]), tangent=bool(tangent))
+  sums = sums.reshape((ADAM_SUMS, *batch_shape))
+  return (mu, nu, u, sums) if tangent else (mu, nu, sums)
+
+
+@functools.cache
+def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
+  """The Adam kernel with a sharding rule: each device steps its own shard (as
+  :func:`_partitioned_gram`; a ``psum`` adds up the sums of shards of point axes)."""
+  batch_axes = tuple(axis for axis in range(ndim) if axis not in point_axes)
+
+  def shardings(mesh, spec):
+    operand = NamedSharding(mesh, PartitionSpec(*spec))
+    per_point = NamedSharding(mesh, PartitionSpec(*(spec[axis] for axis in batch_axes)))
+    sums = NamedSharding(mesh, PartitionSpec(None, *(spec[axis] for axis in batch_axes)))
+    return operand, per_point, (operand,) * (3 if tangent else 2) + (sums,)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    spec = _operand_spec(arg_shapes[0])
+    reduced = tuple(name for axis in point_axes for name in _mesh_axes(spec[axis]))
+
+    def local(*operands):
+      *arrays, sums = _ffi_adam(*operands, point_axes, tangent)
+      return (*arrays, jax.lax.psum(sums, reduced) if reduced else sums)
+
+    operand, per_point, results = shardings(mesh, spec)
+    replicated = NamedSharding(mesh, PartitionSpec(None))
+    return mesh, local, results, (operand,) * 4 + (per_point, replicated)
+
+  def infer_sharding(mesh, arg_shapes, result_shape):
+    del result_shape
+    return shardings(mesh, _operand_spec(arg_shapes[0]))[2]
+
+  adam = custom_partitioning(lambda *x: _ffi_adam(*x, point_axes, tangent))
+  factors = [f'a{axis}' for axis in range(ndim)]
+  operand = ' '.join(factors)
+  batch = ' '.join(factors[axis] for axis in batch_axes)
+  adam.def_partition(
+    partition,
+    infer_sharding_from_operands=infer_sharding,
+    sharding_rule=(
+      f'{operand}, {operand}, {operand}, {operand}, {batch}, s -> '
+      + f'{operand}, ' * (3 if tangent else 2)
+      + f'k {batch}'
+    ),
+    need_replication_factors=('s',),
+  )
+  return adam
+
+
+@functools.cache
+def _kernel_adam(point_axes: tuple[int, ...], tangent: bool):
+  """The Adam kernel for points over ``point_axes``, differentiable and batchable."""
+
+  def reference(*operands):
+    return _xla_adam(*operands, point_axes, tangent)
+
+  def cpu(*operands):
+    if any(sharding.varying(x) for x in operands):
+      # Inside shard_map: the device's own blocks, and results that vary as the operands do.
+      results = _ffi_adam(*operands, point_axes, tangent)
+      for x in operands:
+        results = tuple(sharding.like(r, x) for r in results)
+      return results
+    return _partitioned_adam(operands[0].ndim, point_axes, tangent)(*operands)
+
+  @jax.custom_batching.custom_vmap
+  def platform_adam(*operands):
+    return jax.lax.platform_dependent(*operands, cpu=cpu, default=reference)
+
+  @platform_adam.def_vmap
+  def platform_adam_batched(axis_size, in_batched, *operands):
+    """Under ``vmap``, one call per batch member (the kernel sees the member's layout)."""
+    operands = tuple(
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip(operands, in_batched, strict=True)
+    )
+    return jax.lax.map(lambda x: platform_adam(*x), operands), (True,) * (4 if tangent else 3)
+
+  @jax.custom_jvp
+  def adam(w, g, mu, nu, c, scalars):
+    return platform_adam(w, g, mu, nu, c, scalars)
+
+  @adam.defjvp
+  def adam_jvp(primals, tangents):
+    return adam(*primals), jax.jvp(reference, primals, tangents)[1]
+
+  return adam
+
+
+def adam_kernel_applies(w, g, mu, nu, *, point_axes: Sequence[int], allow_kernel=True) -> bool:
+  """Whether :func:`adam_products` runs its kernel on these operands (else it returns None)."""
+  return (
+    allow_kernel
+    and w.ndim >= 1
+    and all(x.dtype == jnp.float32 and x.shape == w.shape for x in (w, g, mu, nu))
+    and contiguous_points(w.shape, tuple(point_axes)) is not None
+    and jax.default_backend() == 'cpu'
+    and _use_kernel()
+  )
+
+
+def adam_products(
+  w: jax.Array,
+  g: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  *,
+  b1,
+  b2,
+  eps,
+  t: jax.Array,
+  point_axes: Sequence[int],
+  tangent: jax.Array | None = None,
+  allow_kernel: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, tuple[jax.Array, ...]] | None:
+  """Adam's moments and the inner products of its update, for AdamH's step, in one pass on CPU.
+
+  With ``h = g − c·w`` where ``tangent`` gives the per-point ``c`` (the projection of the
+  gradient on the sphere's tangent space; a per-point array, 1 on the point axes), else
+  ``h = g``: ``mu' = b1·mu + (1 − b1)·h``, ``nu' = b2·nu + ((1 − b2)·h)·h`` and, for Adam's
+  update ``u = (mu'/(1 − b1^t)) / (√(nu'/(1 − b2^t)) + eps)``, the per-point
+  ``(w·w, w·u, u·u, w·mu', u·mu')``, each of ``w``'s shape with the point axes 1. Returns
+  ``(mu', nu', u, sums)``; ``u`` is written out only with ``tangent`` (the geodesic step reads it
+  in two passes after this one; the published step recomputes it in its one), else ``None``.
+
+  On CPU one call of ``adam_products.cc`` reads ``w``, ``g``, ``mu`` and ``nu`` once and writes
+  the moments in place, where XLA would make a pass per moment, write ``u`` out and read it
+  again for the sums. Returns ``None`` where the kernel does not apply (not CPU, not float32,
+  points that are not contiguous, the kernel missing or switched off): the caller then computes
+  the same in XLA. Differentiable; per member under ``vmap``; each device steps its own shard
+  under ``jit`` with sharded arrays, and its own block inside ``shard_map``.
+  """
+  axes = tuple(point_axes)
+  if not adam_kernel_applies(w, g, mu, nu, point_axes=axes, allow_kernel=allow_kernel):
+    return None
+  scalars = jnp.stack(
+    [jnp.asarray(x, jnp.float32) for x in (b1, 1 - b1, b2, 1 - b2, eps, 1 - b1**t, 1 - b2**t)]
+  )
+  batch_shape = _batch_shape(w.shape, axes)
+  if tangent is None:
+    c = jnp.zeros(batch_shape, jnp.float32)
+  else:
+    c = jnp.broadcast_to(tangent, _point_shape(w.shape, axes)).astype(jnp.float32)
+    c = c.reshape(batch_shape)
+  results = _kernel_adam(axes, tangent is not None)(w, g, mu, nu, c, scalars)
+  mu, nu, *u, sums = results
+  shape = _point_shape(w.shape, axes)
+  return mu, nu, (u[0] if u else None), tuple(sums[k].reshape(shape) for k in range(ADAM_SUMS))
 
 
 def column_products(
