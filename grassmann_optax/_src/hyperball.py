@@ -344,7 +344,9 @@ def hyperball_adam(
   and ``m`` is carried to the new point by the sphere's parallel transport
   ``m + (m·d)((cos θ − 1) d − sin θ y)``, ``d`` the unit direction and ``θ`` the angle of the
   step, as Adam-G transports its first moment (Cho & Lee 2017). The second moment ``v`` is a
-  per-element magnitude, not a tangent vector, so it is kept as it is.
+  per-element magnitude, not a tangent vector, so it is kept as it is. On CPU, for float32
+  matrices, one pass of a C++ kernel writes both moments and reduces the products of ``u`` that
+  the step needs (``docs/kernel.md``); elsewhere XLA computes the same.
 
   Args:
     learning_rate: η, the step relative to the radius, or a schedule.
