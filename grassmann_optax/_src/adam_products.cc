@@ -49,6 +49,13 @@ constexpr int kSums = 5;  // w·w, w·u, u·u, w·m', u·m'
 constexpr int64_t kLanes = 8;
 constexpr int64_t kBlock = 512;
 constexpr int64_t kChunk = int64_t{1} << 16;
+// Each cache line of the four operands is prefetched kPrefetch elements (2 KiB) ahead, within the
+// chunk. Without it, the loop's arithmetic (a square root and a division per element) and its six
+// streams overlapped poorly: on 94M elements from memory on two threads of this project's Intel
+// Xeon the pass took 57.5 ms without, 50.5 ms at 512 bytes ahead, 47.3 ms at 1 or 2 KiB (a loop
+// that only updates the two moments: 58 ms).
+constexpr int64_t kPrefetch = 512;
+constexpr int64_t kLineFloats = 16;
 // The scalars operand: b1, 1 − b1, b2, 1 − b2, eps, d1, d2.
 constexpr int64_t kScalars = 7;
 
@@ -118,6 +125,12 @@ template <bool kTangent>
     Lanes block[kSums] = {};
     int64_t j = start;
     for (; j + kLanes <= stop; j += kLanes) {
+      if (j % kLineFloats == 0 && j + kPrefetch < end) {
+        __builtin_prefetch(w + j + kPrefetch);
+        __builtin_prefetch(g + j + kPrefetch);
+        __builtin_prefetch(mu + j + kPrefetch, 1);
+        __builtin_prefetch(nu + j + kPrefetch, 1);
+      }
       Lanes m = Load(mu + j), v = Load(nu + j);
       const Lanes u = step(Load(w + j), Load(g + j), m, v, kLanes, block);
       Store(mu + j, m);

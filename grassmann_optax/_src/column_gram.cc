@@ -51,6 +51,11 @@ constexpr int64_t kLanes = 8;
 // Each row's loads prefetch the same columns kPrefetchRows rows further on, once per cache line
 // of kLineFloats floats.
 constexpr int64_t kPrefetchRows = 2;
+// The run loop prefetches each cache line kRunPrefetch elements (2 KiB) ahead, within the slice
+// (or the rows) it reads. On 40 matrices of (768, 3072) from memory, each one point, with two
+// threads of this project's Intel Xeon, it took the pass over w and g from 1.32x to 1.00x the time
+// XLA needs to read the two arrays.
+constexpr int64_t kRunPrefetch = 512;
 constexpr int64_t kLineFloats = 16;
 // The column loop sweeps a block's rows over at most kPanelColumns columns at a time, so that
 // the block's accumulators (6 * 4 bytes per column: 12 KiB) stay in the L1 cache. On this
@@ -208,7 +213,7 @@ constexpr LaneMask kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7};
 [[gnu::always_inline]] inline void AccumulateSegment(const float* __restrict x,
                                                      const float* __restrict y,
                                                      const float* __restrict z, int64_t len,
-                                                     float* __restrict acc) {
+                                                     int64_t readable, float* __restrict acc) {
   Lanes a0, a1, a2, a3, a4, a5, xv, yv, zv;
   LoadLanes(&a0, acc);
   LoadLanes(&a1, acc + kLanes);
@@ -226,6 +231,11 @@ constexpr LaneMask kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7};
   };
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
+    if (j % kLineFloats == 0 && j + kRunPrefetch < readable) {
+      __builtin_prefetch(x + j + kRunPrefetch);
+      __builtin_prefetch(y + j + kRunPrefetch);
+      __builtin_prefetch(z + j + kRunPrefetch);
+    }
     LoadLanes(&xv, x + j);
     LoadLanes(&yv, y + j);
     LoadLanes(&zv, z + j);
@@ -258,6 +268,7 @@ struct RunShape {
   int64_t run;           // N2
   int64_t segments;      // ceil(N2 / kSegment)
   int64_t block_pieces;  // pieces per block: whole runs where a run is short, else one segment
+  int64_t elements;      // N1 * I * N2: how far from a slice's start the loop may prefetch
 };
 
 // Stores the sums of pieces [q_begin, q_end) of the I points of one slice (plus 0) in `sums`
@@ -290,7 +301,8 @@ struct RunShape {
         for (int64_t s = s0; s < s1; ++s) {
           const int64_t offset = start + s * kSegment;
           const int64_t len = std::min(kSegment, run - s * kSegment);
-          AccumulateSegment(w + offset, g + offset, b + offset, len, block + i * kPointLanes);
+          AccumulateSegment(w + offset, g + offset, b + offset, len, shape.elements - offset,
+                            block + i * kPointLanes);
         }
       }
       q += s1 - s0;
@@ -328,7 +340,7 @@ struct RunShape {
     for (int64_t s = 0; s < run; s += kSegment) {
       float block[kPointLanes] = {};
       AccumulateSegment(w + start + s, g + start + s, b + start + s, std::min(kSegment, run - s),
-                        block);
+                        row_end * run - start - s, block);
       for (int k = 0; k < kProducts; ++k) {
         Lanes add;
         LoadLanes(&add, block + k * kLanes);
@@ -515,7 +527,8 @@ ffi::Error ColumnGramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Bu
   work->width = short_runs ? inner * run : inner;
   const int64_t segments = (run + kSegment - 1) / kSegment;
   work->shape = {inner, run, segments,
-                 segments > 1 ? 1 : std::max<int64_t>(1, kBlockElements / run)};
+                 segments > 1 ? 1 : std::max<int64_t>(1, kBlockElements / run),
+                 reduced * inner * run};
   work->pieces = work->by_runs ? reduced * segments : reduced;
   // A stack of slices shares the kMaxChunks (O == 1 keeps every chunk of a single matrix): each
   // chunk's sums take 6 * width floats, and with the chunks of each matrix of a (12, 768, 3072)
