@@ -634,6 +634,28 @@ def test_a_tree_of_many_equal_leaves_compiles_no_kernel_per_leaf(kernel, name):
   assert many.count(' slice(') == few.count(' slice(')
 
 
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_the_overflow_rescue_reserves_memory_for_one_leaf_at_a_time(name):
+  """All leaves of a dtype share one per-point computation, but each leaf tests its own sums for
+  overflow and rescales its own gradient (F10): a ``lax.cond`` reserves memory for its rare
+  branch too, and one test for the whole group reserved a scaled copy of every gradient at
+  once (138 MiB on WRN-28-10, against 14 MiB)."""
+  leaves = 6
+  params = {
+    f'leaf{i}': go.unit_initializer()(jax.random.key(i), (64, 1200)) for i in range(leaves)
+  }  # 76,800 elements each: not stacked
+  labels = jax.tree.map(lambda _: go.GRASSMANN, params)
+  tx = {'sgdg': go.sgdg, 'adamg': go.adamg}[name](0.01, 0.05, omega=0, param_labels=labels)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+  leaf_bytes = 64 * 1200 * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < 3 * leaf_bytes
+
+
 @pytest.mark.parametrize('barrier', ['materialized', 'per_point'])
 def test_the_fusion_barriers_stay_with_xla(barrier):
   """The trivial reductions that keep the element passes apart stay reductions in the compiled

@@ -265,22 +265,32 @@ def _products(part: _Part, g: jax.Array) -> jax.Array:
   return sharding.psum(jnp.stack([s.reshape(-1) for s in products]), part.layout.point_mesh)
 
 
-def _gram(parts: list[_Part]) -> Gram:
-  """The inner products of every point of a group of parts, one vector per product (F1, F10)."""
-  sums = jnp.concatenate([_products(part, part.g) for part in parts], axis=1)
+def _part_gram(part: _Part) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(scale, inverse, sums)`` of one part's points (F1, F10): the six products as rows of
+  ``sums``, recomputed on the gradient divided per point by a power of two where some point's
+  ``gᵀg`` is too large.
+
+  The test and the recomputation are per part, so that a step reserves temporary memory for one
+  part's scaled gradient, not for those of a whole group (the rare branch of a ``lax.cond`` is
+  allocated all the same).
+  """
+  sums = _products(part, part.g)
 
   def rescaled():
-    scales = [manifold.column_scale(p.g, p.layout.point, p.layout.point_mesh) for p in parts]
-    products = [_products(part, part.g * inv) for part, (_, inv) in zip(parts, scales, strict=True)]
-    flat = lambda index: sharding.like(
-      jnp.concatenate([pair[index].reshape(-1) for pair in scales]).astype(sums.dtype), sums
-    )
-    return flat(0), flat(1), jnp.concatenate(products, 1)
+    scale, inverse = manifold.column_scale(part.g, part.layout.point, part.layout.point_mesh)
+    flat = lambda x: sharding.like(x.reshape(-1).astype(sums.dtype), sums)
+    return flat(scale), flat(inverse), _products(part, part.g * inverse)
 
   # Devices that split a point hold the same all-reduced sums, so they take the same branch.
   one = sharding.like(jnp.ones(sums.shape[1:], sums.dtype), sums)
-  scale, inverse, s = jax.lax.cond(manifold.large(sums[2]), rescaled, lambda: (one, one, sums))
-  return Gram(*s, scale=scale, inverse=inverse)
+  return jax.lax.cond(manifold.large(sums[2]), rescaled, lambda: (one, one, sums))
+
+
+def _gram(parts: list[_Part]) -> Gram:
+  """The inner products of every point of a group of parts, one vector per product (F1, F10)."""
+  grams = [_part_gram(part) for part in parts]
+  scale, inverse, sums = (jnp.concatenate(x, axis=-1) for x in zip(*grams, strict=True))
+  return Gram(*sums, scale=scale, inverse=inverse)
 
 
 def _flat(per_part: list[jax.Array], dtype) -> jax.Array:
@@ -347,7 +357,7 @@ def _fused_step(
   parts = _parts(layouts, g_leaves, x_leaves, w_leaves)
   new_updates, new_buffers = [None] * len(g_leaves), [None] * len(g_leaves)
   new_state = [None] * len(g_leaves)
-  for group in tuning.groups([str(p.w.dtype) for p in parts], [p.w.size for p in parts]):
+  for group in tuning.groups([str(p.w.dtype) for p in parts]):
     group_parts = [parts[i] for i in group]
     gram = _gram(group_parts)
     rows = []

@@ -6,10 +6,13 @@ The fused steps (:mod:`steps`) make three choices for speed, each here:
    model of hundreds of equal leaves (a Transformer's layers) compiles and runs as a few arrays,
    not hundreds.
 2. **Groups.** Leaves whose per-point maths (cos, sin, clipping and transport factors, on one
-   value per point) runs once for all their points, side by side. On CPU each large leaf is a
-   group of its own, so that its passes start as soon as its own inner products are done and the
-   passes of different leaves overlap; small leaves share one group. Other backends launch one
-   kernel after another, each with a cost: all leaves of a dtype share one group.
+   value per point) runs once for all their points, side by side: all leaves of a dtype. Other
+   backends launch one kernel after another, each with a cost. On CPU every leaf's inner
+   products are then reduced before any element pass, two kernel calls at a time on two cores,
+   and the passes follow. Each large leaf a group of its own instead, so that its passes could
+   start as soon as its own products were done, was slower on this project's 2-core Intel
+   machine: `sgdg` on WRN-28-10 took 2.15-2.19 × Nesterov SGD's update against 2.04-2.06 × so
+   (two alternating runs each of ``python -m benchmarks.update --sections wrn``).
 3. **Barriers and the CPU kernel.** On CPU the per-point coefficients are materialised before
    the element passes (:func:`per_point`), and the six inner products come from one pass of the
    C++ kernel (:mod:`native`) instead of six XLA reductions.
@@ -32,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 ENV_SWITCH = 'GRASSMANN_OPTAX_TUNING'
-# Leaves with fewer elements than this are stacked with their equals and share a group on CPU.
+# Leaves with fewer elements than this are stacked with their equals.
 SMALL_LEAF = 1 << 16
 
 _off_here = threading.local()
@@ -79,18 +82,14 @@ def stacks(signatures: Sequence[tuple], sizes: Sequence[int]) -> list[list[int]]
   return list(out.values())
 
 
-def groups(dtypes: Sequence[str], sizes: Sequence[int]) -> list[list[int]]:
+def groups(dtypes: Sequence[str]) -> list[list[int]]:
   """Which arrays share one per-point computation; lists of indices (see the module's 2.)."""
   if not enabled():
-    return [[i] for i in range(len(sizes))]
+    return [[i] for i in range(len(dtypes))]
   by_dtype: dict[str, list[int]] = {}
-  alone = []
-  for index, (dtype, size) in enumerate(zip(dtypes, sizes, strict=True)):
-    if _cpu() and size >= SMALL_LEAF:
-      alone.append([index])
-    else:
-      by_dtype.setdefault(dtype, []).append(index)
-  return alone + list(by_dtype.values())
+  for index, dtype in enumerate(dtypes):
+    by_dtype.setdefault(dtype, []).append(index)
+  return list(by_dtype.values())
 
 
 def _barrier(x: jax.Array) -> jax.Array:
