@@ -71,12 +71,12 @@ def has_kernel(names) -> bool:
 
 
 def test_the_wheel_holds_the_library_only(wheel, names, metadata):
-  """No ``train`` package, no console script, no C++ source; the licence and py.typed."""
+  """No ``train`` package, no console script, no C++ source or header; the licence and py.typed."""
   dist_info = f'grassmann_optax-{metadata["Version"]}.dist-info'
   assert {name.split('/')[0] for name in names} == {'grassmann_optax', dist_info}
   assert 'grassmann_optax/__init__.py' in names and 'grassmann_optax/py.typed' in names
   assert f'{dist_info}/entry_points.txt' not in names
-  assert not [name for name in names if name.endswith('.cc')]
+  assert not [name for name in names if name.endswith(('.cc', '.h'))]
   with zipfile.ZipFile(wheel) as archive:
     assert archive.read(f'{dist_info}/licenses/LICENSE') == (ROOT / 'LICENSE').read_bytes()
   if REQUIRE_KERNEL and 'GRASSMANN_OPTAX_WHEEL' in os.environ:

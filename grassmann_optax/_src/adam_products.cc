@@ -31,22 +31,24 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using grassmann_kernel::kLanes;
+using grassmann_kernel::Lanes;
+using grassmann_kernel::LoadLanes;
+using grassmann_kernel::StoreLanes;
+
 constexpr int kSums = 5;  // w·w, w·u, u·u, w·m', u·m'
-constexpr int64_t kLanes = 8;
 constexpr int64_t kBlock = 512;
 constexpr int64_t kChunk = int64_t{1} << 16;
 // Each cache line of the four operands is prefetched kPrefetch elements (2 KiB) ahead, within the
@@ -66,20 +68,6 @@ constexpr int64_t kScalars = 7;
 struct Scalars {
   float b1, c1, b2, c2, eps, r1, r2;
 };
-
-// Eight float32 lanes as a GCC/Clang vector (as in column_gram.cc): the AVX2 build does each
-// operation in one 256-bit register, the baseline build in two 128-bit ones.
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-
-[[gnu::always_inline]] inline Lanes Load(const float* x) {
-  Lanes v;
-  __builtin_memcpy(&v, x, sizeof(Lanes));
-  return v;
-}
-
-[[gnu::always_inline]] inline void Store(float* x, const Lanes& v) {
-  __builtin_memcpy(x, &v, sizeof(Lanes));
-}
 
 [[gnu::always_inline]] inline Lanes Sqrt(Lanes v) {
   Lanes r;
@@ -131,11 +119,15 @@ template <bool kTangent>
         __builtin_prefetch(mu + j + kPrefetch, 1);
         __builtin_prefetch(nu + j + kPrefetch, 1);
       }
-      Lanes m = Load(mu + j), v = Load(nu + j);
-      const Lanes u = step(Load(w + j), Load(g + j), m, v, kLanes, block);
-      Store(mu + j, m);
-      Store(nu + j, v);
-      if (kTangent) Store(update + j, u);
+      Lanes wv, gv, m, v;
+      LoadLanes(&wv, w + j);
+      LoadLanes(&gv, g + j);
+      LoadLanes(&m, mu + j);
+      LoadLanes(&v, nu + j);
+      const Lanes u = step(wv, gv, m, v, kLanes, block);
+      StoreLanes(mu + j, &m);
+      StoreLanes(nu + j, &v);
+      if (kTangent) StoreLanes(update + j, &u);
     }
     if (j < stop) {
       const int64_t rest = stop - j;
@@ -144,15 +136,19 @@ template <bool kTangent>
       std::memcpy(gr, g + j, rest * sizeof(float));
       std::memcpy(mr, mu + j, rest * sizeof(float));
       std::memcpy(vr, nu + j, rest * sizeof(float));
-      Lanes m = Load(mr), v = Load(vr);
-      const Lanes u = step(Load(wr), Load(gr), m, v, rest, block);
-      Store(mr, m);
-      Store(vr, v);
+      Lanes wv, gv, m, v;
+      LoadLanes(&wv, wr);
+      LoadLanes(&gv, gr);
+      LoadLanes(&m, mr);
+      LoadLanes(&v, vr);
+      const Lanes u = step(wv, gv, m, v, rest, block);
+      StoreLanes(mr, &m);
+      StoreLanes(vr, &v);
       std::memcpy(mu + j, mr, rest * sizeof(float));
       std::memcpy(nu + j, vr, rest * sizeof(float));
       if (kTangent) {
         float ur[kLanes];
-        Store(ur, u);
+        StoreLanes(ur, &u);
         std::memcpy(update + j, ur, rest * sizeof(float));
       }
     }
@@ -182,8 +178,7 @@ void ChunkTangentBaseline(const Scalars& s, float c, const float* w, const float
   ChunkBody<true>(s, c, w, g, mu, nu, update, begin, end, sums);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GRASSMANN_HAVE_AVX2_VARIANT 1
+#ifdef GRASSMANN_HAVE_AVX2_VARIANT
 __attribute__((target("avx2"))) void ChunkAvx2(const Scalars& s, float c, const float* w,
                                                const float* g, float* mu, float* nu, float* update,
                                                int64_t begin, int64_t end, float* sums) {
@@ -198,17 +193,12 @@ __attribute__((target("avx2"))) void ChunkTangentAvx2(const Scalars& s, float c,
 }
 #endif
 
-// The same choice as column_gram.cc: AVX2 where the processor has it, unless
-// GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline.
+// The same choice as column_gram.cc (grassmann_kernel::UseAvx2).
 Variant SelectVariant() {
-  const char* forced = std::getenv("GRASSMANN_OPTAX_CPU_KERNEL_ISA");
-  const Variant baseline = {ChunkBaseline, ChunkTangentBaseline};
-  if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return baseline;
 #ifdef GRASSMANN_HAVE_AVX2_VARIANT
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return {ChunkAvx2, ChunkTangentAvx2};
+  if (grassmann_kernel::UseAvx2()) return {ChunkAvx2, ChunkTangentAvx2};
 #endif
-  return baseline;
+  return {ChunkBaseline, ChunkTangentBaseline};
 }
 
 const Variant kVariant = SelectVariant();
@@ -295,11 +285,7 @@ ffi::Error AdamProductsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::
   work->group = work->chunks > 1 ? 1 : std::max<int64_t>(1, kChunk / size);
   work->tasks = (work->units + work->group - 1) / work->group;
   work->sums.reset(new float[work->units * kSums]);
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = std::min(threads, work->tasks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->tasks) std::this_thread::yield();
+  grassmann_kernel::RunOnPool(pool, work);
 
   // Result [k, p]: 0 plus the sums of point p's chunks, in order.
   const int64_t chunks = work->chunks;

@@ -30,24 +30,27 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "kernel_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using grassmann_kernel::kLanes;
+using grassmann_kernel::Lanes;
+using grassmann_kernel::LoadLanes;
+using grassmann_kernel::StoreLanes;
+
 constexpr int kProducts = 6;
 // Rows per chunk are chosen so that a chunk reads about this many elements of each array.
 constexpr int64_t kChunkElements = int64_t{1} << 16;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kBlockRows = 64;
-constexpr int64_t kLanes = 8;
 // Each row's loads prefetch the same columns kPrefetchRows rows further on, once per cache line
 // of kLineFloats floats.
 constexpr int64_t kPrefetchRows = 2;
@@ -186,20 +189,8 @@ constexpr int64_t kPointLanes = kProducts * kLanes;
   }
 }
 
-// Eight float32 lanes as a GCC/Clang vector: the AVX2 build does each operation in one 256-bit
-// register, the baseline build in two 128-bit ones, lane for lane the same arithmetic.
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-
 typedef int32_t LaneMask __attribute__((vector_size(kLanes * sizeof(int32_t))));
 constexpr LaneMask kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7};
-
-[[gnu::always_inline]] inline void LoadLanes(Lanes* v, const float* x) {
-  __builtin_memcpy(v, x, sizeof(Lanes));
-}
-
-[[gnu::always_inline]] inline void StoreLanes(float* x, const Lanes* v) {
-  __builtin_memcpy(x, v, sizeof(Lanes));
-}
 
 // Adds the products of `len` contiguous elements (a segment of one run, starting at a multiple of
 // kLanes within the run) to the lane sums at `acc` (layout [product][lane]): element j goes to
@@ -386,8 +377,7 @@ void AccumulateRowRunsBaseline(const float* w, const float* g, const float* b, i
   AccumulateRowRunsBody(w, g, b, run, row_begin, row_end, sums, stride);
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define GRASSMANN_HAVE_AVX2_VARIANT 1
+#ifdef GRASSMANN_HAVE_AVX2_VARIANT
 // 256-bit vectors where the processor has them (the x86-64 baseline is 128-bit SSE2). Measured
 // on the WRN-28-10 tree on a 2-core AMD EPYC, AVX2 takes the pass from about 16 ms to 13 ms, near
 // the time XLA needs only to read the three arrays once; AVX-512 was no faster.
@@ -415,20 +405,15 @@ __attribute__((target("avx2"))) void AccumulateRowRunsAvx2(const float* w, const
 }
 #endif
 
-// The variant for this processor, chosen once when the library is loaded.
-// GRASSMANN_OPTAX_CPU_KERNEL_ISA=baseline forces the portable one (for tests that compare them).
+// The variant for this processor, chosen once when the library is loaded
+// (grassmann_kernel::UseAvx2).
 Variant SelectVariant() {
-  const char* forced = std::getenv("GRASSMANN_OPTAX_CPU_KERNEL_ISA");
-  const Variant baseline = {"baseline", AccumulateRowsBaseline, AccumulateRunsBaseline,
-                            AccumulateRowRunsBaseline};
-  if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return baseline;
 #ifdef GRASSMANN_HAVE_AVX2_VARIANT
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) {
+  if (grassmann_kernel::UseAvx2()) {
     return {"avx2", AccumulateRowsAvx2, AccumulateRunsAvx2, AccumulateRowRunsAvx2};
   }
 #endif
-  return baseline;
+  return {"baseline", AccumulateRowsBaseline, AccumulateRunsBaseline, AccumulateRowRunsBaseline};
 }
 
 const Variant kVariant = SelectVariant();
@@ -553,12 +538,7 @@ ffi::Error ColumnGramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Bu
     work->sums_buffer.reset(new float[work->units * kProducts * width]);
     work->sums = work->sums_buffer.get();
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = std::min(threads, work->tasks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  // Every task has been claimed; wait for the ones other threads are still summing.
-  while (work->done.load(std::memory_order_acquire) < work->tasks) std::this_thread::yield();
+  grassmann_kernel::RunOnPool(pool, work);
 
   if (direct) return ffi::Error::Success();
   // Point (o, i) is result column o * I + i: 0 plus the sums of the chunks of o in order (the
