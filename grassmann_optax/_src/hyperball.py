@@ -25,7 +25,16 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, manifold, matrix_sign, native, points, sphere, tuning
+from grassmann_optax._src import (
+  checks,
+  manifold,
+  matrix_sign,
+  native,
+  points,
+  sphere,
+  stacks,
+  tuning,
+)
 
 
 class HyperballStepState(NamedTuple):
@@ -199,43 +208,27 @@ def _transform(
     w_leaves, g_leaves = jax.tree.leaves(params), treedef.flatten_up_to(updates)
     new_updates = [None] * len(w_leaves)
     new_buffers = [[None] * len(w_leaves) for _ in buffer_fields]
-    signatures = [
-      (w.shape, str(w.dtype), str(g.dtype), tuple(str(b[i].dtype) for b in buffers), layout)
-      for i, (layout, w, g) in enumerate(zip(layouts, w_leaves, g_leaves, strict=True))
-    ]
     previous = None
     # Equal small leaves are stepped as one stack, each leaf a point (or points) of its own on a
     # new leading batch axis (tuning): a few arrays for XLA instead of hundreds.
-    for members in tuning.stacks(signatures, [w.size for w in w_leaves]):
-      first = members[0]
-      if len(members) == 1:
-        pick = lambda leaves, first=first: leaves[first]
-        layout = layouts[first]
-      else:
-        pick = lambda leaves, members=members: jnp.stack([leaves[i] for i in members])
-        layout = layouts[first].stacked()
-      w, g = pick(w_leaves), pick(g_leaves)
+    for stack in stacks.plan(layouts, w_leaves, g_leaves, *buffers):
+      w, g = stack.pick(w_leaves), stack.pick(g_leaves)
+      layout = stack.layout(layouts)
       dtype = manifold.compute_dtype(w)
       leaf = _Leaf(
         layout=layout,
-        radius=sphere.per_point(pick(radii).astype(dtype), layout, w.shape),
+        radius=sphere.per_point(stack.pick(radii).astype(dtype), layout, w.shape),
         lr=jnp.asarray(lr, dtype),
         t=count.astype(dtype),
         allow_kernel=w.dtype == dtype and g.dtype == dtype,
         previous=previous,
       )
-      own = [pick(b).astype(dtype) for b in buffers]
+      own = [stack.pick(b).astype(dtype) for b in buffers]
       update, own, mark = rule(leaf, w.astype(dtype), g.astype(dtype), *own)
       previous = mark.reshape(-1)[0]
-      results = [(update.astype(w.dtype), new_updates)]
-      results += [
-        (new.astype(old[first].dtype), out)
-        for new, old, out in zip(own, buffers, new_buffers, strict=True)
-      ]
-      for value, out in results:
-        pieces = [value] if len(members) == 1 else native.unstack(value)
-        for i, piece in zip(members, pieces, strict=True):
-          out[i] = piece
+      stack.scatter(update.astype(w.dtype), new_updates)
+      for new, old, out in zip(own, buffers, new_buffers, strict=True):
+        stack.scatter(new.astype(old[stack.first].dtype), out)
     new_state = make_state(count, [treedef.unflatten(b) for b in new_buffers], state.radius)
     return treedef.unflatten(new_updates), new_state
 

@@ -30,7 +30,16 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, docstrings, manifold, native, points, sharding, tuning
+from grassmann_optax._src import (
+  checks,
+  docstrings,
+  manifold,
+  native,
+  points,
+  sharding,
+  stacks,
+  tuning,
+)
 
 # Points whose transported buffer would be written with a factor 1/κ, |κ| below this (a step of
 # about a right angle), store it in a mixed basis instead ((F9) of docs/algorithm.md).
@@ -198,7 +207,7 @@ class _Part(NamedTuple):
   g: jax.Array
   x: jax.Array
   layout: points.Layout
-  members: tuple[int, ...]  # the leaves' indices
+  stack: stacks.Stack  # which leaves
   allow_kernel: bool  # the three arrays are stored in the compute dtype
 
   @property
@@ -209,42 +218,17 @@ class _Part(NamedTuple):
   def num_points(self) -> int:
     return self.layout.num_points(self.w.shape)
 
-  def stack(self, per_leaf: list) -> jax.Array:
-    """Per-point values of the members (batch-shaped), as this part's batch shape."""
-    if len(self.members) == 1:
-      return per_leaf[self.members[0]]
-    return jnp.stack([per_leaf[i] for i in self.members])
-
-  def unstack(self, value: jax.Array, out: list) -> None:
-    if len(self.members) == 1:
-      out[self.members[0]] = value
-    else:
-      for i, piece in zip(self.members, native.unstack(value), strict=True):
-        out[i] = piece
-
 
 def _parts(layouts, g_leaves, x_leaves, w_leaves) -> list[_Part]:
-  signatures = [
-    (tuple(w.shape), str(w.dtype), str(g.dtype), str(x.dtype), layout)
-    for layout, g, x, w in zip(layouts, g_leaves, x_leaves, w_leaves, strict=True)
-  ]
   parts = []
-  for members in tuning.stacks(signatures, [w.size for w in w_leaves]):
-    first = members[0]
+  for stack in stacks.plan(layouts, w_leaves, g_leaves, x_leaves):
+    first = stack.first
     allow_kernel = all(
       a.dtype == manifold.compute_dtype(w_leaves[first])
       for a in (g_leaves[first], x_leaves[first], w_leaves[first])
     )
-    if len(members) == 1:
-      arrays = [manifold.upcast(tree[first]) for tree in (w_leaves, g_leaves, x_leaves)]
-      layout = layouts[first]
-    else:
-      arrays = [
-        manifold.upcast(jnp.stack([tree[i] for i in members]))
-        for tree in (w_leaves, g_leaves, x_leaves)
-      ]
-      layout = layouts[first].stacked()
-    parts.append(_Part(*arrays, layout, tuple(members), allow_kernel))
+    arrays = [manifold.upcast(stack.pick(tree)) for tree in (w_leaves, g_leaves, x_leaves)]
+    parts.append(_Part(*arrays, stack.layout(layouts), stack, allow_kernel))
   return parts
 
 
@@ -362,23 +346,23 @@ def _fused_step(
     gram = _gram(group_parts)
     rows = []
     for part in group_parts:
-      stacked = part.stack(per_point)  # (values, *batch), or a stack's (members, values, *batch)
-      stacked = stacked if len(part.members) == 1 else jnp.moveaxis(stacked, 0, 1)
+      stacked = part.stack.pick(per_point)  # (values, *batch), or (members, values, *batch)
+      stacked = stacked if part.stack.alone else jnp.moveaxis(stacked, 0, 1)
       rows.append(stacked.reshape(len(names), -1).astype(gram.ww.dtype))
     table = jnp.concatenate(rows, axis=1)
     vectors = {name: table[index] for index, name in enumerate(names)}
     if radii is not None:
-      vectors['radius'] = _flat([part.stack(radii) for part in group_parts], gram.ww.dtype)
+      vectors['radius'] = _flat([part.stack.pick(radii) for part in group_parts], gram.ww.dtype)
     step, held = point_step(gram, vectors)
     part_updates, part_buffers = _write(gram, step, group_parts)
     finite = jnp.isfinite(gram.gg)
     for index, part in enumerate(group_parts):
-      part.unstack(part_updates[index], new_updates)
-      part.unstack(part_buffers[index], new_buffers)
+      part.stack.scatter(part_updates[index], new_updates)
+      part.stack.scatter(part_buffers[index], new_buffers)
     kept = jnp.stack([jnp.where(finite, held[name], vectors[name]) for name in names])
     for part, piece in zip(group_parts, _split(kept, group_parts, broadcast=False), strict=True):
       # (values, *batch) per leaf; a stack's (values, members, *batch) with its members first.
-      part.unstack(piece if len(part.members) == 1 else jnp.moveaxis(piece, 0, 1), new_state)
+      part.stack.scatter(piece if part.stack.alone else jnp.moveaxis(piece, 0, 1), new_state)
   cast = lambda new, old: [a.astype(b.dtype) for a, b in zip(new, old, strict=True)]
   return (
     treedef.unflatten(cast(new_updates, w_leaves)),

@@ -24,11 +24,10 @@ from grassmann_optax._src import (
   checks,
   docstrings,
   manifold,
-  native,
   points,
   sharding,
+  stacks,
   steps,
-  tuning,
 )
 from grassmann_optax._src import labels as labels_lib
 
@@ -127,25 +126,16 @@ def add_orthogonality_gradient(
     g_leaves, treedef = jax.tree.flatten(updates)
     w_leaves = treedef.flatten_up_to(params)
     out = [None] * len(g_leaves)
-    signatures = [
-      (tuple(w.shape), str(w.dtype), str(g.dtype), layout)
-      for layout, g, w in zip(layouts, g_leaves, w_leaves, strict=True)
-    ]
-    for members in tuning.stacks(signatures, [w.size for w in w_leaves]):
-      layout = layouts[members[0]]
-      if len(members) == 1 or layout.split or not layout.batch:
-        for i in members:
+    for stack in stacks.plan(layouts, w_leaves, g_leaves):
+      layout = layouts[stack.first]
+      if stack.alone or layout.split or not layout.batch:
+        for i in stack.members:
           out[i] = add(layouts[i], g_leaves[i], w_leaves[i])
         continue
       # Equal small leaves as one stack, each leaf a group of its own (a new leading batch
       # axis): two batched matrix products instead of two per leaf.
-      new = add(
-        layout.stacked(),
-        jnp.stack([g_leaves[i] for i in members]),
-        jnp.stack([w_leaves[i] for i in members]),
-      )
-      for i, piece in zip(members, native.unstack(new), strict=True):
-        out[i] = piece
+      new = add(stack.layout(layouts), stack.pick(g_leaves), stack.pick(w_leaves))
+      stack.scatter(new, out)
     return treedef.unflatten(out), state
 
   init_fn = _checked_init('add_orthogonality_gradient', point_axes, mesh_axes, undercomplete=True)

@@ -4,7 +4,8 @@ The fused steps (:mod:`steps`) make three choices for speed, each here:
 
 1. **Stacks.** Small leaves of one shape, dtype and layout are stacked into one array, so that a
    model of hundreds of equal leaves (a Transformer's layers) compiles and runs as a few arrays,
-   not hundreds.
+   not hundreds (:func:`stacks`; :mod:`grassmann_optax._src.stacks` plans them and takes the
+   leaves' pieces back for every transform that steps leaves).
 2. **Groups.** Leaves whose per-point maths (cos, sin, clipping and transport factors, on one
    value per point) runs once for all their points, side by side: all leaves of a dtype. Other
    backends launch one kernel after another, each with a cost. On CPU every leaf's inner
