@@ -172,6 +172,32 @@ def test_project_params_puts_averaged_points_back_on_the_sphere():
     go.project_params(averaged, {'w': 'grassmann'})
 
 
+def test_project_params_takes_the_radii_a_hyperball_state_holds():
+  # One matrix on the hyperball: its radius tree holds one scalar, which is still per point; the
+  # point_axes apply to the manifold leaves only (the 1-D bias has no last two axes).
+  params = {'w': 3.0 * KERNEL.reshape(3, 12, 8)[:, :, :6], 'b': jnp.ones(8)}
+  labels = {'w': go.GRASSMANN, 'b': go.EUCLIDEAN}
+  state = go.adamh(1e-3, 0.02, param_labels=labels).init(params)
+  radius = state.inner_states['grassmann'].inner_state.radius
+  moved = jax.tree.map(lambda p: 0.5 * p, params)
+  back = go.project_params(moved, labels, radius=radius, point_axes=(-2, -1))
+  np.testing.assert_allclose(jnp.linalg.norm(back['w'], axis=(1, 2)), radius['w'], rtol=1e-6)
+  np.testing.assert_array_equal(back['b'], moved['b'])
+  single = {'w': params['w'][0]}
+  one = go.adamh(1e-3, 0.02, param_labels={'w': go.GRASSMANN}).init(single)
+  one = one.inner_states['grassmann'].inner_state.radius
+  assert jnp.ndim(one['w']) == 0
+  back = go.project_params(
+    {'w': 0.5 * single['w']}, {'w': go.GRASSMANN}, radius=one, point_axes=(-2, -1)
+  )
+  np.testing.assert_allclose(jnp.linalg.norm(back['w']), one['w'], rtol=1e-6)
+  # Radii that are not one per point, or not one array per manifold leaf, are refused by name.
+  with pytest.raises(ValueError, match=r"leaf 'w'.*not one per point"):
+    go.project_params(moved, labels, radius=radius)
+  with pytest.raises(ValueError, match='2 arrays of radii.*1 manifold leaves'):
+    go.project_params(moved, labels, radius={'w': radius['w'], 'x': radius['w']})
+
+
 def test_update_without_params_says_so_for_every_step():
   for tx in (go.grassmann_sgd(0.1), go.grassmann_adam(0.1)):
     with pytest.raises(ValueError, match='params'):

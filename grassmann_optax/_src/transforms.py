@@ -343,7 +343,8 @@ def project_params(
     mesh_axes: {{mesh_axes}}
     radius: ``None`` (unit points), a positive number, or a pytree with the structure of the
       manifold leaves' radii as a step's state holds them (``state.radius`` with
-      ``radius='init'``), one value per point.
+      ``radius='init'``, and a Hyperball step's), one value per point; give ``point_axes`` as
+      that step has them (a Hyperball alias's points are matrices: ``(-2, -1)``).
 
   Returns:
     ``params`` with every point of every manifold leaf at its radius.
@@ -356,29 +357,58 @@ def project_params(
 
   {{references}}
   """
-  labels = labels_lib.resolve_labels(params, param_labels)
-  layouts = _layouts(params, point_axes, mesh_axes, 'project_params')
   if isinstance(radius, str):
     raise TypeError(
       f'project_params: radius={radius!r}; give None, a number, or the per-point radii that a '
       "step with radius='init' keeps in its state (state.radius)."
     )
-  leaves = jax.tree.leaves(radius)
-  per_point = len(leaves) > 1 or any(jnp.ndim(leaf) > 0 for leaf in leaves)
+  # A tree (even of one scalar, as a Hyperball state holds for one matrix) or an array of radii
+  # is per point; a bare number is one radius for all.
+  per_point = radius is not None and (
+    not jax.tree_util.treedef_is_leaf(jax.tree.structure(radius)) or jnp.ndim(radius) > 0
+  )
   if not per_point:
     checks.check_radius(radius)
-  radius_leaves = iter(leaves) if per_point else None
+  leaves, treedef = jax.tree.flatten(params)
+  on = [
+    label == labels_lib.GRASSMANN
+    for label in treedef.flatten_up_to(labels_lib.resolve_labels(params, param_labels))
+  ]
+  # The manifold leaves only, as optax.partition hands them to a step: point_axes need not fit
+  # the other leaves.
+  masked = treedef.unflatten(
+    [w if here else optax.MaskedNode() for w, here in zip(leaves, on, strict=True)]
+  )
+  layouts = _layouts(masked, point_axes, mesh_axes, 'project_params')
+  named = checks.named_leaves(masked)
+  scales = [1 if radius is None else radius] * len(named)
+  if per_point:
+    given = jax.tree.leaves(radius)
+    if len(given) != len(named):
+      raise ValueError(
+        f'project_params: radius holds {len(given)} arrays of radii, but params have '
+        f'{len(named)} manifold leaves. Pass the state.radius of the step (with '
+        "radius='init') that holds these params, or a number."
+      )
+    scales = []
+    for (name, w), layout, r in zip(named, layouts, given, strict=True):
+      points_in_leaf = layout.num_points(w.shape)
+      if jnp.size(r) != points_in_leaf:
+        raise ValueError(
+          f'project_params: the radii given for leaf {name!r} (shape {jnp.shape(r)}) are not '
+          f'one per point: the leaf {tuple(w.shape)} has {points_in_leaf} points with these '
+          "point_axes. Pass the state.radius of the step (with radius='init') that holds these "
+          "params, and the point_axes that step uses (a Hyperball alias's: the last two axes, "
+          '(-2, -1), but a head of an attention kernel).'
+        )
+      scales.append(jnp.reshape(r, layout.per_point_shape(w.shape)))
 
-  def place(layout, w, label):
-    if label != labels_lib.GRASSMANN:
-      return w
+  placed = []
+  for (_, w), layout, scale in zip(named, layouts, scales, strict=True):
     w32 = manifold.upcast(w)
     norm = manifold.column_norm(w32, layout.point, layout.point_mesh)
-    direction = manifold.safe_divide(w32, norm)
-    if radius_leaves is not None:
-      return (jnp.reshape(next(radius_leaves), layout.per_point_shape(w.shape)) * direction).astype(
-        w.dtype
-      )
-    return ((1 if radius is None else radius) * direction).astype(w.dtype)
-
-  return map_leaves(place, layouts, params, labels)
+    placed.append((scale * manifold.safe_divide(w32, norm)).astype(w.dtype))
+  placed = iter(placed)
+  return treedef.unflatten(
+    [next(placed) if here else w for w, here in zip(leaves, on, strict=True)]
+  )
