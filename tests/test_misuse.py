@@ -4,6 +4,8 @@ Each misuse gets a ``TypeError`` or ``ValueError`` that names the argument or th
 what to do; nothing is silently accepted and then ignored.
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,6 +228,31 @@ def test_extra_arguments_reach_every_transform_and_alias():
     go.exp_map_update(),
     go.grassmann_sgd(0.1),
     go.grassmann_adam(0.1),
+    go.hyperball_step(0.1),
+    go.hyperball_adam(0.1),
+    go.hyperball_muon(0.1),
+    go.scale_by_matrix_sign(),
   ):
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
     tx.update(jnp.ones_like(KERNEL), tx.init(KERNEL), KERNEL, value=jnp.ones([]))
+  for tx in (go.adamh(0.1, 0.1, param_labels=labels), go.muonh(0.1, 0.1, param_labels=labels)):
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    tx.update(grads, tx.init(params), params, value=jnp.ones([]), other='anything')
+
+
+def test_every_public_transform_is_in_the_extra_arguments_test():
+  # A public function that returns a transformation must be added to the test above.
+  tested = {
+    'sgdg', 'adamg', 'euclidean_sgd', 'grassmann_partition', 'add_orthogonality_gradient',
+    'project_to_tangent', 'grassmann_clip', 'exp_map_update', 'grassmann_sgd', 'grassmann_adam',
+    'hyperball_step', 'hyperball_adam', 'hyperball_muon', 'scale_by_matrix_sign', 'adamh',
+    'muonh',
+  }  # fmt: skip
+  returning = {
+    name
+    for name in go.__all__
+    if callable(getattr(go, name))
+    and 'GradientTransformation' in str(inspect.signature(getattr(go, name)).return_annotation)
+  }
+  assert returning, 'no public function found that returns a transformation'
+  assert returning <= tested, sorted(returning - tested)

@@ -6,7 +6,8 @@ The reference follows the public names as they are, so that renaming, adding or 
 changes the site without editing a page. Names are grouped by the private module that defines
 them, under the first line of that module's docstring, in the order of ``:order:`` (module names;
 modules it does not name come after, and names it lists that no longer exist are ignored).
-Values that are not functions or classes (string constants) come last.
+A public submodule (``cpu_kernel``) gets a section of its own ``__all__``. Values that are not
+functions, classes or modules (string constants) come last.
 """
 
 import importlib
@@ -34,7 +35,12 @@ def _groups(module, order: list[str]) -> dict[str, list[str]]:
   groups: dict[str, list[str]] = {}
   for name in module.__all__:
     obj = getattr(module, name)
-    home = (getattr(obj, '__module__', None) or module.__name__) if callable(obj) else CONSTANTS
+    if inspect.ismodule(obj):  # a public submodule: a section of its own public names
+      home = obj.__name__
+    elif callable(obj):
+      home = getattr(obj, '__module__', None) or module.__name__
+    else:
+      home = CONSTANTS
     groups.setdefault(home, []).append(name)
 
   def rank(home: str) -> tuple[int, str]:
@@ -65,13 +71,30 @@ class PublicApi(SphinxDirective):
     order = self.options.get('order', '').split()
     groups = _groups(module, order)
     lines = ['.. currentmodule:: ' + module_name, '', '.. autosummary::', '']
-    lines += [f'   {name}' for home, names in groups.items() if home != CONSTANTS for name in names]
+    for home, names in groups.items():
+      for name in names:
+        obj = getattr(module, name)
+        if inspect.ismodule(obj):
+          lines += [f'   {name}.{sub}' for sub in obj.__all__]
+        elif home != CONSTANTS:
+          lines.append(f'   {name}')
     lines.append('')
     for home, names in groups.items():
       title = CONSTANTS if home == CONSTANTS else _title(home)
-      lines += [title, '-' * len(title), '']
       for name in names:
-        lines += _entry(module_name, name, getattr(module, name))
+        obj = getattr(module, name)
+        if inspect.ismodule(obj):
+          title = f'``{module_name}.{name}``: {title[0].lower()}{title[1:]}'
+          lines += [title, '-' * len(title), '', f'.. py:module:: {obj.__name__}', '']
+          lines += [f'.. currentmodule:: {obj.__name__}', '']
+          for sub in obj.__all__:
+            lines += _entry(obj.__name__, sub, getattr(obj, sub))
+          lines += [f'.. currentmodule:: {module_name}', '']
+          break
+      else:
+        lines += [title, '-' * len(title), '']
+        for name in names:
+          lines += _entry(module_name, name, getattr(module, name))
     container = nodes.section()
     container.document = self.state.document
     nested_parse_with_titles(self.state, StringList(lines, source='public-api'), container)

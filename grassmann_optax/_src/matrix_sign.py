@@ -88,7 +88,7 @@ def scale_by_matrix_sign(
   *,
   eps: jax.typing.ArrayLike = 1e-8,
   point_axes: points.PointAxes = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Orthogonalises every point of the updates by Newton–Schulz, as Muon does.
 
   For every point ``U`` (by default the matrix of the last two axes; leading axes index stacked
@@ -112,7 +112,8 @@ def scale_by_matrix_sign(
       ``updates -> pytree``.
 
   Returns:
-    An :class:`optax.GradientTransformation` without state; it does not need ``params``.
+    An :class:`optax.GradientTransformationExtraArgs` without state; it does not need
+    ``params``, and takes and ignores extra arguments (``value=``).
 
   Example:
     >>> import jax, jax.numpy as jnp, grassmann_optax as go
@@ -133,8 +134,8 @@ def scale_by_matrix_sign(
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     sphere.check_not_split(updates, 'scale_by_matrix_sign', 'the update of leaf')
     layouts = sphere.resolve(updates, point_axes)
     leaves, treedef = jax.tree.flatten(updates)
@@ -146,4 +147,4 @@ def scale_by_matrix_sign(
     ]
     return treedef.unflatten(out), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
