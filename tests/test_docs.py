@@ -276,5 +276,14 @@ def test_site_builds_without_warnings(tmp_path):
   )
   assert build.returncode == 0, build.stderr[-4000:]
   api = (tmp_path / 'api.html').read_text()
-  missing = [name for name in grassmann_optax.__all__ if f'id="grassmann_optax.{name}"' not in api]
+  anchors = []
+  for name in grassmann_optax.__all__:
+    obj = getattr(grassmann_optax, name)
+    if inspect.ismodule(obj):  # a public submodule: its section and each of its own names
+      anchors.append(f'module-{obj.__name__}')
+      anchors += [f'{obj.__name__}.{sub}' for sub in obj.__all__]
+    else:
+      anchors.append(f'grassmann_optax.{name}')
+  missing = [anchor for anchor in anchors if f'id="{anchor}"' not in api]
   assert not missing, f'the API page does not document {missing}'
+  assert str(ROOT) not in api, 'the API page shows a local path'
