@@ -256,3 +256,253 @@ def test_every_public_transform_is_in_the_extra_arguments_test():
   }
   assert returning, 'no public function found that returns a transformation'
   assert returning <= tested, sorted(returning - tested)
+
+
+def _hyperparameter_builders():
+  """Every public factory and the hyper-parameter keyword it takes, with a valid call."""
+  return {
+    'sgdg': lambda **kw: go.sgdg(**{'learning_rate': 0.1, 'grassmann_learning_rate': 0.1, **kw}),
+    'adamg': lambda **kw: go.adamg(**{'learning_rate': 0.1, 'grassmann_learning_rate': 0.1, **kw}),
+    'grassmann_sgd': lambda **kw: go.grassmann_sgd(**{'learning_rate': 0.1, **kw}),
+    'grassmann_adam': lambda **kw: go.grassmann_adam(**{'learning_rate': 0.1, **kw}),
+    'adamh': lambda **kw: go.adamh(**{'learning_rate': 0.1, 'hyperball_learning_rate': 0.1, **kw}),
+    'muonh': lambda **kw: go.muonh(**{'learning_rate': 0.1, 'hyperball_learning_rate': 0.1, **kw}),
+    'hyperball_adam': lambda **kw: go.hyperball_adam(**{'learning_rate': 0.1, **kw}),
+    'hyperball_muon': lambda **kw: go.hyperball_muon(**{'learning_rate': 0.1, **kw}),
+    'hyperball_step': lambda **kw: go.hyperball_step(**{'learning_rate': 0.1, **kw}),
+    'euclidean_sgd': lambda **kw: go.euclidean_sgd(**{'learning_rate': 0.1, **kw}),
+    'scale_by_matrix_sign': lambda **kw: go.scale_by_matrix_sign(**kw),
+    'add_orthogonality_gradient': lambda **kw: go.add_orthogonality_gradient(
+      **{'omega': 0.1, **kw}
+    ),
+    'grassmann_clip': lambda **kw: go.grassmann_clip(**{'max_norm': 0.1, **kw}),
+  }
+
+
+_OUT_OF_RANGE = [
+  ('sgdg', 'grad_clip', np.array(-1.0)),
+  ('sgdg', 'momentum', np.float32(1.5)),
+  ('sgdg', 'learning_rate', float('nan')),
+  ('sgdg', 'grassmann_learning_rate', np.array(np.inf)),
+  ('sgdg', 'omega', -0.1),
+  ('adamg', 'b1', np.array(1.0)),
+  ('adamg', 'eps', 0.0),
+  ('adamg', 'eps', 1e-40),
+  ('grassmann_adam', 'eps', np.float64(0.0)),
+  ('grassmann_sgd', 'learning_rate', jnp.array(jnp.nan)),
+  ('adamh', 'eps', 0.0),
+  ('adamh', 'weight_decay', -1.0),
+  ('adamh', 'hyperball_learning_rate', float('inf')),
+  ('muonh', 'b1', 1.0),
+  ('muonh', 'b2', -0.5),
+  ('muonh', 'eps', 0.0),
+  ('muonh', 'weight_decay', float('nan')),
+  ('hyperball_adam', 'eps', 0.0),
+  ('hyperball_step', 'learning_rate', float('nan')),
+  ('euclidean_sgd', 'learning_rate', float('nan')),
+  ('scale_by_matrix_sign', 'eps', 0.0),
+  ('scale_by_matrix_sign', 'eps', -1e-8),
+  ('add_orthogonality_gradient', 'omega', np.array(-0.1)),
+  ('grassmann_clip', 'max_norm', np.array(0.0)),
+]
+
+
+@pytest.mark.parametrize(('name', 'argument', 'value'), _OUT_OF_RANGE)
+def test_hyperparameters_out_of_range_are_refused_whatever_their_type(name, argument, value):
+  """NumPy scalars, 0-d arrays and JAX arrays are checked as Python numbers are."""
+  with pytest.raises(ValueError, match=argument if argument != 'max_norm' else 'grad_clip'):
+    _hyperparameter_builders()[name](**{argument: value})
+
+
+_NOT_A_NUMBER = [
+  ('sgdg', 'learning_rate', '0.01'),
+  ('sgdg', 'momentum', jnp.array([0.1, 0.2])),
+  ('sgdg', 'grad_clip', '0.1'),
+  ('adamg', 'b1', '0.9'),
+  ('adamg', 'eps', 1e-8 + 0j),
+  ('grassmann_sgd', 'momentum', True),
+  ('adamh', 'b2', np.array([0.9, 0.95])),
+  ('muonh', 'momentum', 'high'),
+  ('hyperball_step', 'learning_rate', np.ones(3)),
+  ('scale_by_matrix_sign', 'eps', '1e-8'),
+  ('add_orthogonality_gradient', 'omega', [0.1]),
+]
+
+
+@pytest.mark.parametrize(('name', 'argument', 'value'), _NOT_A_NUMBER)
+def test_hyperparameters_that_are_not_one_number_are_refused_at_construction(name, argument, value):
+  with pytest.raises(TypeError):
+    _hyperparameter_builders()[name](**{argument: value})
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg', 'euclidean_sgd', 'muonh', 'hyperball_muon'])
+def test_nesterov_must_be_a_bool(name):
+  with pytest.raises(TypeError, match='nesterov'):
+    _hyperparameter_builders()[name](nesterov='False')
+
+
+def test_schedules_and_traced_hyperparameters_are_still_taken():
+  schedule = optax.cosine_decay_schedule(0.1, 10)
+  go.sgdg(schedule, schedule)
+  go.adamh(schedule, schedule)
+  tx = optax.inject_hyperparams(go.adamg)(learning_rate=0.1, grassmann_learning_rate=0.1, eps=1e-8)
+  params = {'conv': KERNEL, 'bias': jnp.zeros(8)}
+  state = tx.init(params)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_an_int_point_axes_need_not_fit_the_euclidean_leaves(name):
+  """point_axes=1 (rows of a 2-D leaf) must not be resolved for a 1-D bias the step never sees."""
+  w = go.unit_initializer()(jax.random.key(1), (8, 3))
+  params = {'w': jnp.swapaxes(w, 0, 1), 'bias': jnp.zeros(3)}
+  labels = {'w': 'grassmann', 'bias': 'euclidean'}
+  tx = _hyperparameter_builders()[name](param_labels=labels, point_axes=1, omega=0.0)
+  state = tx.init(params)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(jnp.linalg.norm(new['w'], axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_python_scalar_leaf_is_euclidean_and_does_not_crash_the_aliases():
+  params = {'conv': KERNEL, 'scale': 1.0}
+  assert go.grassmann_labels(params) == {'conv': 'grassmann', 'scale': 'euclidean'}
+  tx = go.sgdg(0.1, 0.1)
+  state = tx.init(params)
+  updates, _ = tx.update({'conv': jnp.ones_like(KERNEL), 'scale': 1.0}, state, params)
+  assert updates['conv'].shape == KERNEL.shape
+
+
+def test_an_integer_conv_kernel_is_not_labelled_grassmann():
+  params = {'conv': jnp.ones((3, 3, 4, 8), jnp.int32), 'float': KERNEL}
+  assert go.grassmann_labels(params) == {'conv': 'euclidean', 'float': 'grassmann'}
+
+
+@pytest.mark.parametrize('name', ['adamg', 'grassmann_adam', 'adamh', 'hyperball_adam'])
+def test_a_zero_gradient_point_stays_finite_with_the_smallest_eps_allowed(name):
+  eps = float(np.finfo(np.float32).tiny)
+  w = go.unit_initializer()(jax.random.key(2), (16, 4))
+  params = {'w': w}
+  kw = {'eps': eps}
+  if name in ('adamg', 'adamh'):
+    kw['param_labels'] = {'w': 'grassmann'}
+  if name == 'adamg':
+    kw['omega'] = 0.0
+  tx = _hyperparameter_builders()[name](**kw)
+  state = tx.init(params)
+  updates, _ = tx.update({'w': jnp.zeros_like(w)}, state, params)
+  assert bool(jnp.all(jnp.isfinite(updates['w'])))
+
+
+@pytest.mark.parametrize('name', ['hyperball_adam', 'hyperball_muon', 'hyperball_step'])
+def test_a_stack_of_zero_layers_is_stepped_as_nothing(name):
+  params = {
+    'empty': jnp.zeros((0, 8, 4)),
+    'w': jax.random.normal(jax.random.key(3), (8, 4)),
+  }
+  tx = _hyperparameter_builders()[name]()
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  assert updates['empty'].shape == (0, 8, 4)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(params['w'] + updates['w']), jnp.linalg.norm(params['w']), rtol=1e-5
+  )
+
+
+def test_project_params_refuses_unknown_labels_unfit_leaves_and_bad_radii():
+  params = {'conv': KERNEL * 2, 'bias': jnp.zeros(8)}
+  with pytest.raises(ValueError, match="Unknown label 'Grassmann'"):
+    go.project_params(params, {'conv': 'Grassmann', 'bias': 'euclidean'})
+  with pytest.raises(ValueError, match="'bias'"):
+    go.project_params(params, {'conv': 'grassmann', 'bias': 'grassmann'})
+  ints = {'conv': jnp.ones((3, 3, 4, 8), jnp.int32)}
+  with pytest.raises(ValueError, match='not floating-point'):
+    go.project_params(ints, {'conv': 'grassmann'})
+  labels = {'conv': 'grassmann', 'bias': 'euclidean'}
+  for bad in (-jnp.ones(8), jnp.full(8, jnp.inf), jnp.zeros(8)):
+    with pytest.raises(ValueError, match='positive'):
+      go.project_params(params, labels, radius={'conv': bad})
+
+
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: go.hyperball_step(0.1),
+    lambda: go.exp_map_update(radius='init'),
+  ],
+  ids=['hyperball_step', 'exp_map_update'],
+)
+def test_a_step_without_buffers_names_the_leaf_that_differs_from_init(make):
+  tx = make()
+  params = {'a': go.unit_initializer()(jax.random.key(4), (2, 8, 4)), 'b': KERNEL}
+  state = tx.init(params)
+  # More matrices for the Hyperball step, more columns for exp_map_update: more points.
+  other = {'a': go.unit_initializer()(jax.random.key(5), (3, 8, 5)), 'b': KERNEL}
+  with pytest.raises(ValueError, match="leaf 'a'.*init"):
+    tx.update(jax.tree.map(jnp.ones_like, other), state, other)
+  fewer = {'b': KERNEL}
+  with pytest.raises(ValueError, match="'a'"):
+    tx.update(jax.tree.map(jnp.ones_like, fewer), state, fewer)
+
+
+@pytest.mark.parametrize('name', ['adamh', 'muonh'])
+def test_a_point_axes_key_that_names_no_leaf_is_refused_by_the_hyperball_aliases(name):
+  params = {'mlp': {'kernel': jax.random.normal(jax.random.key(6), (8, 16))}}
+  tx = _hyperparameter_builders()[name](point_axes={'mlp/kernal': (0, 1)})
+  with pytest.raises(ValueError, match="point_axes names 'mlp/kernal'"):
+    tx.init(params)
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_a_square_kernel_under_injected_omega_says_to_make_omega_static(name):
+  params = {'conv': go.unit_initializer()(jax.random.key(7), (1, 1, 8, 8))}
+  factory = getattr(go, name)
+  tx = optax.inject_hyperparams(factory)(0.1, 0.1, omega=0.0, param_labels={'conv': 'grassmann'})
+  with pytest.raises(ValueError, match=r"static_args=\('omega',\)"):
+    tx.init(params)
+  tx = optax.inject_hyperparams(factory, static_args=('omega',))(
+    0.1, 0.1, omega=0.0, param_labels={'conv': 'grassmann'}
+  )
+  tx.init(params)
+
+
+def test_mesh_axes_outside_shard_map_change_nothing():
+  """Outside shard_map a leaf is the whole array: the mesh axes split nothing."""
+  from jax.sharding import PartitionSpec as P
+
+  params = {'conv': KERNEL, 'bias': jnp.zeros(8)}
+  grads = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
+  results = []
+  for mesh_axes in (None, P(None, None, None, 'model')):
+    tx = go.adamg(0.1, 0.1, mesh_axes=mesh_axes)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    results.append(updates)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_minor_misuses_get_clear_errors():
+  with pytest.raises(TypeError, match='int32 is not real floating-point'):
+    go.unit_initializer()(jax.random.key(0), (4, 3), jnp.int32)
+  sign = go.scale_by_matrix_sign()
+  for u in (jnp.ones((4, 3), jnp.int32), jnp.ones((4, 3), jnp.complex64)):
+    with pytest.raises(TypeError, match='real floating-point updates'):
+      sign.update(u, sign.init(u))
+  with pytest.raises(ValueError, match='is a scalar'):
+    sign.update(jnp.ones(()), sign.init(jnp.ones(())))
+  clip = go.grassmann_clip(0.1)
+  with pytest.raises(TypeError, match='real floating-point updates'):
+    clip.update(jnp.ones((4, 3), jnp.int32), clip.init(KERNEL), KERNEL)
+
+
+@pytest.mark.parametrize(
+  'name', ['sgdg', 'adamg', 'grassmann_sgd', 'grassmann_adam', 'adamh', 'hyperball_adam']
+)
+def test_the_state_of_another_optimizer_is_refused_with_a_type_error(name):
+  w = go.unit_initializer()(jax.random.key(8), (16, 4))
+  on_tree = name in ('sgdg', 'adamg', 'adamh')
+  params = {'w': w} if on_tree else w
+  kw = {'param_labels': {'w': 'grassmann'}} if on_tree else {}
+  tx = _hyperparameter_builders()[name](**kw)
+  with pytest.raises(TypeError, match=f"state that {name}'s init returns"):
+    tx.update(params, optax.adam(0.1).init(params), params)

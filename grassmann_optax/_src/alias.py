@@ -4,6 +4,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
@@ -80,13 +81,16 @@ def euclidean_sgd(
     (-0.05, 0.0)
   """
   if weight_decay_mask is None:
-    weight_decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    weight_decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
   decay = (
     optax.identity()
     if weight_decay is None or (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     else optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
   )
-  checks.check_hyperparameters(momentum=momentum, weight_decay=weight_decay)
+  checks.check_hyperparameters(
+    learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
+  )
+  checks.check_bool(nesterov=nesterov)
   return _checked_against_init(
     optax.chain(decay, optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)),
     'euclidean_sgd',
@@ -157,6 +161,7 @@ def grassmann_partition(
     return inner.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
+    checks.check_state(state, ('inner_states',), name)
     if params is not None:
       checks.check_same_tree(updates, params, 'the updates', 'the params', name)
     return inner.update(updates, state, params, **extra_args)
@@ -231,6 +236,7 @@ def sgdg(
 
   {{references}}
   """
+  checks.check_hyperparameters(grassmann_learning_rate=grassmann_learning_rate)
   manifold_step = steps.grassmann_sgd(
     grassmann_learning_rate,
     momentum,
@@ -316,6 +322,7 @@ def adamg(
 
   {{references}}
   """
+  checks.check_hyperparameters(grassmann_learning_rate=grassmann_learning_rate)
   manifold_step = steps.grassmann_adam(
     grassmann_learning_rate,
     b1,
@@ -341,7 +348,7 @@ def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes, mes
   orthogonality = transforms.add_orthogonality_gradient(
     omega, point_axes=point_axes, mesh_axes=mesh_axes
   )
-  return grassmann_partition(
+  tx = grassmann_partition(
     optax.chain(orthogonality, manifold_step),
     euclidean,
     param_labels,
@@ -350,3 +357,20 @@ def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes, mes
     require_undercomplete=not transforms.is_static_zero(omega),
     name=name,
   )
+  if isinstance(omega, int | float):
+    return tx
+
+  def init_fn(params):
+    try:
+      return tx.init(params)
+    except ValueError as error:
+      if 'cannot be mutually orthogonal' not in str(error):
+        raise
+      raise ValueError(
+        f'{error} Here omega is an array ({omega!r}), as optax.inject_hyperparams makes every '
+        'numeric hyper-parameter, so the orthogonality term cannot be known to be off. To train '
+        f"such leaves without it, fix omega: inject_hyperparams(go.{name}, static_args=('omega',))"
+        ' with omega=0.'
+      ) from None
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The message of optax's own transforms that need params (``optax._src.base.NO_PARAMS_MSG``,
 # not exported at the top level).
@@ -136,41 +137,133 @@ def check_update_trees(updates: Any, params: Any, buffers: Any, name: str) -> No
   check_same_tree(params, buffers, 'the params', 'the params given to init', name)
 
 
-def _concrete(value) -> float | None:
-  """``value`` as a Python float if it is a concrete number (not traced, not a schedule)."""
-  if isinstance(value, numbers.Real):
-    return float(value)
-  if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
-    if value.shape == () and not jnp.issubdtype(value.dtype, jnp.complexfloating):
-      return float(value)
-  return None
+def check_radii(params: Any, radii: Any, layouts, name: str) -> None:
+  """The per-point radii a state took at ``init`` must fit ``params``, leaf by leaf.
 
+  ``layouts``: the :class:`points.Layout` of each leaf of ``params``. Raises a ValueError naming
+  the first leaf that has no radii, or radii of another shape than its points.
+  """
+  got = dict(named_leaves(radii))
+  names = [leaf for leaf, _ in named_leaves(params)]
+  for (leaf, w), layout in zip(named_leaves(params), layouts, strict=True):
+    if leaf not in got:
+      raise ValueError(
+        f'{name}: the params have a leaf {leaf!r} that the params given to init did not have '
+        '(the state holds no radius for it). Call init with the params you update.'
+      )
+    expected = layout.batch_shape(tuple(np.shape(w)))
+    if tuple(np.shape(got[leaf])) != expected:
+      raise ValueError(
+        f'{name}: leaf {leaf!r} has {math.prod(expected)} points of shape {expected} now, but '
+        f'the state holds radii of shape {tuple(np.shape(got[leaf]))} from init. Call init with '
+        'the params you update.'
+      )
+  extra = sorted(set(got) - set(names))
+  if extra:
+    raise ValueError(
+      f'{name}: the params given to init had a leaf {extra[0]!r} that these params do not have.'
+    )
+
+
+def check_state(state: Any, fields: tuple[str, ...], name: str) -> None:
+  """Raises a TypeError unless ``state`` has ``fields``: it is not this optimizer's state."""
+  missing = [field for field in fields if not hasattr(state, field)]
+  if missing:
+    raise TypeError(
+      f'{name}: the state is a {type(state).__name__} without {missing[0]!r}, not the state '
+      f"that {name}'s init returns. Pass the state made by this optimizer's init (a state of "
+      'another optimizer, or one restored from a checkpoint without a target, does not fit).'
+    )
+
+
+def check_real_updates(tree: Any, name: str) -> None:
+  """Raises a TypeError naming the first leaf of ``tree`` that is not real floating-point."""
+  for leaf_name, leaf in named_leaves(tree):
+    dtype = np.result_type(leaf)
+    if not np.issubdtype(dtype, np.floating) and not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f'{name}: the update of leaf {leaf_name!r} has dtype {jnp.dtype(dtype).name}; the '
+        'per-point norms need real floating-point updates (float32, bfloat16, float64, ...).'
+      )
+
+
+def _concrete(value, name: str = 'value') -> float | None:
+  """``value`` as a Python float if it is a concrete real number; ``None`` if it is traced.
+
+  Python numbers, NumPy scalars and 0-d NumPy or JAX arrays are concrete.
+
+  Raises:
+    TypeError: a string, a bool, a complex or non-numeric value, or an array with axes (a
+      hyper-parameter is one number for every point).
+  """
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, str | bool | np.bool_) or not isinstance(
+    value, numbers.Real | np.ndarray | np.generic | jax.Array
+  ):
+    raise TypeError(f'{name}={value!r}: expected a real number, got {type(value).__name__}.')
+  if isinstance(value, numbers.Real) and not isinstance(value, np.generic):
+    return float(value)
+  dtype, shape = np.result_type(value), np.shape(value)
+  if shape != ():
+    raise TypeError(
+      f'{name} is an array of shape {shape}: expected one real number (a scalar), the same for '
+      'every point.'
+    )
+  if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+    raise TypeError(f'{name}={value!r}: expected a real number, got dtype {dtype}.')
+  return float(value)
+
+
+# The smallest normal float32: an eps below it is flushed to zero on CPUs and accelerators, and a
+# point whose gradient is zero would then divide 0 by 0.
+_TINY = float(np.finfo(np.float32).tiny)
 
 _RULES = {
+  'learning_rate': ('finite', math.isfinite),
   'momentum': ('in [0, 1]', lambda v: 0 <= v <= 1),
   'b1': ('in [0, 1)', lambda v: 0 <= v < 1),
   'b2': ('in [0, 1)', lambda v: 0 <= v < 1),
-  'eps': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
+  'eps': (
+    f'finite and >= {_TINY:.4g}, the smallest normal float32 (a smaller eps is flushed to 0, '
+    'and a point with a zero gradient would divide 0 by 0)',
+    lambda v: math.isfinite(v) and v >= _TINY,
+  ),
   'grad_clip': ('finite and > 0, or None', lambda v: math.isfinite(v) and v > 0),
   'omega': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
   'weight_decay': ('finite and >= 0, or None', lambda v: math.isfinite(v) and v >= 0),
+  'tol': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
 }
 
 
 def check_hyperparameters(**values) -> None:
-  """Raises a ValueError for a concrete hyper-parameter outside its range.
+  """Raises a TypeError or ValueError for a concrete hyper-parameter outside its range.
 
-  Values that are traced (``optax.inject_hyperparams``) or ``None`` are not checked. Outside
-  these ranges the optimizers would not compute SGD-G/Adam-G: a negative ``grad_clip`` flips the
-  clipped gradient, ``b1 = 1`` divides by zero in the bias correction.
+  Values that are traced (``optax.inject_hyperparams``) or ``None`` are not checked; a
+  ``learning_rate`` may also be a schedule. Outside these ranges the optimizers would not compute
+  SGD-G/Adam-G: a negative ``grad_clip`` flips the clipped gradient, ``b1 = 1`` divides by zero
+  in the bias correction, a NaN learning rate makes every parameter NaN.
+
+  Raises:
+    TypeError: a value that is not one real number (a string, a bool, an array with axes).
+    ValueError: a number outside the range of its argument.
   """
   for name, value in values.items():
-    number = _concrete(value) if value is not None else None
+    if value is None or (name.endswith('learning_rate') and callable(value)):
+      continue
+    number = _concrete(value, name)
     if number is None:
       continue
-    description, valid = _RULES[name]
+    description, valid = _RULES['learning_rate' if name.endswith('learning_rate') else name]
     if not valid(number):
       raise ValueError(f'{name}={value!r} is out of range: it must be {description}.')
+
+
+def check_bool(**values) -> None:
+  """Raises a TypeError for a flag that is not a bool (``nesterov='False'`` would be true)."""
+  for name, value in values.items():
+    if not isinstance(value, bool | np.bool_):
+      raise TypeError(f'{name}={value!r}: expected True or False.')
 
 
 def check_radius(radius) -> None:
@@ -192,6 +285,6 @@ def check_radius(radius) -> None:
       f'radius={what}: {expected} (one radius for every point). For a radius per point, '
       "use radius='init': each point keeps its norm at init."
     )
-  number = _concrete(radius)
+  number = _concrete(radius, 'radius')
   if number is not None and not (math.isfinite(number) and number > 0):
     raise ValueError(f'radius={radius!r} is out of range: it must be finite and > 0.')

@@ -181,6 +181,7 @@ def _transform(
   ``make_state(count, buffers, radius)`` builds the state from the buffers named
   ``buffer_fields``. ``update`` returns ``W' − W`` and the new buffers, per leaf.
   """
+  checks.check_hyperparameters(learning_rate=learning_rate)
   points.check_spec_tree(point_axes)
 
   def init_fn(params):
@@ -194,12 +195,14 @@ def _transform(
     del extra_args
     if params is None:
       raise ValueError(checks.NO_PARAMS_MSG)
+    checks.check_state(state, ('count', 'radius', *buffer_fields), name)
     if buffer_fields:
       checks.check_update_trees(updates, params, getattr(state, buffer_fields[0]), name)
     else:
       checks.check_same_tree(updates, params, 'the updates', 'the params', name)
     sphere.check_not_split(params, name)
     layouts = sphere.resolve(params, point_axes)
+    checks.check_radii(params, state.radius, layouts, name)
     lr = _learning_rate(learning_rate, state.count)
     count = optax.safe_increment(state.count)
     treedef = jax.tree.structure(params)
@@ -225,7 +228,8 @@ def _transform(
       )
       own = [stack.pick(b).astype(dtype) for b in buffers]
       update, own, mark = rule(leaf, w.astype(dtype), g.astype(dtype), *own)
-      previous = mark.reshape(-1)[0]
+      if mark.size:  # a stack of zero layers has no point to mark
+        previous = mark.reshape(-1)[0]
       stack.scatter(update.astype(w.dtype), new_updates)
       for new, old, out in zip(own, buffers, new_buffers, strict=True):
         stack.scatter(new.astype(old[stack.first].dtype), out)
@@ -483,6 +487,7 @@ def hyperball_muon(
     `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
   """
   checks.check_hyperparameters(momentum=momentum)
+  checks.check_bool(nesterov=nesterov)
   matrix_sign.check_steps(ns_steps)
   sphere.retraction_of(retraction)
 

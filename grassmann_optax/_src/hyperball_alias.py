@@ -22,6 +22,7 @@ def _partition(
   sphere_step: optax.GradientTransformation,
   euclidean: optax.GradientTransformation,
   param_labels: labels_lib.ParamLabels | None,
+  point_axes: points.PointAxes = None,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.partition`` of the hyperball leaves (``'grassmann'``) and the rest, checked."""
   rule = transformer.transformer_labels if param_labels is None else param_labels
@@ -32,6 +33,7 @@ def _partition(
 
   def init_fn(params):
     labels = label_fn(params)
+    points.check_names(params, point_axes)  # a key that names no leaf is a typo
     for leaf_name, label in checks.named_leaves(labels):
       if label not in labels_lib.LABELS:
         raise ValueError(
@@ -44,6 +46,7 @@ def _partition(
     return inner.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
+    checks.check_state(state, ('inner_states',), name)
     if params is not None:
       checks.check_same_tree(updates, params, 'the updates', 'the params', name)
     return inner.update(updates, state, params, **extra_args)
@@ -52,6 +55,9 @@ def _partition(
 
 
 def _adamw(learning_rate, b1, b2, eps, weight_decay):
+  checks.check_hyperparameters(
+    learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+  )
   return optax.adamw(
     learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=transformer.decays
   )
@@ -136,6 +142,7 @@ def adamh(
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
     `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
   """
+  checks.check_hyperparameters(hyperball_learning_rate=hyperball_learning_rate)
   sphere_step = hyperball.hyperball_adam(
     hyperball_learning_rate,
     b1=b1,
@@ -145,7 +152,7 @@ def adamh(
     point_axes=_point_axes(point_axes),
   )
   euclidean = _adamw(learning_rate, b1, b2, eps, weight_decay)
-  return _partition('adamh', sphere_step, euclidean, param_labels)
+  return _partition('adamh', sphere_step, euclidean, param_labels, point_axes)
 
 
 def muonh(
@@ -218,6 +225,7 @@ def muonh(
     Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017,
     `arXiv:1709.09603 <https://arxiv.org/abs/1709.09603>`_.
   """
+  checks.check_hyperparameters(hyperball_learning_rate=hyperball_learning_rate)
   sphere_step = hyperball.hyperball_muon(
     hyperball_learning_rate,
     momentum=momentum,
@@ -227,4 +235,4 @@ def muonh(
     point_axes=_point_axes(point_axes),
   )
   euclidean = _adamw(learning_rate, b1, b2, eps, weight_decay)
-  return _partition('muonh', sphere_step, euclidean, param_labels)
+  return _partition('muonh', sphere_step, euclidean, param_labels, point_axes)

@@ -29,6 +29,11 @@ def unit_initializer():
 
   def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     shape = tuple(shape)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f'unit_initializer: dtype {jnp.dtype(dtype).name} is not real floating-point, and a '
+        'unit vector needs one (float32, bfloat16, float64, ...).'
+      )
     if len(shape) < 2:
       raise ValueError(f'unit_initializer needs a shape with at least 2 axes; got {shape}.')
     draw = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.promote_types(dtype, jnp.float32))

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from grassmann_optax._src import checks, docstrings, points
 
@@ -56,7 +57,9 @@ def is_undercomplete_conv(path, leaf) -> bool:
     (True, False)
   """
   del path
-  shape = tuple(leaf.shape)
+  shape = tuple(jnp.shape(leaf))
+  if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+    return False  # an integer or complex leaf cannot hold a real unit vector
   n, p = checks.fan_in_and_out(shape)
   return len(shape) == 4 and n > p
 
@@ -270,6 +273,7 @@ def find_scale_invariant(
     raise ValueError(f"groupings={groupings!r}: expected 'any' or 'columns'.")
   if draws < 1:
     raise ValueError(f'draws={draws}: at least one gradient is needed.')
+  checks.check_hyperparameters(tol=tol)
   at = [params] + [_perturbed(params, seed + k) for k in range(draws - 1)]
   leaves, treedef = jax.tree.flatten(params)
   gradients = _float_gradients(loss_fn, args)
@@ -353,6 +357,18 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [by_path[name] for name in names])
 
 
+def manifold_leaves(params: Any, labels: Any) -> Any:
+  """``params`` with every leaf not labelled ``'grassmann'`` replaced by ``optax.MaskedNode``.
+
+  This is the tree :func:`optax.partition` hands to the manifold branch.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  on = treedef.flatten_up_to(labels)
+  return treedef.unflatten(
+    [w if label == GRASSMANN else optax.MaskedNode() for w, label in zip(leaves, on, strict=True)]
+  )
+
+
 def check_labels(
   params: Any,
   labels: Any,
@@ -368,15 +384,19 @@ def check_labels(
   columns of a kernel: fan-in > outputs).
   """
   label_of = {checks.leaf_name(path): label for path, label in _flatten(labels)[0]}
-  layouts = points.resolve(params, point_axes, mesh_axes)
-  for (path, leaf), layout in zip(_flatten(params)[0], layouts, strict=True):
+  for path, _ in _flatten(params)[0]:
     name = checks.leaf_name(path)
-    label = label_of[name]
-    if label not in LABELS:
-      raise ValueError(f'Unknown label {label!r} for the leaf {name!r}; expected one of {LABELS}.')
-    if label != GRASSMANN:
-      continue
-    shape = tuple(leaf.shape)
+    if label_of[name] not in LABELS:
+      raise ValueError(
+        f'Unknown label {label_of[name]!r} for the leaf {name!r}; expected one of {LABELS}.'
+      )
+  # The manifold leaves only, as optax.partition hands them to the step: point_axes need not
+  # fit the other leaves (point_axes=1 and a bias).
+  masked = manifold_leaves(params, labels)
+  layouts = points.resolve(masked, point_axes, mesh_axes)
+  for (path, leaf), layout in zip(_flatten(masked)[0], layouts, strict=True):
+    name = checks.leaf_name(path)
+    shape = tuple(jnp.shape(leaf))
     problem = checks.manifold_leaf_problem(getattr(leaf, 'dtype', None), layout.point_size(shape))
     if problem:
       raise ValueError(

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grassmann_optax._src import points, sphere
+from grassmann_optax._src import checks, manifold, points, sphere
 
 # The coefficients of optax.contrib.muon (Jordan et al.'s Muon).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -52,7 +52,7 @@ def newton_schulz(x: jax.Array, ns_steps, eps) -> jax.Array:
   tall = x.shape[-2] > x.shape[-1]
   if tall:
     x = jnp.swapaxes(x, -1, -2)
-  x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
+  x = x / (manifold.safe_sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
   a, b, c = (jnp.asarray(k, x.dtype) for k in NS_COEFFS)
 
   def iteration(_, x):
@@ -128,6 +128,7 @@ def scale_by_matrix_sign(
     https://kellerjordan.github.io/posts/muon/.
   """
   check_steps(ns_steps)
+  checks.check_hyperparameters(eps=eps)
   points.check_spec_tree(point_axes)
 
   def init_fn(params):
@@ -137,6 +138,13 @@ def scale_by_matrix_sign(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     sphere.check_not_split(updates, 'scale_by_matrix_sign', 'the update of leaf')
+    checks.check_real_updates(updates, 'scale_by_matrix_sign')
+    for leaf_name, u in checks.named_leaves(updates):
+      if jnp.ndim(u) == 0:
+        raise ValueError(
+          f'scale_by_matrix_sign: the update of leaf {leaf_name!r} is a scalar, which is no '
+          'matrix to orthogonalise. Leave such leaves to another optimizer (optax.partition).'
+        )
     layouts = sphere.resolve(updates, point_axes)
     leaves, treedef = jax.tree.flatten(updates)
     out = [

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import docstrings, manifold, points
+from grassmann_optax._src import checks, docstrings, manifold, points
 from grassmann_optax._src import labels as labels_lib
 
 
@@ -44,6 +44,7 @@ def orthogonality_penalty(
   {{references}}
   """
   labels = labels_lib.resolve_labels(params, labels)
+  checks.check_hyperparameters(omega=omega)
   labels_lib.check_labels(params, labels, require_undercomplete=False, point_axes=point_axes)
   layouts = points.resolve(params, point_axes)
   total = jnp.zeros([], jnp.float32)

@@ -67,14 +67,30 @@ def check_spec_tree(mesh_axes, where: str = 'mesh_axes') -> None:
       )
 
 
+def _bound(name: str) -> bool:
+  """Whether the mesh axis ``name`` is bound here (inside ``shard_map`` over it)."""
+  try:
+    jax.lax.axis_size(name)
+  except NameError:
+    return False
+  return True
+
+
 def _split(spec, ndim: int, name: str) -> Split:
+  """The mesh axes that split each axis of a leaf here.
+
+  Outside ``shard_map`` (under ``jit`` with sharded params, or with none) a leaf is the whole
+  array, so mesh axes that are not bound split nothing; inside it, an axis name that is not
+  bound (a typo) leaves the leaf's variation unnamed, which :func:`check_split` refuses.
+  """
   entries = tuple(spec) if spec is not None else ()
   if len(entries) > ndim:
     raise ValueError(
       f'mesh_axes of {name} has {len(entries)} entries for a leaf of {ndim} axes: give the '
       'PartitionSpec that shard_map was given for this leaf.'
     )
-  return tuple(_names(e) for e in entries) + ((),) * (ndim - len(entries))
+  split = tuple(tuple(m for m in _names(e) if _bound(m)) for e in entries)
+  return split + ((),) * (ndim - len(entries))
 
 
 def resolve(tree: Any, mesh_axes) -> list[Split | None]:

@@ -543,6 +543,7 @@ def _transform(
   ``point_rule(gram, basis, own, radius, lr, count)`` returns the :class:`Step` and the new
   values of ``own`` (a dict of per-point vectors).
   """
+  checks.check_hyperparameters(learning_rate=learning_rate)
   names = (*Basis._fields, *own_fields)
   initial = (1.0, 0.0, *(0.0 for _ in own_fields))  # the stored buffer is the transported one
 
@@ -555,6 +556,7 @@ def _transform(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     require_params(params)
+    checks.check_state(state, ('count', buffer_field), name)
     buffers = getattr(state, buffer_field)
     checks.check_update_trees(updates, params, buffers, name)
     sharding.check_split(params, sharding.resolve(params, mesh_axes), name)

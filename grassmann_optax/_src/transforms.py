@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -240,6 +241,7 @@ def grassmann_clip(
       clipped = manifold.clip_by_column_norm(h32, max_norm, layout.point, layout.point_mesh)
       return clipped.astype(h.dtype)
 
+    checks.check_real_updates(updates, 'grassmann_clip')
     layouts = _layouts(updates, point_axes, mesh_axes, 'grassmann_clip')
     return map_leaves(clip, layouts, updates), state
 
@@ -313,6 +315,8 @@ def exp_map_update(
       return (moved - w32).astype(d.dtype)
 
     layouts = _layouts(params, point_axes, mesh_axes, 'exp_map_update')
+    if isinstance(radius, str):
+      checks.check_radii(params, state.radius, layouts, 'exp_map_update')
     trees = (updates, params) if not isinstance(radius, str) else (updates, params, state.radius)
     return map_leaves(move, layouts, *trees), state
 
@@ -369,16 +373,17 @@ def project_params(
   )
   if not per_point:
     checks.check_radius(radius)
+  labels = labels_lib.resolve_labels(params, param_labels)
+  # Unknown labels, and manifold leaves that cannot hold points (integer, complex, points of
+  # one element), are refused as the aliases' init refuses them.
+  labels_lib.check_labels(
+    params, labels, require_undercomplete=False, point_axes=point_axes, mesh_axes=mesh_axes
+  )
   leaves, treedef = jax.tree.flatten(params)
-  on = [
-    label == labels_lib.GRASSMANN
-    for label in treedef.flatten_up_to(labels_lib.resolve_labels(params, param_labels))
-  ]
+  on = [label == labels_lib.GRASSMANN for label in treedef.flatten_up_to(labels)]
   # The manifold leaves only, as optax.partition hands them to a step: point_axes need not fit
   # the other leaves.
-  masked = treedef.unflatten(
-    [w if here else optax.MaskedNode() for w, here in zip(leaves, on, strict=True)]
-  )
+  masked = labels_lib.manifold_leaves(params, labels)
   layouts = _layouts(masked, point_axes, mesh_axes, 'project_params')
   named = checks.named_leaves(masked)
   scales = [1 if radius is None else radius] * len(named)
@@ -400,6 +405,13 @@ def project_params(
           "point_axes. Pass the state.radius of the step (with radius='init') that holds these "
           "params, and the point_axes that step uses (a Hyperball alias's: the last two axes, "
           '(-2, -1), but a head of an attention kernel).'
+        )
+      if not isinstance(r, jax.core.Tracer) and not bool(
+        np.all(np.isfinite(np.asarray(r)) & (np.asarray(r) > 0))
+      ):
+        raise ValueError(
+          f'project_params: the radii given for leaf {name!r} are not all positive and finite: '
+          'a point lies on a sphere of radius > 0.'
         )
       scales.append(jnp.reshape(r, layout.per_point_shape(w.shape)))
 
