@@ -506,3 +506,14 @@ def test_the_state_of_another_optimizer_is_refused_with_a_type_error(name):
   tx = _hyperparameter_builders()[name](**kw)
   with pytest.raises(TypeError, match=f"state that {name}'s init returns"):
     tx.update(params, optax.adam(0.1).init(params), params)
+
+
+@pytest.mark.parametrize('scale', [1e-3, 1e19, 1e30, 'max'])
+def test_the_matrix_sign_of_huge_updates_is_the_matrix_sign_of_small_ones(scale):
+  """Sums of squares that overflow float32 are rescaled first: the direction is kept."""
+  u = jax.random.normal(jax.random.key(9), (2, 16, 8))
+  sign = go.scale_by_matrix_sign()
+  expected, _ = sign.update(u, sign.init(u))
+  scaled = u / jnp.max(jnp.abs(u)) * 3e38 if scale == 'max' else u * scale
+  got, _ = sign.update(scaled, sign.init(u))
+  np.testing.assert_allclose(got, expected, atol=2e-5)

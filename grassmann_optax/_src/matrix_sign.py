@@ -52,7 +52,17 @@ def newton_schulz(x: jax.Array, ns_steps, eps) -> jax.Array:
   tall = x.shape[-2] > x.shape[-1]
   if tall:
     x = jnp.swapaxes(x, -1, -2)
-  x = x / (manifold.safe_sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
+  squares = jnp.sum(x * x, axis=(-2, -1), keepdims=True)
+  # Where the sum of squares overflows (elements near 1e19 in float32), the matrix is first
+  # divided by its largest element: X/‖X‖ does not change, and ε is negligible at that size.
+  overflow = jnp.isinf(squares) & jnp.all(jnp.isfinite(x), axis=(-2, -1), keepdims=True)
+  # Both scaled by 2⁻⁶⁴ first: 1/largest near the float32 maximum would be a denormal, which
+  # CPUs and accelerators flush to 0 when the division becomes a multiplication.
+  tiny = jnp.asarray(2.0**-64, x.dtype)
+  largest = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True) * tiny
+  x = jnp.where(overflow, (x * tiny) / jnp.where(overflow, largest, 1), x)
+  squares = jnp.where(overflow, jnp.sum(x * x, axis=(-2, -1), keepdims=True), squares)
+  x = x / (manifold.safe_sqrt(squares) + eps)
   a, b, c = (jnp.asarray(k, x.dtype) for k in NS_COEFFS)
 
   def iteration(_, x):
