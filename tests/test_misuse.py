@@ -345,6 +345,7 @@ def test_nesterov_must_be_a_bool(name):
 
 
 def test_schedules_and_traced_hyperparameters_are_still_taken():
+  go.adamg(0.1, 0.1, b1=jnp.asarray(0.9, jnp.bfloat16), eps=np.float32(1e-8))
   schedule = optax.cosine_decay_schedule(0.1, 10)
   go.sgdg(schedule, schedule)
   go.adamh(schedule, schedule)

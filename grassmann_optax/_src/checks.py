@@ -180,7 +180,7 @@ def check_real_updates(tree: Any, name: str) -> None:
   """Raises a TypeError naming the first leaf of ``tree`` that is not real floating-point."""
   for leaf_name, leaf in named_leaves(tree):
     dtype = np.result_type(leaf)
-    if not np.issubdtype(dtype, np.floating) and not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
         f'{name}: the update of leaf {leaf_name!r} has dtype {jnp.dtype(dtype).name}; the '
         'per-point norms need real floating-point updates (float32, bfloat16, float64, ...).'
@@ -210,7 +210,7 @@ def _concrete(value, name: str = 'value') -> float | None:
       f'{name} is an array of shape {shape}: expected one real number (a scalar), the same for '
       'every point.'
     )
-  if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
     raise TypeError(f'{name}={value!r}: expected a real number, got dtype {dtype}.')
   return float(value)
 
