@@ -140,6 +140,30 @@ def grassmann_partition(
     >>> tx = go.grassmann_partition(go.grassmann_adam(0.05), optax.adam(1e-3), None)
     >>> state = tx.init(params)
   """
+  return _partition(
+    grassmann,
+    euclidean,
+    param_labels,
+    point_axes=point_axes,
+    mesh_axes=mesh_axes,
+    require_undercomplete=require_undercomplete,
+    name=name,
+  )
+
+
+def _partition(
+  grassmann,
+  euclidean,
+  param_labels,
+  *,
+  point_axes,
+  mesh_axes,
+  require_undercomplete: bool,
+  name: str,
+  undercomplete_hint: str = '',
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`grassmann_partition`; ``undercomplete_hint`` ends the message for a leaf whose
+  points cannot be mutually orthogonal (what the aliases know of ``omega``)."""
   label_fn = lambda params: labels_lib.resolve_labels(params, param_labels)
   inner = optax.partition(
     {labels_lib.GRASSMANN: grassmann, labels_lib.EUCLIDEAN: euclidean}, label_fn
@@ -154,6 +178,7 @@ def grassmann_partition(
       point_axes=point_axes,
       mesh_axes=mesh_axes,
       require_undercomplete=require_undercomplete,
+      undercomplete_hint=undercomplete_hint,
     )
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
@@ -348,7 +373,15 @@ def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes, mes
   orthogonality = transforms.add_orthogonality_gradient(
     omega, point_axes=point_axes, mesh_axes=mesh_axes
   )
-  tx = grassmann_partition(
+  hint = ''
+  if not isinstance(omega, int | float):
+    hint = (
+      f' Here omega is an array ({omega!r}), as optax.inject_hyperparams makes every numeric '
+      'hyper-parameter, so the orthogonality term cannot be known to be off. To train such '
+      f"leaves without it, fix omega: inject_hyperparams(go.{name}, static_args=('omega',)) "
+      'with omega=0.'
+    )
+  return _partition(
     optax.chain(orthogonality, manifold_step),
     euclidean,
     param_labels,
@@ -356,21 +389,5 @@ def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes, mes
     mesh_axes=mesh_axes,
     require_undercomplete=not transforms.is_static_zero(omega),
     name=name,
+    undercomplete_hint=hint,
   )
-  if isinstance(omega, int | float):
-    return tx
-
-  def init_fn(params):
-    try:
-      return tx.init(params)
-    except ValueError as error:
-      if 'cannot be mutually orthogonal' not in str(error):
-        raise
-      raise ValueError(
-        f'{error} Here omega is an array ({omega!r}), as optax.inject_hyperparams makes every '
-        'numeric hyper-parameter, so the orthogonality term cannot be known to be off. To train '
-        f"such leaves without it, fix omega: inject_hyperparams(go.{name}, static_args=('omega',))"
-        ' with omega=0.'
-      ) from None
-
-  return optax.GradientTransformationExtraArgs(init_fn, tx.update)

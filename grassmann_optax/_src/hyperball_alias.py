@@ -34,12 +34,7 @@ def _partition(
   def init_fn(params):
     labels = label_fn(params)
     points.check_names(params, point_axes)  # a key that names no leaf is a typo
-    for leaf_name, label in checks.named_leaves(labels):
-      if label not in labels_lib.LABELS:
-        raise ValueError(
-          f'{name}: unknown label {label!r} for the leaf {leaf_name!r}; expected one of '
-          f'{labels_lib.LABELS}.'
-        )
+    labels_lib.check_known(labels, name)
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_HYPERBALL_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
       warnings.warn(message, UserWarning, stacklevel=2)

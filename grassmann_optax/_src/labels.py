@@ -369,6 +369,19 @@ def manifold_leaves(params: Any, labels: Any) -> Any:
   )
 
 
+def check_known(labels: Any, name: str | None = None) -> None:
+  """Raises a ValueError naming the first leaf whose label is not one of :data:`LABELS`.
+
+  ``name``: the optimizer the message starts with, if any.
+  """
+  for leaf_name, label in checks.named_leaves(labels):
+    if label not in LABELS:
+      unknown = f'{name}: unknown' if name else 'Unknown'
+      raise ValueError(
+        f'{unknown} label {label!r} for the leaf {leaf_name!r}; expected one of {LABELS}.'
+      )
+
+
 def check_labels(
   params: Any,
   labels: Any,
@@ -376,6 +389,7 @@ def check_labels(
   require_undercomplete: bool = True,
   point_axes: points.PointAxes = None,
   mesh_axes: Any = None,
+  undercomplete_hint: str = '',
 ) -> None:
   """Raises a ValueError naming the leaf if a label is unknown or a manifold leaf is unfit.
 
@@ -383,13 +397,7 @@ def check_labels(
   ``require_undercomplete``, more elements per point than its groups have points (for the
   columns of a kernel: fan-in > outputs).
   """
-  label_of = {checks.leaf_name(path): label for path, label in _flatten(labels)[0]}
-  for path, _ in _flatten(params)[0]:
-    name = checks.leaf_name(path)
-    if label_of[name] not in LABELS:
-      raise ValueError(
-        f'Unknown label {label_of[name]!r} for the leaf {name!r}; expected one of {LABELS}.'
-      )
+  check_known(labels)
   # The manifold leaves only, as optax.partition hands them to the step: point_axes need not
   # fit the other leaves (point_axes=1 and a bias).
   masked = manifold_leaves(params, labels)
@@ -407,5 +415,5 @@ def check_labels(
     if undercomplete:
       raise ValueError(
         f'The grassmann leaf {name!r} of shape {shape} {undercomplete}, so the paper keeps such '
-        'kernels Euclidean. Label it euclidean, or choose other point_axes.'
+        f'kernels Euclidean. Label it euclidean, or choose other point_axes.{undercomplete_hint}'
       )
