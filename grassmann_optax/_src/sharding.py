@@ -15,6 +15,7 @@ callable ``params -> pytree``, as ``point_axes`` is. A plain tuple of axis names
 """
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,14 +142,11 @@ def check_split(tree: Any, splits: Sequence, name: str) -> None:
 
 
 def axis_size(names: tuple[str, ...]) -> int:
-  """How many devices ``names`` span inside ``shard_map``; 1 outside it (global shapes)."""
-  size = 1
-  for name in names:
-    try:
-      size *= jax.lax.axis_size(name)
-    except NameError:
-      return 1
-  return size
+  """How many devices ``names`` span: 1 for none, as outside ``shard_map`` (global shapes).
+
+  ``names`` come from :func:`resolve`, which keeps only the mesh axes bound here.
+  """
+  return math.prod(jax.lax.axis_size(name) for name in names)
 
 
 def psum(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
