@@ -521,3 +521,40 @@ def test_the_matrix_sign_of_huge_updates_is_the_matrix_sign_of_small_ones(scale)
   scaled = u / jnp.max(jnp.abs(u)) * 3e38 if scale == 'max' else u * scale
   got, _ = sign.update(scaled, sign.init(u))
   np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+# Two leaves whose keys join to one name ('a/b' against a nested a -> b).
+_COLLIDING = {'a/b': KERNEL, 'a': {'b': KERNEL}}
+
+
+@pytest.mark.parametrize(
+  'build',
+  [
+    lambda: go.adamg(0.1, 0.1, param_labels={'a/b': 'grassmann', 'a': {'b': 'euclidean'}}),
+    lambda: go.grassmann_adam(0.1, point_axes={'a/b': (0, 1, 2), 'a': {'b': None}}),
+    lambda: go.hyperball_adam(0.1, point_axes={'a/b': (0, 1, 2), 'a': {'b': None}}),
+  ],
+  ids=['labels', 'point_axes', 'hyperball point_axes'],
+)
+def test_a_tree_of_two_leaves_of_one_name_is_refused(build):
+  """Labels and point axes are matched to the params by name: two entries of one name would
+  give both leaves one of them, silently."""
+  with pytest.raises(ValueError, match=r"same name 'a/b'.*rename the key"):
+    build().init({'a': {'b': KERNEL}})
+
+
+def test_params_of_two_leaves_of_one_name_are_refused_where_matched_by_name():
+  """The params' own names must be unique where a tree is matched to them by name, and need
+  not be elsewhere."""
+  for tx in (
+    go.grassmann_sgd(0.1, point_axes={'a': {'b': None}}),
+    go.adamg(0.1, 0.1, param_labels={'a/b': 'grassmann', 'a': 'euclidean'}),
+  ):
+    with pytest.raises(ValueError, match="the params.*same name 'a/b'"):
+      tx.init(_COLLIDING)
+  # Labels of the params' own structure, or one spec for all, are not matched by name.
+  labels = {'a/b': 'grassmann', 'a': {'b': 'euclidean'}}
+  for tx in (go.adamg(0.1, 0.1, param_labels=labels), go.grassmann_sgd(0.1, point_axes=None)):
+    state = tx.init(_COLLIDING)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, _COLLIDING), state, _COLLIDING)
+    assert jax.tree.structure(updates) == jax.tree.structure(_COLLIDING)

@@ -38,6 +38,36 @@ def named_leaves(tree: Any) -> list[tuple[str, Any]]:
   return [(leaf_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def by_name(pairs, what: str) -> dict[str, Any]:
+  """``{leaf_name(path): value}`` for ``(path, value)`` pairs, refusing two paths of one name.
+
+  Trees given beside the params (labels, point axes, mesh axes) are matched to its leaves by
+  name, so that a flat dict of names or another container type works; a key holding ``/`` (or
+  the keys ``1`` and ``'1'``) could make two leaves one name and silently share one entry.
+
+  Raises:
+    ValueError: two leaves of ``what`` have the same name.
+  """
+  out, paths = {}, {}
+  for path, value in pairs:
+    name = leaf_name(path)
+    if name in out:
+      first, second = (jax.tree_util.keystr(tuple(p)) for p in (paths[name], path))
+      raise ValueError(
+        f'{what}: the leaves at {first} and {second} have the same name {name!r}. Trees given '
+        'beside the params are matched to its leaves by name (the keys joined with "/"), so '
+        'each name must be one leaf: rename the key that holds "/".'
+      )
+    out[name], paths[name] = value, path
+  return out
+
+
+def unique_names(tree: Any, what: str, is_leaf=None) -> list[str]:
+  """The names of the leaves of ``tree`` in order, refusing two leaves of one name."""
+  pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return list(by_name(pairs, what))
+
+
 def fan_in_and_out(shape: tuple[int, ...]) -> tuple[int, int]:
   """``(n, p)`` of the column view ``reshape(-1, shape[-1])``: rows (fan-in) and columns."""
   if not shape:

@@ -32,16 +32,17 @@ def _flatten(tree):
   return jax.tree_util.tree_flatten_with_path(tree)
 
 
-def _unboxed_names(tree) -> list[str]:
+def _unboxed_names(tree, what: str) -> list[str]:
   """Leaf names with Flax NNX ``Variable`` boxes removed, so that labels taken from
-  ``nnx.state(model, nnx.Param)`` match the raw arrays that ``nnx.Optimizer`` passes on."""
+  ``nnx.state(model, nnx.Param)`` match the raw arrays that ``nnx.Optimizer`` passes on; two
+  leaves of one name are refused (:func:`checks.by_name`)."""
   try:
     from flax import nnx
   except ImportError:
-    return [checks.leaf_name(path) for path, _ in _flatten(tree)[0]]
+    return checks.unique_names(tree, what)
   is_box = lambda x: isinstance(x, nnx.Variable)
   unboxed = jax.tree.map(lambda x: x.get_value() if is_box(x) else x, tree, is_leaf=is_box)
-  return [checks.leaf_name(path) for path, _ in _flatten(unboxed)[0]]
+  return checks.unique_names(unboxed, what)
 
 
 def is_undercomplete_conv(path, leaf) -> bool:
@@ -341,8 +342,10 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
       "every callable as a schedule): inject_hyperparams(go.adamg, static_args=('param_labels',))."
     )
   treedef = jax.tree.structure(params)
-  by_path = dict(zip(_unboxed_names(labels), jax.tree.leaves(labels), strict=True))
-  names = _unboxed_names(params)
+  if jax.tree.structure(labels) == treedef:
+    return labels  # the same paths: nothing to match by name
+  by_path = dict(zip(_unboxed_names(labels, 'param_labels'), jax.tree.leaves(labels), strict=True))
+  names = _unboxed_names(params, 'the params, matched to param_labels by name')
   for name in names:
     if name not in by_path:
       raise ValueError(

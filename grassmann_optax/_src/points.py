@@ -179,7 +179,7 @@ class Layout(NamedTuple):
 
 def _named_specs(point_axes) -> dict[str, Spec]:
   pairs = jax.tree_util.tree_flatten_with_path(point_axes, is_leaf=is_spec)[0]
-  return {checks.leaf_name(path): _as_spec(spec) for path, spec in pairs}
+  return {name: _as_spec(spec) for name, spec in checks.by_name(pairs, 'point_axes').items()}
 
 
 def specs_for(tree: Any, point_axes: PointAxes) -> PointAxes:
@@ -209,6 +209,7 @@ def resolve(tree: Any, point_axes: PointAxes, mesh_axes: Any = None) -> list[Lay
     specs = [spec] * len(leaves)
   else:
     named = _named_specs(point_axes)
+    checks.unique_names(tree, 'the params, matched to point_axes by name')
     specs = [named.get(name) for name, _ in leaves]
   return [
     Layout.of(tuple(getattr(leaf, 'shape', ())), spec, repr(name), split)
@@ -221,7 +222,7 @@ def check_names(params: Any, point_axes: PointAxes) -> None:
   point_axes = specs_for(params, point_axes)
   if is_spec(point_axes):
     return
-  names = {name for name, _ in checks.named_leaves(params)}
+  names = set(checks.unique_names(params, 'the params, matched to point_axes by name'))
   extra = sorted(set(_named_specs(point_axes)) - names)
   if extra:
     raise ValueError(f'point_axes names {extra[0]!r}, which is not a leaf of the params.')

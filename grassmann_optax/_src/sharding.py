@@ -106,7 +106,8 @@ def resolve(tree: Any, mesh_axes) -> list[Split | None]:
   if _is_spec(mesh_axes):
     return [_split(mesh_axes, ndim(leaf), repr(name)) for name, leaf in leaves]
   pairs = jax.tree_util.tree_flatten_with_path(mesh_axes, is_leaf=_is_spec)[0]
-  specs = {checks.leaf_name(path): spec for path, spec in pairs}
+  specs = checks.by_name(pairs, 'mesh_axes')
+  checks.unique_names(tree, 'the params, matched to mesh_axes by name')
   return [_split(specs.get(name), ndim(leaf), repr(name)) for name, leaf in leaves]
 
 

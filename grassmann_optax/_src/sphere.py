@@ -69,7 +69,8 @@ def resolve(tree: Any, point_axes: points.PointAxes) -> list[points.Layout]:
     specs = [point_axes] * len(leaves)
   else:
     pairs = jax.tree_util.tree_flatten_with_path(point_axes, is_leaf=points.is_spec)[0]
-    named = {checks.leaf_name(path): spec for path, spec in pairs}
+    named = checks.by_name(pairs, 'point_axes')
+    checks.unique_names(tree, 'the params, matched to point_axes by name')
     specs = [named.get(name) for name, _ in leaves]
   layouts = []
   for (name, leaf), spec in zip(leaves, specs, strict=True):
