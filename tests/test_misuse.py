@@ -119,6 +119,28 @@ def test_radius_init_on_a_zero_point_is_refused_with_the_leaf_named(name):
     tx.init({'w': params} if name in ('sgdg', 'adamg') else params)
 
 
+@pytest.mark.parametrize(
+  'scale, message',
+  [
+    (1e-25, 'point of norm 0'),  # its square underflows
+    (1e-18, r'outside \[1e-15, 1e\+15\]'),  # left its sphere by 11% in three steps
+    (1e17, r'outside \[1e-15, 1e\+15\]'),
+    (1e20, r'outside \[1e-15, 1e\+15\]'),  # ‖w‖² overflows: NaN in the first step
+    (float('nan'), 'not finite'),
+  ],
+)
+@pytest.mark.parametrize('name', [*sorted(_all_with_radius(None)), 'hyperball_adam'])
+def test_radius_init_refuses_the_norms_a_scalar_radius_may_not_have(name, scale, message):
+  """radius='init' keeps the norms the params have at init: the same range as a number."""
+  params = KERNEL * scale
+  if name == 'hyperball_adam':
+    tx = go.hyperball_adam(0.1)
+  else:
+    tx = _all_with_radius('init')[name]()
+  with pytest.raises(ValueError, match=f'leaf .* {message}'):
+    tx.init({'w': params} if name in ('sgdg', 'adamg') else params)
+
+
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
 def test_a_stack_whose_layers_have_no_more_rows_than_points_is_refused_with_omega(name):
   """(layers, 6, 8) with point axes (1,): 8 points of 6 elements per layer cannot be orthogonal."""

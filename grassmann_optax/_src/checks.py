@@ -173,26 +173,33 @@ def check_radii(params: Any, radii: Any, layouts, name: str) -> None:
   ``layouts``: the :class:`points.Layout` of each leaf of ``params``. Raises a ValueError naming
   the first leaf that has no radii, or radii of another shape than its points.
   """
-  got = dict(named_leaves(radii))
-  names = [leaf for leaf, _ in named_leaves(params)]
-  for (leaf, w), layout in zip(named_leaves(params), layouts, strict=True):
-    if leaf not in got:
+  pairs = jax.tree_util.tree_flatten_with_path(radii)[0]
+  leaves = named_leaves(params)
+  if jax.tree.structure(radii) == jax.tree.structure(params):
+    found = [value for _, value in pairs]
+  else:
+    got = by_name(pairs, f'{name}: the radii in the state')
+    names = unique_names(params, f'{name}: the params, matched to the radii in the state by name')
+    for leaf in names:
+      if leaf not in got:
+        raise ValueError(
+          f'{name}: the params have a leaf {leaf!r} that the params given to init did not have '
+          '(the state holds no radius for it). Call init with the params you update.'
+        )
+    extra = sorted(set(got) - set(names))
+    if extra:
       raise ValueError(
-        f'{name}: the params have a leaf {leaf!r} that the params given to init did not have '
-        '(the state holds no radius for it). Call init with the params you update.'
+        f'{name}: the params given to init had a leaf {extra[0]!r} that these params do not have.'
       )
+    found = [got[leaf] for leaf in names]
+  for (leaf, w), layout, radius in zip(leaves, layouts, found, strict=True):
     expected = layout.batch_shape(tuple(np.shape(w)))
-    if tuple(np.shape(got[leaf])) != expected:
+    if tuple(np.shape(radius)) != expected:
       raise ValueError(
         f'{name}: leaf {leaf!r} has {math.prod(expected)} points of shape {expected} now, but '
-        f'the state holds radii of shape {tuple(np.shape(got[leaf]))} from init. Call init with '
+        f'the state holds radii of shape {tuple(np.shape(radius))} from init. Call init with '
         'the params you update.'
       )
-  extra = sorted(set(got) - set(names))
-  if extra:
-    raise ValueError(
-      f'{name}: the params given to init had a leaf {extra[0]!r} that these params do not have.'
-    )
 
 
 def check_state(state: Any, fields: tuple[str, ...], name: str) -> None:
@@ -328,5 +335,37 @@ def check_radius(radius) -> None:
       f'radius={radius!r} is out of range: it must be in [{RADIUS_RANGE[0]:g}, '
       f'{RADIUS_RANGE[1]:g}]. The steps compute per-point inner products such as ‖w‖² = radius² '
       'in float32, which overflow or lose their precision outside it. Rescale the model (a '
-      'scale-invariant weight works at any radius) or train in float64.'
+      'scale-invariant weight works at any radius).'
+    )
+
+
+def check_initial_norms(norm, w, leaf: str, name: str, zero_advice: str) -> None:
+  """The norms that ``radius='init'`` keeps (``norm``, one per point of the leaf ``w`` named
+  ``leaf``) must be in ``RADIUS_RANGE``, as a scalar radius must; traced values are not checked.
+
+  Raises:
+    ValueError: a non-finite leaf, a point of norm 0 (``zero_advice`` says what to do) or a norm
+      out of the range.
+  """
+  if isinstance(norm, jax.core.Tracer) or isinstance(w, jax.core.Tracer):
+    return
+  if not bool(jnp.all(jnp.isfinite(w))):
+    raise ValueError(
+      f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} holds a value "
+      'that is not finite (NaN or inf).'
+    )
+  norm = np.asarray(norm)
+  if not np.all(norm > 0):
+    raise ValueError(
+      f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} has a point "
+      f'of norm 0 (or so small that its square is 0), which has no radius. {zero_advice}'
+    )
+  low, high = float(np.min(norm)), float(np.max(norm))
+  if not (RADIUS_RANGE[0] <= low and high <= RADIUS_RANGE[1]):
+    raise ValueError(
+      f"{name}: radius='init' keeps each point at its norm at init, but leaf {leaf!r} has "
+      f'points of norm {low:g} to {high:g}, outside [{RADIUS_RANGE[0]:g}, {RADIUS_RANGE[1]:g}]: '
+      'the steps compute per-point inner products such as ‖w‖² in float32, which overflow or '
+      'lose their precision there. Rescale the leaf at init (a scale-invariant weight works at '
+      'any radius).'
     )

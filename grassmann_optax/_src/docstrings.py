@@ -25,9 +25,10 @@ SHARED = {
     '(``docs/algorithm.md``, section 10).'
   ),
   'radius': (
-    '``None`` (unit points, as in the paper), a positive finite number\n'
-    "``R``, or ``'init'``: each point keeps the norm it has when ``init`` is called (kept in\n"
-    'the state). Points are stored at that norm; steps are angles.'
+    '``None`` (unit points, as in the paper), a number ``R`` in\n'
+    "``[1e-15, 1e15]``, or ``'init'``: each point keeps the norm it has when ``init`` is\n"
+    'called (kept in the state; the same range). Points are stored at that norm; steps are\n'
+    'angles.'
   ),
   'mesh_axes': (
     'inside ``jax.shard_map``, the mesh axes that split each leaf: the\n'

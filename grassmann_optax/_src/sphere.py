@@ -130,15 +130,13 @@ def check_not_split(tree: Any, name: str, what: str = 'leaf') -> None:
 
 
 def initial_radius(tree: Any, layouts: list[points.Layout], name: str) -> Any:
-  """The Frobenius norm of every point, batch-shaped; a point of norm 0 is refused."""
+  """The Frobenius norm of every point, batch-shaped; a point of norm 0, or of a norm outside
+  ``checks.RADIUS_RANGE``, is refused."""
   out = []
   for (leaf_name, w), layout in zip(checks.named_leaves(tree), layouts, strict=True):
     norm = norm_of(manifold.upcast(jnp.asarray(w)), layout.point)
-    if not isinstance(norm, jax.core.Tracer) and not bool(jnp.all(norm > 0)):
-      raise ValueError(
-        f'{name}: leaf {leaf_name!r} has a point of norm 0, so it has no sphere to stay on (its '
-        'radius is its norm at init). Initialise it away from zero, or label it euclidean.'
-      )
+    advice = 'It has no sphere to stay on: initialise it away from zero, or label it euclidean.'
+    checks.check_initial_norms(norm, w, leaf_name, name, advice)
     out.append(norm.reshape(layout.batch_shape(w.shape)))
   return jax.tree.unflatten(jax.tree.structure(tree), out)
 

@@ -426,12 +426,8 @@ def initial_radius(params, layouts, name: str):
   out = []
   for (leaf_name, w), layout in zip(checks.named_leaves(params), layouts, strict=True):
     norm = manifold.column_norm(manifold.upcast(w), layout.point)
-    if not isinstance(norm, jax.core.Tracer) and not bool(jnp.all(norm > 0)):
-      raise ValueError(
-        f"{name}: radius='init' takes each point's norm at init, but leaf {leaf_name!r} has a "
-        'point of norm 0, which has no radius. Initialise it away from zero (e.g. with '
-        'go.unit_initializer()), or give a number as radius.'
-      )
+    advice = 'Initialise it away from zero (e.g. with go.unit_initializer()), or give a radius.'
+    checks.check_initial_norms(norm, w, leaf_name, name, advice)
     out.append(norm.reshape(layout.batch_shape(w.shape)))
   return jax.tree.unflatten(jax.tree.structure(params), out)
 
