@@ -62,6 +62,22 @@ def by_name(pairs, what: str) -> dict[str, Any]:
   return out
 
 
+def pick_by_name(given: dict[str, Any], names: list[str], missing, extra) -> list[Any]:
+  """``given[name]`` for each of ``names``, which must be exactly the keys of ``given``.
+
+  Raises:
+    ValueError: with the message ``missing(name)`` for the first name not in ``given``, or
+      ``extra(key)`` for the first key of ``given`` not in ``names``.
+  """
+  for name in names:
+    if name not in given:
+      raise ValueError(missing(name))
+  rest = sorted(set(given) - set(names))
+  if rest:
+    raise ValueError(extra(rest[0]))
+  return [given[name] for name in names]
+
+
 def unique_names(tree: Any, what: str, is_leaf=None) -> list[str]:
   """The names of the leaves of ``tree`` in order, refusing two leaves of one name."""
   pairs = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
@@ -180,18 +196,17 @@ def check_radii(params: Any, radii: Any, layouts, name: str) -> None:
   else:
     got = by_name(pairs, f'{name}: the radii in the state')
     names = unique_names(params, f'{name}: the params, matched to the radii in the state by name')
-    for leaf in names:
-      if leaf not in got:
-        raise ValueError(
-          f'{name}: the params have a leaf {leaf!r} that the params given to init did not have '
-          '(the state holds no radius for it). Call init with the params you update.'
-        )
-    extra = sorted(set(got) - set(names))
-    if extra:
-      raise ValueError(
-        f'{name}: the params given to init had a leaf {extra[0]!r} that these params do not have.'
-      )
-    found = [got[leaf] for leaf in names]
+    found = pick_by_name(
+      got,
+      names,
+      lambda leaf: (
+        f'{name}: the params have a leaf {leaf!r} that the params given to init did not have '
+        '(the state holds no radius for it). Call init with the params you update.'
+      ),
+      lambda leaf: (
+        f'{name}: the params given to init had a leaf {leaf!r} that these params do not have.'
+      ),
+    )
   for (leaf, w), layout, radius in zip(leaves, layouts, found, strict=True):
     expected = layout.batch_shape(tuple(np.shape(w)))
     if tuple(np.shape(radius)) != expected:

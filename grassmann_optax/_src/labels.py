@@ -346,18 +346,18 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
     return labels  # the same paths: nothing to match by name
   by_path = dict(zip(_unboxed_names(labels, 'param_labels'), jax.tree.leaves(labels), strict=True))
   names = _unboxed_names(params, 'the params, matched to param_labels by name')
-  for name in names:
-    if name not in by_path:
-      raise ValueError(
-        f'The label tree does not match the params: no label for the leaf {name!r}. Labels '
-        'must have the structure of the params, e.g. go.grassmann_labels(params).'
-      )
-  extra = sorted(set(by_path) - set(names))
-  if extra:
-    raise ValueError(
-      f'The label tree does not match the params: the label {extra[0]!r} names no parameter.'
-    )
-  return jax.tree_util.tree_unflatten(treedef, [by_path[name] for name in names])
+  found = checks.pick_by_name(
+    by_path,
+    names,
+    lambda name: (
+      f'The label tree does not match the params: no label for the leaf {name!r}. Labels '
+      'must have the structure of the params, e.g. go.grassmann_labels(params).'
+    ),
+    lambda name: (
+      f'The label tree does not match the params: the label {name!r} names no parameter.'
+    ),
+  )
+  return jax.tree_util.tree_unflatten(treedef, found)
 
 
 def manifold_leaves(params: Any, labels: Any) -> Any:
