@@ -370,6 +370,8 @@ def check_initial_norms(norm, w, leaf: str, name: str, zero_advice: str) -> None
       'that is not finite (NaN or inf).'
     )
   norm = np.asarray(norm)
+  if not norm.size:
+    return  # a stack of zero layers has no points
   if not np.all(norm > 0):
     raise ValueError(
       f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} has a point "
