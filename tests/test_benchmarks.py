@@ -5,10 +5,13 @@ in timed tests); what is tested is that the trees are the models they name, that
 compiles and runs on them, and that the report says whether each goal is met.
 """
 
+import math
+
 import jax
+import pytest
 
 import grassmann_optax as go
-from benchmarks import common, update
+from benchmarks import common, kernel, update
 
 
 def count(shapes) -> int:
@@ -47,6 +50,14 @@ def test_every_candidate_runs_and_the_report_states_the_goals():
   assert abs(result['state']['optax.adam'] - 2) < 1e-3 and result['state']['adamg ω=0'] < 1.02
   text = update.format_report({'machine': common.machine(), 'WRN-10-1': result})
   assert 'README chain / adamg' in text and ('met' in text or 'NOT MET' in text)
+
+
+@pytest.mark.skipif(not go.cpu_kernel.available(), reason='the CPU kernel is not installed')
+def test_the_kernel_benchmark_reports_a_ratio_for_one_and_two_leaves():
+  report = kernel.main(['--quick'])
+  assert set(report['ratios']) == {'kernel / XLA read, 1 leaf', 'kernel / XLA read, 2 leaves'}
+  for r in report['ratios'].values():
+    assert math.isfinite(r['ratio']) and r['low'] <= r['ratio'] <= r['high']
 
 
 def test_the_readme_chain_of_the_benchmark_is_the_alias():
