@@ -369,15 +369,15 @@ def check_initial_norms(norm, w, leaf: str, name: str, zero_advice: str) -> None
       f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} holds a value "
       'that is not finite (NaN or inf).'
     )
-  norm = np.asarray(norm)
-  if not norm.size:
+  if not jnp.size(norm):
     return  # a stack of zero layers has no points
-  if not np.all(norm > 0):
+  # Reduced where the norms live (they may be sharded across processes); only scalars come back.
+  low, high = float(jnp.min(norm)), float(jnp.max(norm))
+  if not low > 0:
     raise ValueError(
       f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} has a point "
       f'of norm 0 (or so small that its square is 0), which has no radius. {zero_advice}'
     )
-  low, high = float(np.min(norm)), float(np.max(norm))
   if not (RADIUS_RANGE[0] <= low and high <= RADIUS_RANGE[1]):
     raise ValueError(
       f"{name}: radius='init' keeps each point at its norm at init, but leaf {leaf!r} has "
