@@ -84,6 +84,15 @@ def unique_names(tree: Any, what: str, is_leaf=None) -> list[str]:
   return list(by_name(pairs, what))
 
 
+def entries_by_name(tree: Any, given: Any, what: str, is_leaf) -> list[Any]:
+  """Per leaf of ``tree``, in order, the entry of the pytree ``given`` (``what``, whose leaves
+  ``is_leaf`` tells) of the same name, or None where it has none. Two leaves of one name, in
+  either tree, are refused (:func:`by_name`)."""
+  entries = by_name(jax.tree_util.tree_flatten_with_path(given, is_leaf=is_leaf)[0], what)
+  names = unique_names(tree, f'the params, matched to {what} by name')
+  return [entries.get(name) for name in names]
+
+
 def fan_in_and_out(shape: tuple[int, ...]) -> tuple[int, int]:
   """``(n, p)`` of the column view ``reshape(-1, shape[-1])``: rows (fan-in) and columns."""
   if not shape:
@@ -189,12 +198,11 @@ def check_radii(params: Any, radii: Any, layouts, name: str) -> None:
   ``layouts``: the :class:`points.Layout` of each leaf of ``params``. Raises a ValueError naming
   the first leaf that has no radii, or radii of another shape than its points.
   """
-  pairs = jax.tree_util.tree_flatten_with_path(radii)[0]
   leaves = named_leaves(params)
   if jax.tree.structure(radii) == jax.tree.structure(params):
-    found = [value for _, value in pairs]
+    found = jax.tree.leaves(radii)
   else:
-    got = by_name(pairs, f'{name}: the radii in the state')
+    got = by_name(jax.tree_util.tree_flatten_with_path(radii)[0], f'{name}: the radii in the state')
     names = unique_names(params, f'{name}: the params, matched to the radii in the state by name')
     found = pick_by_name(
       got,

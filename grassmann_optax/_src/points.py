@@ -208,9 +208,7 @@ def resolve(tree: Any, point_axes: PointAxes, mesh_axes: Any = None) -> list[Lay
     spec = _as_spec(point_axes)
     specs = [spec] * len(leaves)
   else:
-    named = _named_specs(point_axes)
-    checks.unique_names(tree, 'the params, matched to point_axes by name')
-    specs = [named.get(name) for name, _ in leaves]
+    specs = [_as_spec(s) for s in checks.entries_by_name(tree, point_axes, 'point_axes', is_spec)]
   return [
     Layout.of(tuple(getattr(leaf, 'shape', ())), spec, repr(name), split)
     for (name, leaf), spec, split in zip(leaves, specs, splits, strict=True)

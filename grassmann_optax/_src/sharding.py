@@ -105,10 +105,10 @@ def resolve(tree: Any, mesh_axes) -> list[Split | None]:
   ndim = lambda leaf: len(getattr(leaf, 'shape', ()))
   if _is_spec(mesh_axes):
     return [_split(mesh_axes, ndim(leaf), repr(name)) for name, leaf in leaves]
-  pairs = jax.tree_util.tree_flatten_with_path(mesh_axes, is_leaf=_is_spec)[0]
-  specs = checks.by_name(pairs, 'mesh_axes')
-  checks.unique_names(tree, 'the params, matched to mesh_axes by name')
-  return [_split(specs.get(name), ndim(leaf), repr(name)) for name, leaf in leaves]
+  specs = checks.entries_by_name(tree, mesh_axes, 'mesh_axes', _is_spec)
+  return [
+    _split(spec, ndim(leaf), repr(name)) for (name, leaf), spec in zip(leaves, specs, strict=True)
+  ]
 
 
 def varying(x) -> frozenset:

@@ -68,10 +68,7 @@ def resolve(tree: Any, point_axes: points.PointAxes) -> list[points.Layout]:
   if points.is_spec(point_axes):
     specs = [point_axes] * len(leaves)
   else:
-    pairs = jax.tree_util.tree_flatten_with_path(point_axes, is_leaf=points.is_spec)[0]
-    named = checks.by_name(pairs, 'point_axes')
-    checks.unique_names(tree, 'the params, matched to point_axes by name')
-    specs = [named.get(name) for name, _ in leaves]
+    specs = checks.entries_by_name(tree, point_axes, 'point_axes', points.is_spec)
   layouts = []
   for (name, leaf), spec in zip(leaves, specs, strict=True):
     shape = tuple(getattr(leaf, 'shape', ()))
