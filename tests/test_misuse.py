@@ -378,6 +378,42 @@ def test_schedules_and_traced_hyperparameters_are_still_taken():
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+def test_injected_array_hyperparameters_are_checked_without_a_deprecated_numpy_call():
+  """inject_hyperparams hands the factory JAX arrays; reading their dtype must not go through
+  ``np.result_type(array)``, which JAX deprecates (a warning now, an error in a later release)."""
+  import warnings
+
+  params = {'conv': KERNEL, 'bias': jnp.zeros(8)}
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', DeprecationWarning)
+    tx = optax.inject_hyperparams(go.adamg)(learning_rate=0.1, grassmann_learning_rate=0.1)
+    state = tx.init(params)
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+
+
+def _vector_schedule(count):
+  return jnp.full((3,), 0.1) * (count + 1)
+
+
+@pytest.mark.parametrize(
+  'build',
+  [
+    lambda: go.grassmann_sgd(_vector_schedule),
+    lambda: go.grassmann_adam(_vector_schedule),
+    lambda: go.sgdg(0.1, _vector_schedule, param_labels={'w': 'grassmann'}),
+    lambda: go.hyperball_step(_vector_schedule),
+    lambda: go.adamh(0.1, _vector_schedule, param_labels={'w': 'grassmann'}),
+  ],
+  ids=['grassmann_sgd', 'grassmann_adam', 'sgdg', 'hyperball_step', 'adamh'],
+)
+def test_a_schedule_that_returns_an_array_is_refused_with_its_shape(build):
+  tx = build()
+  params = {'w': KERNEL}
+  state = tx.init(params)
+  with pytest.raises(TypeError, match=r'schedule returned an array of shape \(3,\)'):
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+
+
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])
 def test_an_int_point_axes_need_not_fit_the_euclidean_leaves(name):
   """point_axes=1 (rows of a 2-D leaf) must not be resolved for a 1-D bias the step never sees."""

@@ -239,12 +239,34 @@ def check_state(state: Any, fields: tuple[str, ...], name: str) -> None:
 def check_real_updates(tree: Any, name: str) -> None:
   """Raises a TypeError naming the first leaf of ``tree`` that is not real floating-point."""
   for leaf_name, leaf in named_leaves(tree):
-    dtype = np.result_type(leaf)
+    dtype = _dtype(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
         f'{name}: the update of leaf {leaf_name!r} has dtype {jnp.dtype(dtype).name}; the '
         'per-point norms need real floating-point updates (float32, bfloat16, float64, ...).'
       )
+
+
+def _dtype(value) -> np.dtype:
+  """The dtype of an array or number (``np.result_type`` of a JAX array is deprecated)."""
+  return np.dtype(value.dtype) if hasattr(value, 'dtype') else np.result_type(value)
+
+
+def scheduled(learning_rate, count, name: str):
+  """``learning_rate`` at step ``count``: the value of a schedule, or the number itself.
+
+  Raises:
+    TypeError: the schedule returned an array with axes (a rate is one number for every point).
+  """
+  if not callable(learning_rate):
+    return learning_rate
+  value = learning_rate(count)
+  if np.shape(value) != ():
+    raise TypeError(
+      f'{name}: the learning_rate schedule returned an array of shape {np.shape(value)}; a '
+      'learning rate is one number, the same for every point. Return a scalar.'
+    )
+  return value
 
 
 def _concrete(value, name: str = 'value') -> float | None:
@@ -264,7 +286,7 @@ def _concrete(value, name: str = 'value') -> float | None:
     raise TypeError(f'{name}={value!r}: expected a real number, got {type(value).__name__}.')
   if isinstance(value, numbers.Real) and not isinstance(value, np.generic):
     return float(value)
-  dtype, shape = np.result_type(value), np.shape(value)
+  dtype, shape = _dtype(value), np.shape(value)
   if shape != ():
     raise TypeError(
       f'{name} is an array of shape {shape}: expected one real number (a scalar), the same for '

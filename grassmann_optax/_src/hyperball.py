@@ -82,10 +82,6 @@ class HyperballMuonState(NamedTuple):
   radius: optax.Params
 
 
-def _learning_rate(learning_rate, count):
-  return learning_rate(count) if callable(learning_rate) else learning_rate
-
-
 def _zeros(params):
   return jax.tree.map(jnp.zeros_like, params)
 
@@ -203,7 +199,7 @@ def _transform(
     sphere.check_not_split(params, name)
     layouts = sphere.resolve(params, point_axes)
     checks.check_radii(params, state.radius, layouts, name)
-    lr = _learning_rate(learning_rate, state.count)
+    lr = checks.scheduled(learning_rate, state.count, name)
     count = optax.safe_increment(state.count)
     treedef = jax.tree.structure(params)
     buffers = [treedef.flatten_up_to(getattr(state, f)) for f in buffer_fields]

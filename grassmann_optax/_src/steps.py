@@ -444,10 +444,6 @@ def require_params(params) -> None:
     raise ValueError(checks.NO_PARAMS_MSG)
 
 
-def _learning_rate(learning_rate, count):
-  return learning_rate(count) if callable(learning_rate) else learning_rate
-
-
 # Why the per-point values of a leaf are one array: each array of the state is a buffer that
 # every call of a jitted step hands over and takes back, at a few microseconds whatever its size.
 # With three arrays per leaf, a step of 500 leaves of (64, 16) took 1.78x AdamW's time; with one,
@@ -556,7 +552,7 @@ def _transform(
     buffers = getattr(state, buffer_field)
     checks.check_update_trees(updates, params, buffers, name)
     sharding.check_split(params, sharding.resolve(params, mesh_axes), name)
-    lr = _learning_rate(learning_rate, state.count)
+    lr = checks.scheduled(learning_rate, state.count, name)
     count = optax.safe_increment(state.count)
     treedef = jax.tree.structure(params)
     radii = treedef.flatten_up_to(state.radius) if isinstance(radius, str) else None
