@@ -172,3 +172,29 @@ def test_equal_small_leaves_inside_shard_map_step_as_under_jit(mesh, spec):
   want = jax.jit(step(reference))(params, reference.init(params), grads)
   chex.assert_trees_all_close(got[0], want[0], atol=2e-6, rtol=0)
   chex.assert_trees_all_close(got[1].inner_states, want[1].inner_states, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['grassmann_sgd', 'grassmann_adam', 'exp_map_update'])
+def test_radius_init_inside_shard_map_is_the_norm_of_the_whole_point(mesh, name):
+  """With rows split across devices each device holds half of every column: the radius kept by
+  ``init`` is the norm of the whole column, the same on both devices."""
+  spec = P('model', None)
+  w = 3 * jax.random.normal(jax.random.key(0), (48, 24))
+  args = () if name == 'exp_map_update' else (0.1,)
+  tx = getattr(go, name)(*args, radius='init', mesh_axes=spec)
+  radius = jax.shard_map(lambda w: tx.init(w).radius, mesh=mesh, in_specs=spec, out_specs=P())(w)
+  np.testing.assert_allclose(radius, jnp.linalg.norm(w, axis=0), rtol=1e-6)
+
+
+def test_mesh_axes_of_two_leaves_of_one_name_are_refused_at_init():
+  """mesh_axes are matched to the params by name, as labels and point axes are, and are checked
+  when the state is made, before any step."""
+  kernel = go.unit_initializer()(jax.random.key(0), (48, 24))
+  for tx in (
+    go.grassmann_adam(0.1, mesh_axes={'a/b': P(), 'a': {'b': P('model', None)}}),
+    go.adamg(
+      0.1, 0.1, param_labels={'a': {'b': 'grassmann'}}, mesh_axes={'a/b': P(), 'a': {'b': P()}}
+    ),
+  ):
+    with pytest.raises(ValueError, match=r"mesh_axes: the leaves at .* have the same name 'a/b'"):
+      tx.init({'a': {'b': kernel}})

@@ -425,16 +425,20 @@ def initial_radius(params, layouts, name: str):
   """The norm of every point of ``params``, batch-shaped; a zero point has none (ValueError)."""
   out = []
   for (leaf_name, w), layout in zip(checks.named_leaves(params), layouts, strict=True):
-    norm = manifold.column_norm(manifold.upcast(w), layout.point)
+    norm = manifold.column_norm(manifold.upcast(w), layout.point, layout.point_mesh)
     advice = 'Initialise it away from zero (e.g. with go.unit_initializer()), or give a radius.'
     checks.check_initial_norms(norm, w, leaf_name, name, advice)
     out.append(norm.reshape(layout.batch_shape(w.shape)))
   return jax.tree.unflatten(jax.tree.structure(params), out)
 
 
-def check_init(params, name: str, point_axes) -> list[points.Layout]:
-  """The layouts of the leaves of ``params``, after checking that they can be manifold leaves."""
-  layouts = points.resolve(params, point_axes)
+def check_init(params, name: str, point_axes, mesh_axes) -> list[points.Layout]:
+  """The layouts of the leaves of ``params``, after checking that they can be manifold leaves.
+
+  Inside ``shard_map`` the layouts name the mesh axes that split each point (``mesh_axes``), so
+  that ``radius='init'`` takes the norm of the whole point, not of this device's block.
+  """
+  layouts = points.resolve(params, point_axes, mesh_axes)
   checks.check_manifold_leaves(params, name, layouts)
   return layouts
 
@@ -540,7 +544,7 @@ def _transform(
   initial = (1.0, 0.0, *(0.0 for _ in own_fields))  # the stored buffer is the transported one
 
   def init_fn(params):
-    layouts = check_init(params, name, point_axes)
+    layouts = check_init(params, name, point_axes, mesh_axes)
     warn_if_wrapped(name)
     radii = initial_radius(params, layouts, name) if isinstance(radius, str) else None
     return init_state(params, layouts, per_point_init(params, layouts, initial), radii)

@@ -298,8 +298,7 @@ def exp_map_update(
   sharding.check_spec_tree(mesh_axes)
 
   def init_fn(params):
-    layouts = points.resolve(params, point_axes)
-    checks.check_manifold_leaves(params, 'exp_map_update', layouts)
+    layouts = steps.check_init(params, 'exp_map_update', point_axes, mesh_axes)
     if not isinstance(radius, str):
       return optax.EmptyState()
     return ExpMapUpdateState(radius=steps.initial_radius(params, layouts, 'exp_map_update'))
