@@ -4,6 +4,7 @@ Each misuse gets a ``TypeError`` or ``ValueError`` that names the argument or th
 what to do; nothing is silently accepted and then ignored.
 """
 
+import functools
 import inspect
 
 import jax
@@ -139,6 +140,24 @@ def test_radius_init_refuses_the_norms_a_scalar_radius_may_not_have(name, scale,
     tx = _all_with_radius('init')[name]()
   with pytest.raises(ValueError, match=f'leaf .* {message}'):
     tx.init({'w': params} if name in ('sgdg', 'adamg') else params)
+
+
+@pytest.mark.parametrize('scale, message', [(0.0, 'point of norm 0'), (1e20, 'outside')])
+@pytest.mark.parametrize('name', [*sorted(_all_with_radius(None)), 'hyperball_adam'])
+def test_radius_init_under_jit_refuses_the_same_norms_when_it_runs(name, scale, message):
+  """``jax.jit(tx.init)`` (how sharded training makes its state) sees traced norms: the check
+  runs with the compiled init and raises the same message, instead of keeping a radius of 0."""
+  # A zero column; the hyperball's point is the whole matrix.
+  zero_one = scale == 0 and name != 'hyperball_adam'
+  params = KERNEL.at[..., 3].set(0.0) if zero_one else KERNEL * scale
+  tx = go.hyperball_adam(0.1) if name == 'hyperball_adam' else _all_with_radius('init')[name]()
+  with pytest.raises(Exception, match=f"radius='init'.*leaf .*{message}"):
+    state = jax.jit(tx.init)({'w': params} if name in ('sgdg', 'adamg') else params)
+    jax.block_until_ready(state)
+  # Good norms pass under jit, and give the radii of eager init.
+  good = {'w': KERNEL} if name in ('sgdg', 'adamg') else KERNEL
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6)
+  jax.tree.map(close, jax.jit(tx.init)(good), tx.init(good))
 
 
 @pytest.mark.parametrize('name', ['sgdg', 'adamg'])

@@ -5,6 +5,7 @@ They run on concrete shapes, dtypes and Python numbers, outside any trace (at co
 the first step with a message that names the offending leaf or argument.
 """
 
+import functools
 import math
 import numbers
 from typing import Any
@@ -386,27 +387,38 @@ def check_radius(radius) -> None:
 
 def check_initial_norms(norm, w, leaf: str, name: str, zero_advice: str) -> None:
   """The norms that ``radius='init'`` keeps (``norm``, one per point of the leaf ``w`` named
-  ``leaf``) must be in ``RADIUS_RANGE``, as a scalar radius must; traced values are not checked.
+  ``leaf``) must be in ``RADIUS_RANGE``, as a scalar radius must.
+
+  Concrete values are checked here. Traced ones (``jax.jit(tx.init)``, as sharded training
+  makes its state) are checked when the compiled init runs, by a host callback that raises the
+  same error, so that a zero point cannot get a radius of 0 silently.
 
   Raises:
     ValueError: a non-finite leaf, a point of norm 0 (``zero_advice`` says what to do) or a norm
       out of the range.
   """
-  if isinstance(norm, jax.core.Tracer) or isinstance(w, jax.core.Tracer):
-    return
-  if not bool(jnp.all(jnp.isfinite(w))):
+  if not jnp.size(norm):
+    return  # a stack of zero layers has no points
+  # Reduced where the norms live (they may be sharded across processes); only scalars come back.
+  finite, low, high = jnp.all(jnp.isfinite(w)), jnp.min(norm), jnp.max(norm)
+  check = functools.partial(_raise_for_initial_norms, leaf=leaf, name=name, advice=zero_advice)
+  if any(isinstance(x, jax.core.Tracer) for x in (finite, low, high)):
+    jax.debug.callback(check, finite, low, high)
+  else:
+    check(finite, low, high)
+
+
+def _raise_for_initial_norms(finite, low, high, *, leaf: str, name: str, advice: str) -> None:
+  if not bool(finite):
     raise ValueError(
       f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} holds a value "
       'that is not finite (NaN or inf).'
     )
-  if not jnp.size(norm):
-    return  # a stack of zero layers has no points
-  # Reduced where the norms live (they may be sharded across processes); only scalars come back.
-  low, high = float(jnp.min(norm)), float(jnp.max(norm))
+  low, high = float(low), float(high)
   if not low > 0:
     raise ValueError(
       f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} has a point "
-      f'of norm 0 (or so small that its square is 0), which has no radius. {zero_advice}'
+      f'of norm 0 (or so small that its square is 0), which has no radius. {advice}'
     )
   if not (RADIUS_RANGE[0] <= low and high <= RADIUS_RANGE[1]):
     raise ValueError(
