@@ -2,7 +2,9 @@
 
 They run on concrete shapes, dtypes and Python numbers, outside any trace (at construction, at
 ``init``, and when ``update`` is traced), so a bad parameter tree or hyper-parameter fails before
-the first step with a message that names the offending leaf or argument.
+the first step with a message that names the offending leaf or argument. The one check of values
+that ``init`` may see traced, the initial norms of ``radius='init'``, runs inside the compiled
+``init`` instead (:func:`check_initial_norms`).
 """
 
 import functools
