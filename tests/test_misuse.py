@@ -218,6 +218,21 @@ def test_project_params_puts_averaged_points_back_on_the_sphere():
     go.project_params(averaged, {'w': 'grassmann'})
 
 
+def test_project_params_places_points_of_any_norm_and_keeps_zero_and_non_finite_ones():
+  """Float32 squares overflow at 1e20 and underflow at 1e-30: those points are still placed on
+  the sphere. A zero point has no direction and stays zero; a NaN or inf point stays as it is,
+  so that a diverged average is seen, not turned into zeros."""
+  w = KERNEL.reshape(-1, 8)
+  w = w.at[:, 1].multiply(1e20).at[:, 2].multiply(1e-30).at[:, 3].multiply(3e38)
+  w = w.at[:, 4].set(0.0).at[5, 5].set(jnp.nan).at[7, 6].set(jnp.inf)
+  back = go.project_params({'w': w}, {'w': 'grassmann'})['w']
+  norms = np.linalg.norm(np.asarray(back[:, [0, 1, 2, 3, 7]], np.float64), axis=0)
+  np.testing.assert_allclose(norms, 1, rtol=1e-6)
+  np.testing.assert_allclose(back[:, 1], KERNEL.reshape(-1, 8)[:, 1], rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(back[:, 4], 0.0)
+  np.testing.assert_array_equal(back[:, 5:7], w[:, 5:7])
+
+
 def test_project_params_takes_the_radii_a_hyperball_state_holds():
   # One matrix on the hyperball: its radius tree holds one scalar, which is still per point; the
   # point_axes apply to the manifold leaves only (the 1-D bias has no last two axes).

@@ -167,6 +167,26 @@ def rescued(x: jax.Array, squares: jax.Array, values, rescaled, axes=None, mesh=
 # The operations on arrays, from the coefficients above.
 
 
+def normalized(x: jax.Array, axes=None, mesh=()) -> jax.Array:
+  """``x/‖x‖`` per point, for every finite point that is not zero, whatever its scale.
+
+  Each point is first multiplied by the power of two nearest its largest element (exact), so
+  that its squares neither overflow (a point of norm 1e20 in float32) nor underflow (1e-30). A
+  zero point stays zero (it has no direction), and a point holding NaN or inf is returned as it
+  is, so that a diverged parameter stays visible instead of becoming a unit vector or zero.
+  """
+  reduce = _point_axes(x, axes)
+  magnitude = jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf)
+  peak = sharding.pmax(jnp.max(magnitude, axis=reduce, keepdims=True), mesh)
+  finite = jnp.isfinite(peak)
+  _, exponent = jnp.frexp(jnp.where(finite & (peak > 0), peak, 1))
+  info = jnp.finfo(x.dtype)
+  exponent = jnp.clip(exponent, info.minexp + 2, info.maxexp - 2)
+  scaled = jnp.ldexp(x, -exponent)
+  moved = safe_divide(scaled, column_norm(scaled, axes, mesh))
+  return jnp.where(finite, moved, x)
+
+
 def unit(x: jax.Array, axes=None, mesh=()) -> tuple[jax.Array, jax.Array]:
   """(G2) ``unit(v) = v / (‖v‖ + ε)``, ``ε = 1e-8``, per point; returns ``(unit(x), ‖x‖)``."""
   norm = column_norm(x, axes, mesh)

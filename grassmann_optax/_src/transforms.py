@@ -336,7 +336,9 @@ def project_params(
   For params that a wrapper moved off the manifold: the evaluation params of
   :func:`optax.contrib.schedule_free_eval_params`, the slow params of :func:`optax.lookahead`, an
   exponential moving average of params. Those are averages of points, and an average of unit
-  vectors is shorter than 1. Other leaves are returned as they are.
+  vectors is shorter than 1. Other leaves are returned as they are, and so are a zero point
+  (it has no direction) and a point holding NaN or inf (so that a diverged average stays
+  visible). Points of any finite norm, 1e-30 or 1e30 in float32, are placed exactly.
 
   Args:
     params: a parameter pytree.
@@ -416,9 +418,8 @@ def project_params(
 
   placed = []
   for (_, w), layout, scale in zip(named, layouts, scales, strict=True):
-    w32 = manifold.upcast(w)
-    norm = manifold.column_norm(w32, layout.point, layout.point_mesh)
-    placed.append((scale * manifold.safe_divide(w32, norm)).astype(w.dtype))
+    direction = manifold.normalized(manifold.upcast(w), layout.point, layout.point_mesh)
+    placed.append((scale * direction).astype(w.dtype))
   placed = iter(placed)
   return treedef.unflatten(
     [next(placed) if here else w for w, here in zip(leaves, on, strict=True)]
