@@ -116,18 +116,23 @@ def column_norm(x: jax.Array, axes=None, mesh=()) -> jax.Array:
   return safe_sqrt(column_dot(x, x, axes, mesh))
 
 
-def column_scale(x: jax.Array, axes=None, mesh=()) -> tuple[jax.Array, jax.Array]:
+def column_scale(
+  x: jax.Array, axes=None, mesh=(), *, small_too: bool = False
+) -> tuple[jax.Array, jax.Array]:
   """Per point, a power of two ``s`` near ``max|x_j|`` where that maximum exceeds 1, else 1.
 
   Returns ``(s, 1/s)``, shape ``(1, ..., 1, p)``, with ``max|x_j|/s < 4``. Dividing a point by
   a power of two is exact, so ``x/s`` has the digits of ``x`` with a smaller exponent, and its
-  squares and inner products cannot overflow. Non-finite points get ``s = 1``.
+  squares and inner products cannot overflow. With ``small_too``, points whose maximum is below
+  1 are scaled up the same way, so that their squares cannot underflow either. Non-finite and
+  zero points get ``s = 1``.
   """
   peak = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=_point_axes(x, axes), keepdims=True)
   peak = sharding.pmax(peak, mesh)
   _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1))
-  # 1/s must stay a normal number (XLA:CPU flushes subnormals to zero): s <= 2^(max_exp - 2).
-  exponent = jnp.clip(exponent, 0, jnp.finfo(peak.dtype).maxexp - 2)
+  # s and 1/s must stay normal numbers (XLA:CPU flushes subnormals to zero).
+  info = jnp.finfo(peak.dtype)
+  exponent = jnp.clip(exponent, info.minexp + 2 if small_too else 0, info.maxexp - 2)
   one = jnp.ones_like(peak)
   return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
 
@@ -170,21 +175,16 @@ def rescued(x: jax.Array, squares: jax.Array, values, rescaled, axes=None, mesh=
 def normalized(x: jax.Array, axes=None, mesh=()) -> jax.Array:
   """``x/‖x‖`` per point, for every finite point that is not zero, whatever its scale.
 
-  Each point is first multiplied by the power of two nearest its largest element (exact), so
-  that its squares neither overflow (a point of norm 1e20 in float32) nor underflow (1e-30). A
-  zero point stays zero (it has no direction), and a point holding NaN or inf is returned as it
-  is, so that a diverged parameter stays visible instead of becoming a unit vector or zero.
+  Each point is first divided by the power of two near its largest element (:func:`column_scale`
+  with ``small_too``; exact), so that its squares neither overflow (a point of norm 1e20 in
+  float32) nor underflow (1e-30). A zero point stays zero (it has no direction), and a point
+  holding NaN or inf is returned as it is, so that a diverged parameter stays visible instead
+  of becoming a unit vector or zero.
   """
-  reduce = _point_axes(x, axes)
-  magnitude = jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf)
-  peak = sharding.pmax(jnp.max(magnitude, axis=reduce, keepdims=True), mesh)
-  finite = jnp.isfinite(peak)
-  _, exponent = jnp.frexp(jnp.where(finite & (peak > 0), peak, 1))
-  info = jnp.finfo(x.dtype)
-  exponent = jnp.clip(exponent, info.minexp + 2, info.maxexp - 2)
-  scaled = jnp.ldexp(x, -exponent)
-  moved = safe_divide(scaled, column_norm(scaled, axes, mesh))
-  return jnp.where(finite, moved, x)
+  _, inverse = column_scale(x, axes, mesh, small_too=True)
+  scaled = x * inverse
+  squares = column_dot(scaled, scaled, axes, mesh)
+  return jnp.where(jnp.isfinite(squares), safe_divide(scaled, safe_sqrt(squares)), x)
 
 
 def unit(x: jax.Array, axes=None, mesh=()) -> tuple[jax.Array, jax.Array]:
