@@ -6,6 +6,7 @@ what to do; nothing is silently accepted and then ignored.
 
 import functools
 import inspect
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -415,8 +416,6 @@ def test_schedules_and_traced_hyperparameters_are_still_taken():
 def test_injected_array_hyperparameters_are_checked_without_a_deprecated_numpy_call():
   """inject_hyperparams hands the factory JAX arrays; reading their dtype must not go through
   ``np.result_type(array)``, which JAX deprecates (a warning now, an error in a later release)."""
-  import warnings
-
   params = {'conv': KERNEL, 'bias': jnp.zeros(8)}
   with warnings.catch_warnings():
     warnings.simplefilter('error', DeprecationWarning)
