@@ -422,7 +422,7 @@ def train(tx, loss_fn, params, steps=4):
 def test_transformer_labels_on_a_linen_gpt_and_muonh_keeps_each_point_norm(scan):
   model = LinenGPT(scan=scan)
   tokens = jnp.arange(12).reshape(2, 6) % 32
-  params = model.init(jax.random.key(0), tokens)['params']
+  params = jax.jit(model.init)(jax.random.key(0), tokens)['params']  # one program, not one per op
   labels = flat_labels(go.transformer_labels(params))
   on_ball = sorted(name for name, label in labels.items() if label == 'grassmann')
   block = 'blocks' if scan else 'block0'

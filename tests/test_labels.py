@@ -30,7 +30,7 @@ class SmallNet(nn.Module):
 def small_net():
   model = SmallNet()
   x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
-  variables = model.init(jax.random.key(1), x)
+  variables = jax.jit(model.init)(jax.random.key(1), x)  # one program, not one per operation
   return model, variables, x
 
 
@@ -57,7 +57,7 @@ def test_grassmann_labels_follows_the_paper_rule():
 
 def _train_one_step(tx, params):
   grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   return optax.apply_updates(params, updates)
 
 

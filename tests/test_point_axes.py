@@ -232,7 +232,7 @@ class NormalisedNet(nn.Module):
 def test_find_scale_invariant_finds_columns_rows_heads_and_whole_leaves():
   model = NormalisedNet()
   x = jax.random.normal(jax.random.key(0), (64, 8))
-  variables = model.init(jax.random.key(1), x)
+  variables = jax.jit(model.init)(jax.random.key(1), x)  # one program, not one per operation
   y = jax.random.randint(jax.random.key(2), (64,), 0, 3)
 
   def loss(params):
@@ -251,7 +251,7 @@ def test_find_scale_invariant_finds_columns_rows_heads_and_whole_leaves():
   # What it found goes into the aliases as it is.
   tx = go.adamg(0.01, 0.05, omega=0.0, **found._asdict())
   params = variables['params']
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   columns_only = go.find_scale_invariant(loss, variables['params'], groupings='columns')

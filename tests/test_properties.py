@@ -115,9 +115,10 @@ def test_scaling_a_manifold_leaf_leaves_the_trajectory_of_unit_w_unchanged(name,
   def trajectory(w):
     tx = aliases()[name]()
     state = tx.init(w)
+    update = jax.jit(tx.update)  # one program, not one per operation
     out = []
     for g in grads:
-      updates, state = tx.update(g, state, w)
+      updates, state = update(g, state, w)
       w = optax.apply_updates(w, updates)
       out.append(manifold.unit(w)[0])
     return out

@@ -260,7 +260,8 @@ def test_class_decays_reach_only_their_class(optimizer, kind):
   decays = {'weightDecay': None, 'biasDecay': None, 'gammaDecay': None, 'betaDecay': None}
   config = config_lib.get_config(optimizer=optimizer, **{**decays, kind: 0.1})
   tx, labels = _optimizer(config, params)
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  # Compiled, as the training step is: one program, not one per operation.
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   target = {'biasDecay': 'bias', 'gammaDecay': 'gamma', 'betaDecay': 'beta'}[kind]
   classes = train_lib.decay_classes(params)
   for update, cls, label in zip(
@@ -283,7 +284,7 @@ def test_grassmann_false_puts_nothing_on_the_manifold_and_uses_the_euclidean_opt
     tx, labels = _optimizer(config, params)
     assert set(jax.tree.leaves(labels)) == {go.EUCLIDEAN}
     grads = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     # Nesterov SGD with coupled decay on the kernels only: -1.9 lr λ there, 0 elsewhere.
     fc = -1.9 * config.learnRate * 0.1
     np.testing.assert_allclose(updates['fc']['kernel'], fc, rtol=1e-6)
