@@ -3,7 +3,7 @@
 The multi-device paths (pmap and sharded data parallelism) are tested on CPU with fake devices,
 so the tests need more than one device; XLA reads the flag once, at backend start.
 
-About half of the suite's time is XLA compiling: many tests build the same optimizer on the same
+More than half of the suite's time is XLA compiling: many tests build the same optimizer on the same
 shapes (a new closure each time, so JAX's in-memory cache misses), and the training tests build the
 same steps in this process and in subprocesses. A persistent compilation cache, shared with every
 subprocess through the environment, compiles each program once; it lives in the checkout's
