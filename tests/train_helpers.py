@@ -21,14 +21,13 @@ from train.__main__ import main
 TINY = ['--depth=10', '--widen_factor=1', '--batch_size=8', '--vali_batch_size=150', '--verbose=0']
 FINAL_LINE = re.compile(r'^final: test_error=(\S+) test_loss=(\S+) steps=(\d+)$')
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What the test session shares: a persistent compilation cache, with which the program's
-# subprocesses (and the tests that ask for it, :func:`compilation_cache`) compile each function
-# once and load it afterwards, and the runs of :func:`shared_run`.
+# The suite's persistent compilation cache (tests/conftest.py sets it before JAX starts), with
+# which the program's subprocesses (and the tests that ask for it, :func:`compilation_cache`)
+# compile each function once and load it afterwards.
+COMPILATION_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR']
+# What the test session shares: the runs of :func:`shared_run`.
 _SESSION = tempfile.mkdtemp(prefix='grassmann-tests-')
 atexit.register(shutil.rmtree, _SESSION, ignore_errors=True)
-COMPILATION_CACHE = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
-  _SESSION, 'jax-cache'
-)
 
 
 @functools.cache
@@ -85,7 +84,7 @@ def directory_snapshot(path, exclude=()):
 def program(*argv, env=None, prefix=(), **kwargs):
   """``python -m train argv`` as a subprocess of the repository's code (a Popen).
 
-  It uses the session's persistent compilation cache; ``prefix`` goes before the command (such
+  It uses the suite's persistent compilation cache; ``prefix`` goes before the command (such
   as :func:`unprivileged`).
   """
   cache = {
@@ -122,7 +121,7 @@ def prepared_tfds(data_dir, name, num_examples):
 
 @contextlib.contextmanager
 def compilation_cache():
-  """This process's compilations go through the session's persistent cache inside the block.
+  """This process's compilations go through the suite's persistent cache inside the block.
 
   Each run of the program builds its compiled steps afresh; with the cache, runs of one shape
   after the first load them instead of compiling them again.
