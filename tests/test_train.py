@@ -513,9 +513,20 @@ def test_fsdp_splits_the_state_and_equals_pmap_over_20_steps(tmp_path):
   assert placed.sharding.spec == P(None, None, 'data', None)
   assert {shard.data.shape for shard in placed.addressable_shards} == {(3, 3, 8, 16)}
 
-  flags = [*TINY, '--max_steps=20', '--num_devices=2', '--keep_prob=None', '--omega=0.1']
+  # Checkpoints every 7 steps: each waits, split on the devices, for its next step to come out
+  # finite, while that step is given (and donates) the state.
+  flags = [
+    *TINY,
+    '--max_steps=20',
+    '--num_devices=2',
+    '--keep_prob=None',
+    '--omega=0.1',
+    '--save_freq=7',
+    '--max_to_keep=3',
+  ]
   for parallel in ('pmap', 'fsdp'):
     assert run_main([*flags, f'--parallel={parallel}', f'--train_path={tmp_path / parallel}']) == 0
+    assert checkpoint_steps(tmp_path / parallel) == [7, 14, 20]
   reference, actual = final_state(tmp_path / 'pmap'), final_state(tmp_path / 'fsdp')
   assert int(actual['step']) == int(reference['step']) == 20
   for part in ('params', 'batch_stats', 'opt_state'):

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -263,11 +264,20 @@ def _fsdp_parallel(devices, train_step, eval_step) -> Parallel:
     eval_step=jax.jit(
       eval_step, in_shardings=(None, batch, batch, batch), out_shardings=replicated
     ),
-    # The state stays split; Orbax saves each process's shards as they are.
-    get_state=lambda tree: tree,
+    # The state stays split; Orbax saves each process's shards as they are. A copy on the
+    # devices, because the next step donates the state it is given, and a checkpoint waits for
+    # that step to come out finite before it is written (one more split state per device while
+    # it waits).
+    get_state=_device_copy,
     train_step=None if train_step is None else step,
     compile_scalar=compile_scalar,
   )
+
+
+@jax.jit
+def _device_copy(tree: Any) -> Any:
+  """A copy of ``tree`` on the devices and in the layout that hold it."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def first_copy(tree: Any) -> Any:
