@@ -5,6 +5,7 @@ the 2 x 4 mesh runs in a process of its own (tests/shard_map_checks.py).
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import grassmann_optax as go
@@ -93,6 +94,66 @@ def test_jit_over_a_sharded_leaf_all_reduces_a_gram_and_gathers_no_leaf(mesh, sp
   sharded, _ = step(params_s, state, grads_s)
   expected, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(sharded['w'], expected['w'], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'spec', [P(None, None, 'model', None), P(None, None, None, 'model')], ids=['rows', 'columns']
+)
+def test_explicit_mesh_axes_give_the_auto_mesh_results_and_keep_each_layout(spec):
+  """On a mesh with ``Explicit`` axes (``jax.make_mesh``'s default) the shardings are part of the
+  types, and reshaping a split kernel into its points or taking its Gram is an error there; the
+  transforms run such leaves as on an ``Auto`` mesh and hand every result back in its input's
+  layout."""
+  devices = np.array(jax.devices()[:2])
+  explicit, auto = (
+    Mesh(devices, ('model',), axis_types=(k,)) for k in (AxisType.Explicit, AxisType.Auto)
+  )
+  kernel = go.unit_initializer()(jax.random.key(0), (3, 3, 8, 16))
+  params = {'w': kernel, 'b': jnp.zeros(16)}
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), params)
+  hyperball = lambda p: {'w': 'grassmann', 'b': 'euclidean'}
+  optimizers = {
+    'sgdg': go.sgdg(0.01, 0.2, param_labels=LABELS),
+    'adamg': go.adamg(0.01, 0.05, radius='init', param_labels=LABELS),
+    'chain': optax.partition(
+      {
+        'grassmann': optax.chain(
+          go.add_orthogonality_gradient(0.1), go.grassmann_adam(0.05, grad_clip=0.1)
+        ),
+        'euclidean': optax.sgd(0.05, 0.9, nesterov=True),
+      },
+      LABELS,
+    ),
+    'adamh': go.adamh(1e-3, 0.02, param_labels=hyperball),
+    'muonh': go.muonh(1e-3, 0.02, param_labels=hyperball),
+  }
+  results = {}
+  for mesh in (explicit, auto):
+    layout = {'w': NamedSharding(mesh, spec), 'b': NamedSharding(mesh, P())}
+    with jax.set_mesh(mesh):
+      p, g = jax.device_put(params, layout), jax.device_put(grads, layout)
+      for name, tx in optimizers.items():
+        step = jax.jit(lambda p, s, g, tx=tx: tx.update(g, s, p))
+        state = jax.jit(tx.init)(p)
+        updates, state = step(p, state, g)
+        updates, _ = step(p, state, g)
+        assert updates['w'].sharding.spec == spec, name
+        results[mesh.axis_types, name] = updates['w']
+        if name == 'sgdg':
+          # No leaf is gathered; per-point values may be, into the layout of the state given.
+          text = step.lower(p, state, g).compile().as_text()
+          gathered = re.findall(r'= f32\[([\d,]*)\][^ ]* all-gather\(', text)
+          assert all(math.prod(map(int, shape.split(','))) <= 2 * 16 for shape in gathered), (
+            gathered
+          )
+      penalty = jax.jit(jax.value_and_grad(lambda p: go.orthogonality_penalty(p, LABELS, 0.1)))
+      results[mesh.axis_types, 'penalty'] = penalty(p)
+      products = jax.jit(go.cpu_kernel.column_products)(p['w'], g['w'], g['w'])
+      results[mesh.axis_types, 'products'] = products
+  for name in (*optimizers, 'penalty', 'products'):
+    chex.assert_trees_all_close(
+      results[explicit.axis_types, name], results[auto.axis_types, name], atol=1e-6
+    )
 
 
 def test_the_standalone_pieces_take_mesh_axes_too(mesh):

@@ -31,6 +31,7 @@ from grassmann_optax._src import (
   matrix_sign,
   native,
   points,
+  sharding,
   sphere,
   stacks,
   tuning,
@@ -232,7 +233,7 @@ def _transform(
     new_state = make_state(count, [treedef.unflatten(b) for b in new_buffers], state.radius)
     return treedef.unflatten(new_updates), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, sharding.explicit_axes_as_auto(update_fn))
 
 
 def hyperball_step(

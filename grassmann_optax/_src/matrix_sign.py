@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grassmann_optax._src import checks, manifold, points, sphere
+from grassmann_optax._src import checks, manifold, points, sharding, sphere
 
 # The coefficients of optax.contrib.muon (Jordan et al.'s Muon).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -165,4 +165,4 @@ def scale_by_matrix_sign(
     ]
     return treedef.unflatten(out), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, sharding.explicit_axes_as_auto(update_fn))

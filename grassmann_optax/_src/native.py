@@ -697,6 +697,7 @@ def adam_products(
   return mu, nu, (u[0] if u else None), tuple(sums[k].reshape(shape) for k in range(ADAM_SUMS))
 
 
+@sharding.replicated_under_explicit_axes
 def column_products(
   w: jax.Array,
   g: jax.Array,
@@ -720,7 +721,8 @@ def column_products(
   which give the same results up to float rounding. Callers pass ``allow_kernel=False``
   for arrays upcast from a narrower storage dtype, whose conversion XLA fuses into its own
   reductions but would have to write out for the kernel. Differentiable; runs per member under
-  ``vmap``; keeps ``jit`` shardings local. Public as ``grassmann_optax.cpu_kernel.column_products``.
+  ``vmap``; keeps ``jit`` shardings local (on a mesh with explicit axes, it returns the products
+  replicated). Public as ``grassmann_optax.cpu_kernel.column_products``.
 
   Raises:
     TypeError: a point axis is not an integer.

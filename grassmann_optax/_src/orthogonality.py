@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from grassmann_optax._src import checks, docstrings, manifold, points
+from grassmann_optax._src import checks, docstrings, manifold, points, sharding
 from grassmann_optax._src import labels as labels_lib
 
 
@@ -47,12 +47,23 @@ def orthogonality_penalty(
   checks.check_hyperparameters(omega=omega)
   labels_lib.check_labels(params, labels, require_undercomplete=False, point_axes=point_axes)
   layouts = points.resolve(params, point_axes)
+  manifold_leaves = [
+    (leaf, layout.point)
+    for leaf, label, layout in zip(
+      jax.tree.leaves(params), jax.tree.leaves(labels), layouts, strict=True
+    )
+    if label == labels_lib.GRASSMANN
+  ]
+  return _penalty(
+    [leaf for leaf, _ in manifold_leaves], omega=omega, point_axes=[p for _, p in manifold_leaves]
+  )
+
+
+@sharding.replicated_under_explicit_axes
+def _penalty(leaves: list[jax.Array], *, omega: ArrayLike, point_axes: list) -> jax.Array:
   total = jnp.zeros([], jnp.float32)
-  leaves = jax.tree.leaves(params)
-  for leaf, label, layout in zip(leaves, jax.tree.leaves(labels), layouts, strict=True):
-    if label != labels_lib.GRASSMANN:
-      continue
-    stack, _ = manifold.group_matrices(manifold.upcast(leaf), layout.point)
+  for leaf, point in zip(leaves, point_axes, strict=True):
+    stack, _ = manifold.group_matrices(manifold.upcast(leaf), point)
     gram = jnp.einsum('gnp,gnq->gpq', stack, stack)
     residual = gram - jnp.eye(gram.shape[-1], dtype=gram.dtype)
     total = total + 0.5 * omega * jnp.sum(residual**2)

@@ -123,6 +123,85 @@ def varying(x) -> frozenset:
   return frozenset(getattr(aval, 'vma', ()) or ())
 
 
+def _explicit(x) -> tuple[Any, frozenset]:
+  """The abstract mesh of ``x`` and the explicit mesh axes that split it (none for others)."""
+  if not isinstance(x, jax.Array):
+    return None, frozenset()
+  aval_sharding = getattr(jax.typeof(x), 'sharding', None)
+  mesh = getattr(aval_sharding, 'mesh', None)
+  explicit = frozenset(getattr(mesh, 'explicit_axes', ()) or ())
+  if not explicit:
+    return None, frozenset()
+  named = {m for entry in aval_sharding.spec for m in _names(entry)}
+  return mesh, frozenset(named & explicit)
+
+
+def _explicit_mesh(tree: Any):
+  """The mesh whose explicit axes split a leaf of ``tree``, or ``None``."""
+  meshes = {mesh for mesh, names in map(_explicit, jax.tree.leaves(tree)) if names}
+  if len(meshes) > 1:
+    raise ValueError(
+      f'the arrays are split over {len(meshes)} different meshes with explicit axes; put them '
+      'on one mesh'
+    )
+  return meshes.pop() if meshes else None
+
+
+def _on_auto_axes(fn, mesh, out_sharding, *args):
+  return jax.sharding.auto_axes(fn, out_sharding=out_sharding, axes=tuple(mesh.explicit_axes))(
+    *args
+  )
+
+
+def explicit_axes_as_auto(update_fn):
+  """``update_fn(updates, state, params, **extra_args)`` that also takes explicitly sharded leaves.
+
+  A leaf sharded over a mesh whose axes are ``Explicit`` (the default of ``jax.make_mesh``) has
+  its sharding in its type, and operations whose result sharding is ambiguous (the reshape of a
+  split kernel into its points, the product ``YᵀY`` of a leaf split by columns) are errors there.
+  For such leaves the update runs inside :func:`jax.sharding.auto_axes`: XLA partitions it as
+  under ``jit`` with sharded leaves on an ``Auto`` mesh (per-point sums and the orthogonality
+  Gram all-reduced, nothing gathered), and every result takes the sharding of its input: the
+  updates that of the updates, each state leaf that of the state leaf it replaces (replicated
+  where that had none).
+  """
+
+  @functools.wraps(update_fn)
+  def wrapped(updates, state, params=None, **extra_args):
+    mesh = _explicit_mesh((updates, state, params))
+    if mesh is None:
+      return update_fn(updates, state, params, **extra_args)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def out_sharding(x):
+      return jax.typeof(x).sharding if _explicit(x)[0] == mesh else replicated
+
+    # The new state has the structure of the state; the updates, that of the updates.
+    out = jax.tree.map(out_sharding, (updates, state))
+    run = lambda u, s, p: update_fn(u, s, p, **extra_args)
+    return _on_auto_axes(run, mesh, out, updates, state, params)
+
+  return wrapped
+
+
+def replicated_under_explicit_axes(fn):
+  """``fn(*arrays, **options)``, whose results are small, for explicitly sharded arrays too.
+
+  As :func:`explicit_axes_as_auto`, but every result is replicated over the mesh (a loss value,
+  per-point sums).
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*arrays, **options):
+    mesh = _explicit_mesh(arrays)
+    if mesh is None:
+      return fn(*arrays, **options)
+    run = lambda *a: fn(*a, **options)
+    return _on_auto_axes(run, mesh, NamedSharding(mesh, PartitionSpec()), *arrays)
+
+  return wrapped
+
+
 def check_split(tree: Any, splits: Sequence, name: str) -> None:
   """Inside ``shard_map``, every leaf that differs between devices must say how it is split.
 

@@ -585,7 +585,7 @@ def _transform(
       **{buffer_field: new_buffers},
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, sharding.explicit_axes_as_auto(update_fn))
 
 
 @docstrings.fill

@@ -140,7 +140,7 @@ def add_orthogonality_gradient(
     return treedef.unflatten(out), state
 
   init_fn = _checked_init('add_orthogonality_gradient', point_axes, mesh_axes, undercomplete=True)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, sharding.explicit_axes_as_auto(update_fn))
 
 
 @docstrings.fill
@@ -189,7 +189,7 @@ def project_to_tangent(
     return map_leaves(proj, layouts, updates, params), state
 
   init_fn = _checked_init('project_to_tangent', point_axes, mesh_axes)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, sharding.explicit_axes_as_auto(update_fn))
 
 
 @docstrings.fill
@@ -245,7 +245,7 @@ def grassmann_clip(
     layouts = _layouts(updates, point_axes, mesh_axes, 'grassmann_clip')
     return map_leaves(clip, layouts, updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, sharding.explicit_axes_as_auto(update_fn))
 
 
 class ExpMapUpdateState(NamedTuple):
@@ -319,7 +319,7 @@ def exp_map_update(
     trees = (updates, params) if not isinstance(radius, str) else (updates, params, state.radius)
     return map_leaves(move, layouts, *trees), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, sharding.explicit_axes_as_auto(update_fn))
 
 
 @docstrings.fill
