@@ -28,6 +28,7 @@ from tests.train_helpers import (
   directory_snapshot,
   final_state,
   prepared_tfds,
+  program,
   run_main,
 )
 from train import checkpoints, input_pipeline, models
@@ -569,6 +570,8 @@ def test_task_test_evaluates_a_checkpoint(one_device_run, capsys):
     (['--width_scale=0.5'], '--width_scale=0.5 applies to VGG only'),
     (['--model=vgg11', '--width_scale=0'], '--width_scale=0.0 must be > 0'),
     (['--process_id=2', '--num_processes=2'], '--process_id=2 must be below --num_processes=2'),
+    (['--adam_eps=0'], '--adam_eps=0.0 must be a number in [1.175e-38, 3.403e+38]'),
+    (['--omega=3e38'], '--omega=3e+38 is too large for this model: its orthogonality penalty'),
     (['--data=cifar10', '--crop_size=41'], '--crop_size=41 exceeds the padded image'),
     (['--epochs=0.01'], '--epochs=0.01 of 1497 digits images at --batch_size=64 is less than'),
     (['--task=test', '--load=/nonexistent/run'], '--load=/nonexistent/run: no checkpoint there'),
@@ -580,6 +583,15 @@ def test_usage_errors(tmp_path, capsys, argv, message):
   assert err.startswith('error: ') and message in err, err
   assert len(err.strip().splitlines()) == 1 and not out
   assert not (tmp_path / 'run').exists()
+
+
+def test_incomplete_process_flags_are_a_usage_error(tmp_path):
+  # In a process of its own: JAX's distributed setup must come before its backend starts.
+  run = program('--process_id=0', f'--train_path={tmp_path / "run"}')
+  out, err = run.communicate(timeout=120)
+  assert run.returncode == 2 and not out, err
+  assert err.startswith('error: --process_id=0: several processes need --coordinator_address')
+  assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()
 
 
 @pytest.mark.parametrize(

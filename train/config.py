@@ -51,6 +51,7 @@ TASKS = ('train', 'test')
 INT32_MAX = 2**31 - 1
 SEED_MAX = 2**32 - 1  # jax.random.key keeps 32 bits of the seed
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
 class ConfigError(ValueError):
@@ -260,7 +261,7 @@ def validate(config: Config) -> None:
     config.epochs,
     f'must be a number in (0, {FLOAT32_MAX:.4g}]',
   )
-  for name in ('learnRate', 'learnRateG', 'learnRateDecay', 'adam_eps'):
+  for name in ('learnRate', 'learnRateG', 'learnRateDecay'):
     value = getattr(config, name)
     _check(
       _is_float32(value) and value >= 0,
@@ -268,6 +269,14 @@ def validate(config: Config) -> None:
       value,
       f'must be a number in [0, {FLOAT32_MAX:.4g}] (float32)',
     )
+  # Adam's ε divides: the library takes the float32 normal numbers (a smaller one is lost to
+  # rounding next to the second moment's root, or flushed to zero).
+  _check(
+    _is_float32(config.adam_eps) and config.adam_eps >= FLOAT32_TINY,
+    'adam_eps',
+    config.adam_eps,
+    f'must be a number in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}] (float32 normal numbers)',
+  )
   for name in ('omega', 'weightDecay', 'biasDecay', 'gammaDecay', 'betaDecay'):
     value = getattr(config, name)
     _check(

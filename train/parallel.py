@@ -63,7 +63,15 @@ def initialize_distributed(config: config_lib.Config) -> None:
   }
   wanted = any(v is not None for v in settings.values()) or 'JAX_COORDINATOR_ADDRESS' in os.environ
   if wanted and not jax.distributed.is_initialized():
-    jax.distributed.initialize(**settings)
+    try:
+      jax.distributed.initialize(**settings)
+    except ValueError as error:  # a setting missing that no cluster environment supplies
+      given = ' '.join(f'--{name}={value}' for name, value in settings.items() if value is not None)
+      raise config_lib.ConfigError(
+        f'{given or "JAX_COORDINATOR_ADDRESS"}: several processes need --coordinator_address, '
+        '--num_processes and --process_id together, unless the cluster (SLURM, Open MPI, a TPU '
+        f'pod) supplies the rest; JAX says: {error}'
+      ) from None
 
 
 def select_devices(config: config_lib.Config) -> list[jax.Device]:

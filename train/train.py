@@ -100,6 +100,34 @@ def parameter_labels(config: Config, params: Any) -> Any:
   return jax.tree.map(lambda _: go.EUCLIDEAN, params)
 
 
+def _check_omega(config: Config, shapes: Any, labels: Any) -> None:
+  """Refuses an ω whose orthogonality term can overflow float32 on this model.
+
+  With unit columns, a kernel of ``p`` columns has ``‖WᵀW − I‖² ≤ p(p − 1)`` and gradient entries
+  ``|2ω(WWᵀW − W)| ≤ 2ωp``. An infinite gradient would leave its columns where they are (the
+  optimizer keeps a point whose gradient is not finite), so the run would end with the manifold
+  weights untrained.
+
+  Raises:
+    ConfigError: ``ω`` times either bound exceeds the largest float32.
+  """
+  widths = [
+    shape.shape[-1]
+    for shape, label in zip(jax.tree.leaves(shapes), jax.tree.leaves(labels), strict=True)
+    if label == go.GRASSMANN
+  ]
+  if not widths or not config.omega:
+    return
+  bound = max(sum(p * (p - 1) / 2 for p in widths), 2 * max(widths))
+  largest = config_lib.FLOAT32_MAX / bound
+  if config.omega > largest:
+    raise config_lib.ConfigError(
+      f'--omega={config.omega:g} is too large for this model: its orthogonality penalty or '
+      f'gradient can exceed the largest float32 (kernels of up to {max(widths)} columns); '
+      f'choose --omega <= {largest:.3g} (the paper uses 0.1)'
+    )
+
+
 def decay_steps(decay_epochs, num_train: int, batch_size: int) -> list[int]:
   """``floor(E_k · num_train / batch_size)`` for each decay epoch ``E_k``."""
   return [math.floor(epoch * num_train / batch_size) for epoch in decay_epochs]
@@ -373,18 +401,21 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
   config_lib.check_schedule(config, input_pipeline.DATASETS[config.data].num_train)
   parallel_lib.initialize_distributed(config)
   devices = parallel_lib.select_devices(config)
+  info = input_pipeline.DATASETS[config.data]
+  model = create_model(config, info.num_classes)
+  shapes = parameter_shapes(model, (1, *info.image_shape))
+  _check_omega(config, shapes, parameter_labels(config, shapes))
   run_dir = workdir.run_directory(config)
   lock = workdir.locked(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, interrupts.deferred() as stop:
     workdir.check_directory(os.path.join(run_dir, 'checkpoints'))
-    return _train(config, devices, run_dir, stop)
+    return _train(config, devices, run_dir, stop, model, shapes)
 
 
-def _train(config, devices, run_dir, stop) -> dict[str, Any]:
+def _train(config, devices, run_dir, stop, model, shapes) -> dict[str, Any]:
   info = input_pipeline.DATASETS[config.data]
   input_shape = (1, *info.image_shape)
-  model = create_model(config, info.num_classes)
-  labels = parameter_labels(config, parameter_shapes(model, input_shape))
+  labels = parameter_labels(config, shapes)
   learning_rate_fns = create_learning_rate_fns(config, info.num_train)
   tx = create_optimizer(config, learning_rate_fns, labels)
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
