@@ -97,6 +97,28 @@ def _wait_for(condition, process, what):
 # Divergence.
 
 
+@pytest.mark.parametrize(
+  ('flags', 'advice'),
+  [
+    ({'optimizer': 'adamg', 'grad_clip': None}, True),
+    ({'optimizer': 'adamg', 'grad_clip': 0.1}, False),  # already set
+    ({'optimizer': 'sgd', 'grad_clip': None}, False),  # clips the manifold's gradient only
+  ],
+)
+def test_the_divergence_advice_names_only_flags_that_can_help(flags, advice):
+  class Manager:
+    directory = '/runs/a/checkpoints'
+
+    def latest_step(self):
+      return None
+
+  config = config_lib.get_config(**flags)
+  message = str(train_lib._diverged(config, Manager(), 5, 'training loss=nan'))
+  assert message.startswith('training diverged at step 5 (training loss=nan); no checkpoint')
+  assert ('--grad_clip' in message) == advice, message
+  assert ('--learnRateG' in message) == (flags['optimizer'] != 'sgd'), message
+
+
 def test_a_diverging_run_keeps_a_checkpoint_that_resumes(tmp_path, three_steps, four_steps, capsys):
   """Adam-G at a rate of 1e10 overflows the BatchNorm variance at step 5; step 4, finite but
   already lost (its next step is not), is not saved either."""
@@ -109,7 +131,7 @@ def test_a_diverging_run_keeps_a_checkpoint_that_resumes(tmp_path, three_steps, 
   line = _last_line(err)
   assert line.startswith('error: training diverged at step 5 (non-finite BatchNorm statistics')
   assert f'the newest checkpoint in {run}/checkpoints is step 3' in line
-  assert line.endswith('--allow_changed=learnRate,learnRateG (or set --grad_clip)'), line
+  assert line.endswith('--allow_changed=learnRate,learnRateG'), line  # --grad_clip is set
   assert checkpoint_steps(run) == [1, 2, 3]
   assert train_lib.non_finite_arrays(final_state(run)) == ''
   assert json.loads((run / 'summary.json').read_text())['steps'] == 3  # the earlier run's

@@ -571,6 +571,8 @@ def test_task_test_evaluates_a_checkpoint(one_device_run, capsys):
     (['--model=vgg11', '--width_scale=0'], '--width_scale=0.0 must be > 0'),
     (['--process_id=2', '--num_processes=2'], '--process_id=2 must be below --num_processes=2'),
     (['--adam_eps=0'], '--adam_eps=0.0 must be a number in [1.175e-38, 3.403e+38]'),
+    (['--train_dir='], "--train_dir='' is empty: give a directory, or leave the flag out"),
+    (['--load= '], "--load=' ' is empty"),
     (['--omega=3e38'], '--omega=3e+38 is too large for this model: its orthogonality penalty'),
     (['--data=cifar10', '--crop_size=41'], '--crop_size=41 exceeds the padded image'),
     (['--epochs=0.01'], '--epochs=0.01 of 1497 digits images at --batch_size=64 is less than'),

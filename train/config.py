@@ -306,6 +306,14 @@ def validate(config: Config) -> None:
     config.grad_clip,
     f'must be in (0, {FLOAT32_MAX:.4g}], also in float32, or None for no clipping',
   )
+  for name in ('train_dir', 'train_path', 'load', 'data_dir'):
+    value = getattr(config, name, None)
+    _check(
+      value is None or value.strip() != '',
+      name,
+      repr(value),
+      'is empty: give a directory, or leave the flag out',
+    )
   _check(
     _is_number(config.width_scale) and config.width_scale > 0,
     'width_scale',

@@ -593,9 +593,9 @@ def _diverged(config: Config, manager, step: int, what: str) -> TrainingDiverged
       f'to continue from it, run again with lower learning rates, e.g. {flags} '
       f'--allow_changed={",".join(lower)}'
     )
-  return TrainingDivergedError(
-    f'training diverged at step {step} ({what}); {kept}; {advice} (or set --grad_clip)'
-  )
+  if config.optimizer != 'sgd' and config.grad_clip is None:  # it clips the manifold's gradient
+    advice += ' (or set --grad_clip)'
+  return TrainingDivergedError(f'training diverged at step {step} ({what}); {kept}; {advice}')
 
 
 def _restore(config: Config, manager, state: TrainState, num_classes: int) -> TrainState:
