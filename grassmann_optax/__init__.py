@@ -34,7 +34,7 @@ from grassmann_optax._src.steps import (
   grassmann_adam,
   grassmann_sgd,
 )
-from grassmann_optax._src.transformer_labels import transformer_labels
+from grassmann_optax._src.transformer_labels import transformer_labels, transformer_point_axes
 from grassmann_optax._src.transforms import (
   ExpMapUpdateState,
   add_orthogonality_gradient,
@@ -80,5 +80,6 @@ __all__ = (
   'scale_by_matrix_sign',
   'sgdg',
   'transformer_labels',
+  'transformer_point_axes',
   'unit_initializer',
 )

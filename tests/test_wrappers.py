@@ -113,9 +113,38 @@ def test_lookahead_warns_and_its_slow_params_map_back(warnings_once_more):
   np.testing.assert_allclose(norms(go.project_params(got.slow, LABELS)['w']), 1, atol=1e-6)
 
 
+def test_a_hyperball_alias_in_lookahead_warns_and_its_points_map_back_to_their_radii(
+  warnings_once_more,
+):
+  """The alias's points, matrices and the heads of attention kernels, are what
+  ``go.transformer_point_axes`` gives ``project_params``, with the radii of its state."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    'attn': {'query': {'kernel': jax.random.normal(keys[0], (8, 2, 4))}},
+    'mlp': {'kernel': jax.random.normal(keys[1], (8, 16))},
+  }
+  grads = [
+    jax.tree.map(lambda p, i=i: jax.random.normal(keys[2 + i], p.shape), params) for i in (0, 1)
+  ]
+  inner = go.adamh(1e-3, 0.1)
+  radius = inner.init(params).inner_states['grassmann'].inner_state.radius
+  tx = optax.lookahead(inner, 2, 0.5)
+  with pytest.warns(UserWarning, match='adam.*optax.lookahead.*off the manifold'):
+    got, _ = run(tx, optax.LookaheadParams.init_synced(params), grads)
+  heads = lambda tree: jnp.linalg.norm(tree['attn']['query']['kernel'], axis=(0, 2))
+  assert float(np.abs(heads(got.slow) - radius['attn']['query']['kernel']).max()) > 1e-4
+  back = go.project_params(
+    got.slow, go.transformer_labels, radius=radius, point_axes=go.transformer_point_axes
+  )
+  np.testing.assert_allclose(heads(back), radius['attn']['query']['kernel'], rtol=1e-6)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(back['mlp']['kernel']), radius['mlp']['kernel'], rtol=1e-6
+  )
+
+
 def test_reduce_on_plateau_gets_the_loss_and_scales_the_step():
   """Chained after the optimizer it scales the update, the chord of the geodesic step: the
-  points come off the sphere by about s(1 − s)θ²/2, and the next step re-normalises them."""
+  points come off the sphere by about s(1 − s)θ²/2, and stay about that far off while s < 1."""
   params, grads = params_and_grads()
   tx = optax.chain(
     go.adamg(0.01, 0.2, param_labels=LABELS),

@@ -34,6 +34,7 @@ from grassmann_optax._src import (
   sharding,
   sphere,
   stacks,
+  steps,
   tuning,
 )
 
@@ -184,6 +185,7 @@ def _transform(
   def init_fn(params):
     layouts = sphere.resolve(params, point_axes)
     sphere.check_points(params, layouts, name)
+    steps.warn_if_wrapped(name)
     radius = sphere.initial_radius(params, layouts, name)
     buffers = [_zeros(params) for _ in buffer_fields]
     return make_state(jnp.zeros([], jnp.int32), buffers, radius)

@@ -339,7 +339,8 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
     raise ValueError(
       f'The label tree does not match the params: got the single label {labels!r}. Under '
       'optax.inject_hyperparams, name a callable param_labels in static_args (Optax treats '
-      "every callable as a schedule): inject_hyperparams(go.adamg, static_args=('param_labels',))."
+      'every callable as a schedule), e.g. '
+      "inject_hyperparams(go.adamg, static_args=('param_labels',))."
     )
   treedef = jax.tree.structure(params)
   if jax.tree.structure(labels) == treedef:

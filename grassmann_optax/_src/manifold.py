@@ -224,7 +224,7 @@ def exp_map(w: jax.Array, d: jax.Array, axes=None, radius=None, mesh=()) -> jax.
 
   ``radius`` ``R`` (per point, broadcastable, or None for 1). A point shorter than ε
   (:func:`is_degenerate`, a zero point, say) has no direction for ``y``: it moves to
-  ``−R·d/‖d‖``, the direction of its step, so that it is back on the sphere.
+  ``R·d/‖d‖``, the direction of its step, so that it is back on the sphere.
   """
   ww = column_dot(w, w, axes, mesh)
   a = inverse_norm(ww)

@@ -398,10 +398,10 @@ def warn_if_wrapped(name: str) -> None:
   warnings.warn(
     f'{name} inside {wrapper}: the params that {wrapper} hands back (its evaluation or slow '
     'params) are averages or interpolations of points, so they are off the manifold, and so '
-    'are the params it passes to update (each step re-normalises those, (S1)). Map params '
-    'back onto the manifold before you evaluate or save them: go.project_params(params, '
-    'param_labels). docs/composition.md says what each Optax wrapper does with these '
-    'optimizers.',
+    'are the params it passes to update (each step starts from their directions, (S1)). Map '
+    'params back onto the manifold before you evaluate or save them: '
+    'go.project_params(params, param_labels) (with radius= and point_axes= as the step has '
+    'them). docs/composition.md says what each Optax wrapper does with these optimizers.',
     UserWarning,
     stacklevel=3,
   )

@@ -170,6 +170,39 @@ def point_axes(params: Any) -> dict[str, tuple[int, int]] | None:
   return out or None  # None: the default for every leaf
 
 
+def transformer_point_axes(params: Any) -> dict[str, tuple[int, int]]:
+  """The point axes of every leaf that :func:`adamh` and :func:`muonh` put on the hyperball.
+
+  With their default ``point_axes``, the Hyperball aliases read each matrix of two axes or more
+  as its last two axes (one point per layer of a stacked kernel), and the ``DenseGeneral``
+  kernels of Flax's attention as one point per head (the rules of :func:`transformer_labels`).
+  This gives those axes for every leaf, by name, as the transforms take ``point_axes``: pass it
+  to :func:`project_params` with the radii of an alias's state to put averaged or interpolated
+  params back on their spheres.
+
+  Args:
+    params: a parameter pytree (Flax Linen or NNX).
+
+  Returns:
+    A dict from leaf names to point axes, for every leaf of two axes or more.
+
+  Example:
+    >>> import jax.numpy as jnp, grassmann_optax as go
+    >>> attention = {'query': {'kernel': jnp.ones((8, 2, 4))}}  # (embed, heads, head_dim)
+    >>> params = {'attn': attention, 'mlp': {'kernel': jnp.ones((8, 16))}}
+    >>> go.transformer_point_axes(params)
+    {'attn/query/kernel': (0, 2), 'mlp/kernel': (0, 1)}
+  """
+  heads = point_axes(params) or {}
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    ndim = len(getattr(leaf, 'shape', ()))
+    name = checks.leaf_name(path)
+    if ndim >= 2:
+      out[name] = heads.get(name, (ndim - 2, ndim - 1))
+  return out
+
+
 def decays(params: Any) -> Any:
   """AdamW's weight-decay mask: leaves of two axes or more, except biases and norm scales."""
 

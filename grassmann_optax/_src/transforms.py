@@ -270,7 +270,7 @@ def exp_map_update(
   per point (paper Eq. 7; (G5), (S1) of ``docs/algorithm.md``), so that
   ``optax.apply_updates`` lands exactly on the geodesic and re-normalises a stored ``w`` that was
   not unit. It must be the last transform of its chain. A point shorter than ε (a zero point)
-  has no direction: it moves to ``−R·d/‖d‖``, on the sphere.
+  has no direction: it moves to ``R·d/‖d‖``, on the sphere.
 
   It keeps no buffer. The steps with a buffer, :func:`grassmann_sgd` and :func:`grassmann_adam`,
   end with their own geodesic step, because they must transport the buffer along it.
@@ -349,7 +349,7 @@ def project_params(
     radius: ``None`` (unit points), a positive number, or a pytree with the structure of the
       manifold leaves' radii as a step's state holds them (``state.radius`` with
       ``radius='init'``, and a Hyperball step's), one value per point; give ``point_axes`` as
-      that step has them (a Hyperball alias's points are matrices: ``(-2, -1)``).
+      that step has them (a Hyperball alias's, by default: :func:`transformer_point_axes`).
 
   Returns:
     ``params`` with every point of every manifold leaf at its radius.
