@@ -155,7 +155,7 @@ def parse(argv: Sequence[str]) -> config_lib.Config:
   if 'decay_epochs' in given:
     given['decay_epochs'] = _integers('decay_epochs', given['decay_epochs'])
   if 'allow_changed' in given:
-    given['allow_changed'] = tuple(name.strip() for name in given['allow_changed'])
+    given['allow_changed'] = tuple(n.strip() for n in given['allow_changed'] if n.strip())
   return config_lib.get_config(**given)
 
 

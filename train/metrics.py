@@ -158,7 +158,7 @@ def _writing(directory: str) -> Iterator[None]:
     yield
   except OSError as error:
     raise WriteError(
-      f'cannot write the metrics in {directory} ({reason(error)}); the checkpoints are intact. '
+      f'cannot write the metrics in {directory} ({reason(error)}); no checkpoint was touched. '
       'Fix the cause (free space, raise the file-size limit, make the folder writable) and run '
       'the same command to resume'
     ) from error
