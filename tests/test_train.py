@@ -152,10 +152,12 @@ def test_explicit_flags_override_recipes_and_defaults():
       '--decay_epochs=5,7',
       '--num_gpus',
       '2',
+      '--allow_changed=learnRate, learnRateG,',
     ]
   )
   assert (config.learnRateG, config.grassmann, config.keep_prob) == (0.3, False, None)
   assert (config.num_devices, config.decay_epochs) == (2, (5, 7))
+  assert config.allow_changed == ('learnRate', 'learnRateG')  # spaces and a trailing comma
   assert config.learnRate == 0.01  # cifar10 / adamg recipe
   assert config_lib.get_config(num_gpus=2).num_devices == 2
 
