@@ -167,7 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
   parser.add_argument('--layouts', help=f'comma-separated, of {",".join(layouts())} (default: all)')
   parser.add_argument('--no_update', action='store_true', help='the training step only')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  unknown = set(args.layouts.split(',')) - set(layouts()) if args.layouts else set()
+  if unknown:
+    parser.error(f'--layouts: unknown {sorted(unknown)}; choose from {",".join(layouts())}')
+  return args
 
 
 def main(argv=None) -> dict:

@@ -184,7 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=','.join(SECTIONS),
     help=f'comma-separated, of {",".join(SECTIONS)} (default: all)',
   )
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  unknown = set(args.sections.split(',')) - set(SECTIONS)
+  if unknown:
+    parser.error(f'--sections: unknown {sorted(unknown)}; choose from {",".join(SECTIONS)}')
+  return args
 
 
 def main(argv=None) -> dict:

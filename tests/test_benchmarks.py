@@ -99,3 +99,15 @@ def test_the_device_report_names_every_layout_and_optimizer():
   text = device.format_report({'machine': common.machine(), 'training step, WRN-28-10': section})
   assert 'adamg, pmap' in text and 'images/s' in text and 'adamg / sgd, sharded' in text
   assert device.parse_args(['--quick']).quick
+
+
+def test_a_misspelt_section_or_layout_is_refused_by_name(capsys):
+  from benchmarks import device
+
+  for parse, argv, name in (
+    (update.parse_args, ['--sections', 'wrn,wrm'], "--sections: unknown ['wrm']"),
+    (device.parse_args, ['--layouts', 'shard'], "--layouts: unknown ['shard']"),
+  ):
+    with pytest.raises(SystemExit) as exit_info:
+      parse(argv)
+    assert exit_info.value.code == 2 and name in capsys.readouterr().err
