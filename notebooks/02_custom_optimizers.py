@@ -333,7 +333,8 @@ for theta in (0.2, 1.0, 1.5, 1.6, 2.0, 3.0):
 # * **SGD-G inside `optax.lookahead`** (Zhang et al., 2019): `go.sgdg` is the fast optimizer;
 #   every 5 steps the slow weights move half-way to the fast ones. The interpolation is a chord,
 #   not a geodesic, so the slow weights are not unit vectors: `init` warns (printed below), the
-#   fast weights are re-normalised at their next step ((S1)), and `fit` evaluates
+#   fast weights' next step starts from their unit vectors ((S1); with momentum it ends slightly
+#   off the sphere, as docs/composition.md measures), and `fit` evaluates
 #   `go.project_params(params.slow)`, the slow weights put back on the sphere.
 # * Plain **SGD** (Nesterov, L2 on everything, as the paper's baseline) as a reference.
 
