@@ -358,9 +358,11 @@ def test_transformer_study_notebook():
     assert found_dev['AdamW'] > 1e-3 and whole_dev['AdamW'] > 1e-3
     assert whole_dev['Adam-G + AdamW'] > 1e-3 and found_dev['Sphere + AdamW'] > 1e-4
   # The text's reading of the full run: AdamW's range over the seeds overlaps every other one,
-  # and the alias (Nesterov SGD elsewhere) is below Adam-G + AdamW on every seed.
+  # and the medians rank the alias first, then Adam-G + AdamW, the sphere and AdamW.
   ranges = {name: tuple(map(float, row[2].split('-'))) for name, row in table.items()}
   assert all(
     low <= ranges['AdamW'][1] and ranges['AdamW'][0] <= high for low, high in ranges.values()
   )
-  assert ranges['Adam-G (alias)'][1] < ranges['Adam-G + AdamW'][0], ranges
+  medians = [float(table[name][1]) for name in ('Adam-G (alias)', 'Adam-G + AdamW')]
+  medians += [float(table[name][1]) for name in ('Sphere + AdamW', 'AdamW')]
+  assert medians == sorted(medians, reverse=True), medians
