@@ -404,18 +404,18 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
   info = input_pipeline.DATASETS[config.data]
   model = create_model(config, info.num_classes)
   shapes = parameter_shapes(model, (1, *info.image_shape))
-  _check_omega(config, shapes, parameter_labels(config, shapes))
+  labels = parameter_labels(config, shapes)
+  _check_omega(config, shapes, labels)
   run_dir = workdir.run_directory(config)
   lock = workdir.locked(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, interrupts.deferred() as stop:
     workdir.check_directory(os.path.join(run_dir, 'checkpoints'))
-    return _train(config, devices, run_dir, stop, model, shapes)
+    return _train(config, devices, run_dir, stop, model, labels)
 
 
-def _train(config, devices, run_dir, stop, model, shapes) -> dict[str, Any]:
+def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
   info = input_pipeline.DATASETS[config.data]
   input_shape = (1, *info.image_shape)
-  labels = parameter_labels(config, shapes)
   learning_rate_fns = create_learning_rate_fns(config, info.num_train)
   tx = create_optimizer(config, learning_rate_fns, labels)
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
