@@ -6,6 +6,7 @@ each ratio compares samples taken close together on a shared machine, and the lo
 ratio within a repeat show how far the machine's drift moves it.
 """
 
+import argparse
 import concurrent.futures
 import os
 import platform
@@ -22,6 +23,13 @@ import optax
 import grassmann_optax as go
 
 # Parameter trees, as shapes ------------------------------------------------------------------
+
+
+def check_names(parser: argparse.ArgumentParser, flag: str, value: str, choices) -> None:
+  """Stops with a usage error naming each comma-separated name in ``value`` not in ``choices``."""
+  unknown = set(value.split(',')) - set(choices)
+  if unknown:
+    parser.error(f'{flag}: unknown {sorted(unknown)}; choose from {",".join(choices)}')
 
 
 def wide_resnet_shapes(depth: int = 28, widen_factor: int = 10, classes: int = 10) -> dict:

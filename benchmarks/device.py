@@ -168,9 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--layouts', help=f'comma-separated, of {",".join(layouts())} (default: all)')
   parser.add_argument('--no_update', action='store_true', help='the training step only')
   args = parser.parse_args(argv)
-  unknown = set(args.layouts.split(',')) - set(layouts()) if args.layouts else set()
-  if unknown:
-    parser.error(f'--layouts: unknown {sorted(unknown)}; choose from {",".join(layouts())}')
+  if args.layouts:
+    common.check_names(parser, '--layouts', args.layouts, layouts())
   return args
 
 

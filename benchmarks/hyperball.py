@@ -280,9 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
   args = parser.parse_args(argv)
-  unknown = set(args.sections.split(',')) - set(SECTIONS)
-  if unknown:
-    parser.error(f'--sections: unknown {sorted(unknown)}; choose from {",".join(SECTIONS)}')
+  common.check_names(parser, '--sections', args.sections, SECTIONS)
   return args
 
 

@@ -185,9 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     help=f'comma-separated, of {",".join(SECTIONS)} (default: all)',
   )
   args = parser.parse_args(argv)
-  unknown = set(args.sections.split(',')) - set(SECTIONS)
-  if unknown:
-    parser.error(f'--sections: unknown {sorted(unknown)}; choose from {",".join(SECTIONS)}')
+  common.check_names(parser, '--sections', args.sections, SECTIONS)
   return args
 
 
