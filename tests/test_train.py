@@ -22,6 +22,7 @@ import pytest
 import grassmann_optax as go
 from tests.train_helpers import (
   FINAL_LINE,
+  SUBPROCESS_TIMEOUT_S,
   TINY,
   assert_trees_close,
   checkpoint_steps,
@@ -592,7 +593,7 @@ def test_usage_errors(tmp_path, capsys, argv, message):
 def test_incomplete_process_flags_are_a_usage_error(tmp_path):
   # In a process of its own: JAX's distributed setup must come before its backend starts.
   run = program('--process_id=0', f'--train_path={tmp_path / "run"}')
-  out, err = run.communicate(timeout=120)
+  out, err = run.communicate(timeout=SUBPROCESS_TIMEOUT_S)
   assert run.returncode == 2 and not out, err
   assert err.startswith('error: --process_id=0: several processes need --coordinator_address')
   assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()

@@ -19,6 +19,7 @@ import pytest
 
 from tests.train_helpers import (
   REPOSITORY,
+  SUBPROCESS_TIMEOUT_S,
   TINY,
   assert_trees_close,
   checkpoint_steps,
@@ -33,7 +34,6 @@ from train import checkpoints
 from train import config as config_lib
 
 SAVE_EVERY_STEP = [*TINY, '--save_freq=1', '--max_to_keep=3', '--report_freq=1']
-SUBPROCESS_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope='module', autouse=True)

@@ -19,6 +19,8 @@ from train.__main__ import main
 
 # WRN-10-1 on digits, batches of 8: a step takes milliseconds on CPU.
 TINY = ['--depth=10', '--widen_factor=1', '--batch_size=8', '--vali_batch_size=150', '--verbose=0']
+# How long a test waits for a subprocess of the program.
+SUBPROCESS_TIMEOUT_S = 120
 FINAL_LINE = re.compile(r'^final: test_error=(\S+) test_loss=(\S+) steps=(\d+)$')
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite's persistent compilation cache (tests/conftest.py sets it before JAX starts), with
