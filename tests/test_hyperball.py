@@ -515,6 +515,64 @@ def test_transformer_labels_on_an_nnx_gpt_through_nnx_optimizer(name):
   )
 
 
+def _nested(shapes):
+  """A nested dict of arrays from ``{'a/b/kernel': shape}``."""
+  tree = {}
+  for name, shape in shapes.items():
+    *parents, leaf = name.split('/')
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = jnp.ones(shape)
+  return tree
+
+
+# Parameter names as four Flax codebases write them (nested paths flattened with '/'), with what
+# the rules make of each: 'ball' on the hyperball, 'head' there only with head=True, '' Euclidean.
+_CODEBASE_TREES = {
+  'flax lm1b example': {
+    'decoder/Embed_0/embedding': ((64, 8), ''),
+    'decoder/block_0/SelfAttention_0/query/kernel': ((8, 2, 4), 'ball'),
+    'decoder/block_0/SelfAttention_0/out/kernel': ((2, 4, 8), 'ball'),
+    'decoder/block_0/MlpBlock_0/Dense_0/kernel': ((8, 32), 'ball'),
+    'decoder/block_0/LayerNorm_0/scale': ((8,), ''),
+    'decoder/logitdense/kernel': ((8, 64), 'head'),
+  },
+  'transformers GPT-2': {
+    'transformer/wte/embedding': ((64, 8), ''),
+    'transformer/wpe/embedding': ((16, 8), ''),
+    'transformer/h/0/attn/c_attn/kernel': ((8, 24), 'ball'),
+    'transformer/h/0/attn/c_proj/kernel': ((8, 8), 'ball'),
+    'transformer/h/0/ln_1/scale': ((8,), ''),
+    'transformer/h/0/mlp/c_fc/bias': ((32,), ''),
+    'transformer/h/0/mlp/c_fc/kernel': ((8, 32), 'ball'),
+  },
+  'transformers Llama': {
+    'model/embed_tokens/embedding': ((64, 8), ''),
+    'model/layers/0/self_attn/q_proj/kernel': ((8, 8), 'ball'),
+    'model/layers/0/mlp/gate_proj/kernel': ((8, 32), 'ball'),
+    'model/layers/0/input_layernorm/weight': ((8,), ''),
+    'lm_head/kernel': ((8, 64), 'head'),
+  },
+  'stacked layers, logits_dense': {
+    'token_embedder/embedding': ((64, 8), ''),
+    'decoder/layers/mlp/wi/kernel': ((3, 8, 32), 'ball'),
+    'decoder/decoder_norm/scale': ((8,), ''),
+    'decoder/logits_dense/kernel': ((8, 64), 'head'),
+  },
+}
+
+
+@pytest.mark.parametrize('codebase', sorted(_CODEBASE_TREES))
+def test_transformer_labels_read_the_names_of_common_codebases(codebase):
+  leaves = _CODEBASE_TREES[codebase]
+  params = _nested({name: shape for name, (shape, _) in leaves.items()})
+  on = lambda labels: {n for n, label in flat_labels(labels).items() if label == go.GRASSMANN}
+  expected = lambda kinds: {name for name, (_, kind) in leaves.items() if kind in kinds}
+  assert on(go.transformer_labels(params)) == expected(('ball',))
+  assert on(go.transformer_labels(params, head=True)) == expected(('ball', 'head'))
+
+
 @pytest.mark.parametrize(
   'params, match',
   [

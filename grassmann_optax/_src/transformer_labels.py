@@ -5,9 +5,10 @@ a fixed norm and leave embeddings, norms, biases and the output head to AdamW. F
 parameters the same way across models, so the rules read the path of each leaf (lower-cased, an
 ``nnx.Variable``'s own ``value`` key dropped):
 
-1. A leaf on a path with a part ``head``, ``lm_head``, ``unembed``, ``unembedding`` or ending in
-   ``_head`` is the output head: its kernels go on the hyperball with ``head=True`` (a bias or
-   a vector never does); otherwise it is Euclidean.
+1. A leaf on a path with a part ``head``, ``lm_head``, ``unembed``, ``unembedding``, ending in
+   ``_head`` or containing ``logit`` (``logitdense`` in Flax's lm1b example, ``logits_dense``)
+   is the output head: its kernels go on the hyperball with ``head=True`` (a bias or a vector
+   never does); otherwise it is Euclidean.
 2. A leaf on a path with a part that contains ``embed`` (``embedding``, ``Embed_0``,
    ``tok_embeddings``), is ``wte`` or ``wpe``, or has ``emb`` as a ``_``-separated word
    (``pos_emb``) is an embedding: Euclidean.
@@ -54,7 +55,7 @@ def _parts(path) -> list[str]:
 
 
 def _is_head(parts: list[str]) -> bool:
-  return any(p in _HEADS or p.endswith('_head') for p in parts)
+  return any(p in _HEADS or p.endswith('_head') or 'logit' in p for p in parts)
 
 
 def _is_embedding(parts: list[str]) -> bool:
@@ -110,8 +111,9 @@ def transformer_labels(params: Any, *, head: bool = False) -> Any:
 
   The rules, by the name of each leaf's path (lower-cased):
 
-  * head (a part ``head``, ``lm_head``, ``unembed``, ``unembedding`` or ``*_head``): its kernel
-    on the hyperball only with ``head=True``;
+  * head (a part ``head``, ``lm_head``, ``unembed``, ``unembedding``, ``*_head`` or one
+    containing ``logit``, as ``logitdense`` or ``logits_dense``): its kernel on the hyperball
+    only with ``head=True``;
   * embeddings (a part containing ``embed``, or ``wte``, ``wpe``, or with the word ``emb``),
     norm scales and biases (``scale``, ``bias``) and every leaf of fewer than two axes:
     Euclidean;
