@@ -513,7 +513,7 @@ plt.show()
 # tests' quick run trains 40 steps with one rate and one seed.)
 #
 # * **Muon's step beats Adam's here, on or off the hyperball.** Muon (median 1.762, range
-#   1.741-1.765) and MuonH (1.714, 1.710-1.741) end 0.33 to 0.41 nats per byte (between
+#   1.741-1.765) and MuonH (1.714, 1.707-1.741) end 0.33 to 0.41 nats per byte (between
 #   medians) below AdamW (2.110, 2.072-2.113), AdamH (2.095, 2.087-2.132) and AdamH (geodesic)
 #   (2.125, 2.115-2.146): the two groups' ranges are far apart, on every seed.
 # * **The hyperball itself makes no difference that three seeds can show.** MuonH's median is
@@ -538,12 +538,14 @@ plt.show()
 #   3) and read on one seed: MuonH scored the same at 0.03 and 0.1, and AdamH (geodesic) at 3e-3
 #   and 1e-2, to within 0.001. The AdamW part of the hybrids runs at AdamW's own best rate, not
 #   tuned for them.
-# * **Cost.** On this 2-core CPU every optimizer's step took 13 to 16 ms in the committed
-#   execution (AdamW 13.4, the Muon family 15.1 to 15.5). The order of these timings is not
-#   reliable: on a shared machine they move by tens of percent from one execution to the next (an
-#   earlier one measured 16 ms for AdamW and up to 25 ms for MuonH). At this size the model's own
-#   work dominates a step, so the wall-clock panel tells the same story as the step panel: Muon
-#   and MuonH reach AdamW's final loss in well under the time AdamW takes.
+# * **Cost.** On this 2-core CPU every optimizer's step took 27 to 33 ms in the committed
+#   execution (AdamW 29.3, AdamH 29.2 and 27.4 geodesic, the Muon family 30.7 to 32.8). The order
+#   of these timings is not reliable: on a shared machine they move by tens of percent from one
+#   execution to the next, and by more from one day to the next (the execution before this one
+#   measured 13.4 ms for AdamW and 13.6 to 15.5 ms for the others, and took 318 s for all the
+#   tuning and training runs, against 645 s here). At this size the model's own work dominates a
+#   step, so the wall-clock panel tells the same story as the step panel: Muon and MuonH reach
+#   AdamW's final loss in well under the time AdamW takes.
 # * **Scope.** One small model (185k parameters), 400 steps of 1,024 bytes (about half an epoch
 #   of the corpus), one batch size and one schedule: a short-horizon result at toy scale, which
 #   says nothing about how these optimizers compare on large models or long runs.
