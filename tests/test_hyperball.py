@@ -597,8 +597,40 @@ def test_transformer_labels_refuse_what_they_cannot_classify(params, match):
 )
 @pytest.mark.parametrize('name', ['adamh', 'muonh'])
 def test_leaves_that_cannot_be_on_a_sphere_are_refused_naming_them(name, params, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match=match) as error:
     getattr(go, name)(1e-3, 0.1, param_labels={'w': 'grassmann'}).init(params)
+  assert 'radius=' not in str(error.value)  # the Hyperball aliases take no radius argument
+
+
+@pytest.mark.parametrize('retraction', RETRACTIONS)
+@pytest.mark.parametrize('name', FACTORIES)
+def test_a_nan_in_the_gradient_makes_its_point_nan_and_moves_the_others(name, retraction):
+  w, grads = random_problem((3, 6, 4), 2, dtype=np.float32)
+  tx = FACTORIES[name](LR, retraction=retraction)
+  finite, _ = run(tx, jnp.asarray(w), [jnp.asarray(g) for g in grads])
+  bad = grads[1].copy()
+  bad[1, 2, 3] = np.nan
+  got, _ = run(tx, jnp.asarray(w), [jnp.asarray(grads[0]), jnp.asarray(bad)])
+  # The published step divides by the update's norm, NaN here: the whole point is NaN (it used
+  # to be a point at the origin with one NaN element), and the other points are untouched by it.
+  assert np.isnan(np.asarray(got[-1][1])).all()
+  np.testing.assert_array_equal(np.asarray(got[-1])[[0, 2]], np.asarray(finite[-1])[[0, 2]])
+
+
+@pytest.mark.parametrize('retraction', RETRACTIONS)
+@pytest.mark.parametrize('peak', [1e10, 1e20, 3e38])
+def test_hyperball_step_takes_the_same_step_for_any_finite_scale_of_the_update(retraction, peak):
+  rs = np.random.RandomState(5)
+  w = jnp.asarray(rs.randn(3, 6, 4), jnp.float32)
+  u = rs.randn(3, 6, 4)
+  u = u / np.abs(u).max(axis=(1, 2), keepdims=True)
+  u[1] *= peak  # one point whose ‖u‖² overflows float32 (from 1e20), beside normal ones
+  tx = go.hyperball_step(LR, retraction=retraction)
+  small = u / np.abs(u).max(axis=(1, 2), keepdims=True)  # the same directions
+  expected, _ = run(tx, w, [jnp.asarray(small, jnp.float32)])
+  got, _ = run(tx, w, [jnp.asarray(u, jnp.float32)])
+  np.testing.assert_allclose(got[-1], expected[-1], atol=1e-6)
+  np.testing.assert_allclose(matrix_norms(got[-1]), matrix_norms(w), rtol=1e-6)
 
 
 def test_bad_arguments_are_refused():

@@ -387,9 +387,17 @@ def check_radius(radius) -> None:
     )
 
 
-def check_initial_norms(norm, w, leaf: str, name: str, zero_advice: str) -> None:
+# What keeps each point at its norm at init, as the errors of :func:`check_initial_norms` say.
+INIT_RADIUS = "radius='init' keeps each point at its norm at init"
+HYPERBALL_RADIUS = 'the hyperball keeps each point at its norm at init'
+
+
+def check_initial_norms(
+  norm, w, leaf: str, name: str, zero_advice: str, keeps: str = INIT_RADIUS
+) -> None:
   """The norms that ``radius='init'`` keeps (``norm``, one per point of the leaf ``w`` named
-  ``leaf``) must be in ``RADIUS_RANGE``, as a scalar radius must.
+  ``leaf``) must be in ``RADIUS_RANGE``, as a scalar radius must. ``keeps`` opens the errors:
+  what keeps the norms (``INIT_RADIUS`` or ``HYPERBALL_RADIUS``).
 
   Concrete values are checked here. Traced ones (``jax.jit(tx.init)``, as sharded training
   makes its state) are checked when the compiled init runs, by a host callback that raises the
@@ -403,28 +411,31 @@ def check_initial_norms(norm, w, leaf: str, name: str, zero_advice: str) -> None
     return  # a stack of zero layers has no points
   # Reduced where the norms live (they may be sharded across processes); only scalars come back.
   finite, low, high = jnp.all(jnp.isfinite(w)), jnp.min(norm), jnp.max(norm)
-  check = functools.partial(_raise_for_initial_norms, leaf=leaf, name=name, advice=zero_advice)
+  check = functools.partial(
+    _raise_for_initial_norms, leaf=leaf, name=name, advice=zero_advice, keeps=keeps
+  )
   if any(isinstance(x, jax.core.Tracer) for x in (finite, low, high)):
     jax.debug.callback(check, finite, low, high)
   else:
     check(finite, low, high)
 
 
-def _raise_for_initial_norms(finite, low, high, *, leaf: str, name: str, advice: str) -> None:
+def _raise_for_initial_norms(
+  finite, low, high, *, leaf: str, name: str, advice: str, keeps: str
+) -> None:
   if not bool(finite):
     raise ValueError(
-      f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} holds a value "
-      'that is not finite (NaN or inf).'
+      f'{name}: {keeps}, but leaf {leaf!r} holds a value that is not finite (NaN or inf).'
     )
   low, high = float(low), float(high)
   if not low > 0:
     raise ValueError(
-      f"{name}: radius='init' takes each point's norm at init, but leaf {leaf!r} has a point "
-      f'of norm 0 (or so small that its square is 0), which has no radius. {advice}'
+      f'{name}: {keeps}, but leaf {leaf!r} has a point of norm 0 (or so small that its square '
+      f'is 0), which has no radius. {advice}'
     )
   if not (RADIUS_RANGE[0] <= low and high <= RADIUS_RANGE[1]):
     raise ValueError(
-      f"{name}: radius='init' keeps each point at its norm at init, but leaf {leaf!r} has "
+      f'{name}: {keeps}, but leaf {leaf!r} has '
       f'points of norm {low:g} to {high:g}, outside [{RADIUS_RANGE[0]:g}, {RADIUS_RANGE[1]:g}]: '
       'the steps compute per-point inner products such as ‖w‖² in float32, which overflow or '
       'lose their precision there. Rescale the leaf at init (a scale-invariant weight works at '

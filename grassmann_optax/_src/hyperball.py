@@ -262,12 +262,15 @@ def hyperball_step(
     \quad W' = R\Big(\cos\theta\,y - \sin\theta\,\frac{u_\perp}{\lVert u_\perp\rVert}\Big),
 
   the great circle in the direction ``−u⊥`` by the angle that ``'normalize'`` takes for a tangent
-  ``u`` (so the two agree wherever ``u`` is tangent; ``η`` is ``tan θ``). The update is
-  ``W' − W``, so that :func:`optax.apply_updates` puts every point at ``R``: its norm cannot drift
-  over a run, as it is set anew at each step. Chained after :func:`optax.scale_by_adam` with
-  ``'normalize'`` this is AdamH; after :func:`optax.trace` and :func:`scale_by_matrix_sign`,
-  MuonH. With a buffer before it, prefer :func:`hyperball_adam` / :func:`hyperball_muon` for
-  ``'geodesic'``: they transport the buffer along the step, which a chain cannot.
+  ``u`` (so the two agree wherever ``u`` is tangent; ``η`` is ``tan θ``). Only the direction of
+  ``u`` counts: any finite ``u`` takes the step of ``u/‖u‖``, also where ``‖u‖²`` overflows (its
+  products are then taken of ``u`` divided by a power of two), and a point whose ``u`` holds NaN
+  becomes NaN. The update is ``W' − W``, so that :func:`optax.apply_updates` puts every point at
+  ``R``: its norm cannot drift over a run, as it is set anew at each step. Chained after
+  :func:`optax.scale_by_adam` with ``'normalize'`` this is AdamH; after :func:`optax.trace` and
+  :func:`scale_by_matrix_sign`, MuonH. With a buffer before it, prefer :func:`hyperball_adam` /
+  :func:`hyperball_muon` for ``'geodesic'``: they transport the buffer along the step, which a
+  chain cannot.
 
   Args:
     learning_rate: η, the step relative to the radius (``tan θ`` of the angle), or a schedule.
@@ -305,8 +308,21 @@ def hyperball_step(
 
   def rule(leaf, w, u):
     ww, wu, uu = leaf.products(w, u, u)[:3]
-    on, _ = step(ww, wu, uu, leaf.radius, leaf.lr)
-    update, mark = _combine(w, u, *on)
+
+    # The step depends on u's direction only. An incoming update is any finite array (a plain
+    # momentum of large gradients, say): where ‖u‖² is too large for the per-point maths, the
+    # products are those of u divided by a power of two near its largest element (exact), as the
+    # G(1, n) steps rescue their gradients (F10), and the step combines w with that scaled u (its
+    # coefficient times the scale could be subnormal, which XLA:CPU flushes to zero).
+    def rescaled():
+      _, inverse = manifold.column_scale(u, leaf.layout.point)
+      _, wu_scaled, uu_scaled = leaf.products(w, u * inverse, u * inverse)[:3]
+      return inverse, wu_scaled, uu_scaled
+
+    one = jnp.ones_like(uu)
+    inverse, wu, uu = jax.lax.cond(manifold.large(uu), rescaled, lambda: (one, wu, uu))
+    (on_w, on_u), _ = step(ww, wu, uu, leaf.radius, leaf.lr)
+    update, mark = _combine(w, u * inverse, on_w, on_u)
     return update, (), mark
 
   return _transform(

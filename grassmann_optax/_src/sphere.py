@@ -133,7 +133,7 @@ def initial_radius(tree: Any, layouts: list[points.Layout], name: str) -> Any:
   for (leaf_name, w), layout in zip(checks.named_leaves(tree), layouts, strict=True):
     norm = norm_of(manifold.upcast(jnp.asarray(w)), layout.point)
     advice = 'It has no sphere to stay on: initialise it away from zero, or label it euclidean.'
-    checks.check_initial_norms(norm, w, leaf_name, name, advice)
+    checks.check_initial_norms(norm, w, leaf_name, name, advice, checks.HYPERBALL_RADIUS)
     out.append(norm.reshape(layout.batch_shape(w.shape)))
   return jax.tree.unflatten(jax.tree.structure(tree), out)
 
@@ -190,12 +190,15 @@ def normalize_step(ww, wu, uu, radius, lr) -> tuple[tuple[jax.Array, jax.Array],
 
   Per point, from ``w·w``, ``w·u`` and ``u·u``: ``y = a·w`` with ``a = 1/‖w‖``, ``s = η/max(‖u‖,
   1e-10)``, ``‖y − s·u‖² = a²·w·w − 2as·w·u + s²·u·u`` and ``k = R/‖y − s·u‖`` (0 for a zero
-  step), so ``W' = ka·w − ks·u``.
+  step), so ``W' = ka·w − ks·u``. A point whose products are not finite (a NaN in ``u``) gets NaN
+  coefficients, as the published step divides by its NaN norm: its whole update is NaN.
   """
   a = _inverse(manifold.safe_sqrt(ww))
   s = lr / jnp.maximum(manifold.safe_sqrt(uu), MIN_UPDATE_NORM)
   step_sq = jnp.maximum(a * a * ww - 2 * a * s * wu + s * s * uu, 0)
   k = manifold.safe_divide(radius, manifold.safe_sqrt(step_sq))
+  # safe_sqrt maps NaN to 0, and k would be 0: the point would move to the origin.
+  k = jnp.where(jnp.isnan(step_sq), jnp.nan, k)
   return (k * a, -k * s), None
 
 
