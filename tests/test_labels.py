@@ -115,6 +115,47 @@ def test_labels_and_optimizer_work_on_nnx_state():
   np.testing.assert_allclose(norms, 1, atol=1e-6)
 
 
+def test_point_axes_found_on_nnx_state_drive_nnx_optimizer():
+  # find_scale_invariant on an nnx.State returns boxed trees; its point axes (one point per head
+  # of a LinearGeneral) used to raise an AttributeError inside Flax when given to an alias.
+  class Heads(nnx.Module):
+    def __init__(self, rngs):
+      self.q = nnx.LinearGeneral(8, (2, 4), use_bias=False, rngs=rngs)  # kernel (8, 2, 4)
+      self.norm = nnx.RMSNorm(4, use_scale=False, rngs=rngs)  # per head: QK-norm
+      self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.norm(self.q(x))
+      return self.out(h.reshape(*h.shape[:-2], 8))
+
+  model = Heads(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (16, 8))
+  graphdef, state = nnx.split(model, nnx.Param)
+  loss = lambda s, x: jnp.mean(nnx.merge(graphdef, s)(x) ** 2)
+  found = go.find_scale_invariant(loss, state, x)
+  optimizer = nnx.Optimizer(model, go.adamg(0.01, 0.05, **found._asdict()), wrt=nnx.Param)
+  optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+  norms = jnp.linalg.norm(model.q.kernel[...], axis=(0, 2))  # each head's (8, 4) matrix
+  np.testing.assert_allclose(norms, 1, atol=1e-6)
+
+
+def test_labels_and_point_axes_match_params_in_linen_partitioning_boxes():
+  # Params boxed by nn.with_partitioning take the plain trees that optax.partition takes; the
+  # boxes used to make the names end in '/value', so neither tree matched.
+  rs = np.random.RandomState(0)
+  raw = {'conv': {'kernel': jnp.asarray(rs.randn(3, 3, 4, 8), jnp.float32)}, 'b': jnp.ones(8)}
+  boxed = {**raw, 'conv': {'kernel': nn.Partitioned(raw['conv']['kernel'], (None,) * 3 + ('m',))}}
+  labels = {'conv': {'kernel': 'grassmann'}, 'b': 'euclidean'}
+  for kwargs in ({'param_labels': labels}, {'point_axes': {'conv': {'kernel': None}, 'b': None}}):
+    tx = go.adamg(0.01, 0.05, **kwargs)
+    grads = jax.tree.map(jnp.ones_like, raw)
+    expected, _ = tx.update(grads, tx.init(raw), raw)
+    boxed_grads = jax.tree.map(jnp.ones_like, boxed)
+    got, _ = tx.update(boxed_grads, tx.init(boxed), boxed)
+    assert isinstance(got['conv']['kernel'], nn.Partitioned)
+    np.testing.assert_array_equal(got['conv']['kernel'].value, expected['conv']['kernel'])
+
+
 def test_find_scale_invariant_finds_the_kernels_that_feed_batchnorm():
   model, variables, x = small_net()
   labels_y = jax.random.randint(jax.random.key(2), (x.shape[0],), 0, 10)

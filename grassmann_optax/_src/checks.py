@@ -25,7 +25,14 @@ NO_PARAMS_MSG = (
 
 
 def leaf_name(path) -> str:
-  """A readable name for a pytree path, e.g. ``params/conv0/kernel``."""
+  """A readable name for a pytree path, e.g. ``params/conv0/kernel``.
+
+  The ``value`` attribute that ends the path of a leaf in a Flax box (``nnx.Param``,
+  ``nn.Partitioned``) is left out, so that trees matched by name (labels, point axes) match
+  whether each side is boxed or not, as ``optax.partition`` matches them.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    path = path[:-1]
   parts = []
   for key in path:
     for attr in ('key', 'name', 'idx'):

@@ -42,7 +42,7 @@ def _is_integer(x) -> bool:
     return False
   try:
     operator.index(x)
-  except TypeError:
+  except (TypeError, AttributeError):  # a Flax box forwards __index__ to its value (or None)
     return False
   return True
 
