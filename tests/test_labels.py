@@ -204,6 +204,12 @@ def test_orthogonality_penalty_value():
   got = go.orthogonality_penalty(params, go.grassmann_labels(params), 0.1)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   np.testing.assert_allclose(go.orthogonality_penalty(params, go.grassmann_labels, 0.1), got)
+  # Point axes that fit the manifold leaves only, as the aliases take them: the rows of a Dense
+  # kernel beside a bias (the bias used to be refused as having no axis 1).
+  dense = {'w': jnp.asarray(cols[:, :6].T), 'b': jnp.ones(3)}  # rows: 6 points of 36
+  labels = {'w': 'grassmann', 'b': 'euclidean'}
+  rows = go.orthogonality_penalty(dense, labels, 0.1, point_axes=1)
+  np.testing.assert_allclose(rows, 0.05 * np.sum((cols[:, :6].T @ cols[:, :6] - np.eye(6)) ** 2))
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -355,6 +361,42 @@ def test_update_on_other_trees_than_at_init_names_the_leaf(make, labelled):
 def test_hyperparameters_outside_their_range_are_refused(make, message):
   with pytest.raises(ValueError, match=message.replace('(', r'\(')):
     make()
+
+
+@pytest.mark.parametrize(
+  'make, name',
+  [
+    (lambda: go.sgdg(0.1, 0.1, momentum=None), 'momentum'),
+    (lambda: go.grassmann_sgd(0.1, None), 'momentum'),
+    (lambda: go.adamg(0.1, 0.1, b1=None), 'b1'),
+    (lambda: go.adamg(0.1, 0.1, eps=None), 'eps'),
+    (lambda: go.adamg(0.1, 0.1, omega=None), 'omega'),
+    (lambda: go.adamg(0.1, None), 'grassmann_learning_rate'),
+    (lambda: go.muonh(1e-3, 0.1, momentum=None), 'momentum'),
+  ],
+)
+def test_none_for_a_hyperparameter_that_needs_a_number_is_refused_at_construction(make, name):
+  # They used to be accepted, then fail at the first update with a raw TypeError.
+  with pytest.raises(TypeError, match=f'{name}=None: expected a real number'):
+    make()
+
+
+def test_none_means_none_where_optax_says_so():
+  params = {'w': jnp.ones((4, 3))}
+  grads = {'w': jnp.full((4, 3), 2.0)}
+  tx = go.euclidean_sgd(0.1, momentum=None, weight_decay=None)  # as optax.sgd(momentum=None)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], -0.2)
+  go.sgdg(0.1, 0.1, grad_clip=None, weight_decay=None)
+
+
+@pytest.mark.parametrize('zero', [0, 0.0, np.float32(0), np.array(0.0)])
+def test_a_zero_omega_of_any_static_kind_turns_the_orthogonality_term_off(zero):
+  # A square kernel needs omega = 0 (its points cannot be mutually orthogonal); NumPy zeros were
+  # taken for values that could change, and the kernel was refused.
+  params = {'w': jnp.eye(6)}
+  tx = go.adamg(0.1, 0.1, omega=zero, param_labels={'w': 'grassmann'})
+  tx.update(params, tx.init(params), params)
 
 
 @pytest.mark.parametrize(

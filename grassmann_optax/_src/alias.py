@@ -46,7 +46,7 @@ def _checked_against_init(
 def euclidean_sgd(
   learning_rate: optax.ScalarOrSchedule,
   *,
-  momentum: ArrayLike = 0.9,
+  momentum: ArrayLike | None = 0.9,
   nesterov: bool = True,
   weight_decay: ArrayLike | None = 5e-4,
   weight_decay_mask: Any = None,
@@ -63,7 +63,7 @@ def euclidean_sgd(
 
   Args:
     learning_rate: η, or a schedule.
-    momentum: γ in [0, 1].
+    momentum: γ in [0, 1], or ``None`` for none (as :func:`optax.sgd`).
     nesterov: Nesterov momentum (True in the paper).
     weight_decay: λ >= 0, or ``None``.
     weight_decay_mask: which leaves get decay, as in :func:`optax.add_decayed_weights`.
@@ -87,9 +87,9 @@ def euclidean_sgd(
     if weight_decay is None or (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     else optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
   )
-  checks.check_hyperparameters(
-    learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
-  )
+  checks.check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
+  if momentum is not None:  # None: no momentum, as in optax.sgd
+    checks.check_hyperparameters(momentum=momentum)
   checks.check_bool(nesterov=nesterov)
   return _checked_against_init(
     optax.chain(decay, optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)),
@@ -374,7 +374,7 @@ def _hybrid(name, manifold_step, euclidean, omega, param_labels, point_axes, mes
     omega, point_axes=point_axes, mesh_axes=mesh_axes
   )
   hint = ''
-  if not isinstance(omega, int | float):
+  if not transforms.is_static(omega):
     hint = (
       f' Here omega is an array ({omega!r}), as optax.inject_hyperparams makes every numeric '
       'hyper-parameter, so the orthogonality term cannot be known to be off. To train such '

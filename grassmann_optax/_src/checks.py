@@ -326,27 +326,36 @@ _RULES = {
   'weight_decay': ('finite and >= 0, or None', lambda v: math.isfinite(v) and v >= 0),
   'tol': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
 }
+# The hyper-parameters for which None means "none" (no clipping, no decay).
+_OPTIONAL = ('grad_clip', 'weight_decay')
 
 
 def check_hyperparameters(**values) -> None:
   """Raises a TypeError or ValueError for a concrete hyper-parameter outside its range.
 
-  Values that are traced (``optax.inject_hyperparams``) or ``None`` are not checked; a
-  ``learning_rate`` may also be a schedule. Outside these ranges the optimizers would not compute
-  SGD-G/Adam-G: a negative ``grad_clip`` flips the clipped gradient, ``b1 = 1`` divides by zero
-  in the bias correction, a NaN learning rate makes every parameter NaN.
+  Values that are traced (``optax.inject_hyperparams``) are not checked, nor ``None`` where it
+  means "none" (``grad_clip``, ``weight_decay``); a ``learning_rate`` may also be a schedule.
+  Outside these ranges the optimizers would not compute SGD-G/Adam-G: a negative ``grad_clip``
+  flips the clipped gradient, ``b1 = 1`` divides by zero in the bias correction, a NaN learning
+  rate makes every parameter NaN.
 
   Raises:
-    TypeError: a value that is not one real number (a string, a bool, an array with axes).
+    TypeError: a value that is not one real number (a string, a bool, an array with axes, or
+      ``None`` for an argument that needs a number).
     ValueError: a number outside the range of its argument.
   """
   for name, value in values.items():
-    if value is None or (name.endswith('learning_rate') and callable(value)):
+    if name.endswith('learning_rate') and callable(value):
       continue
+    description, valid = _RULES['learning_rate' if name.endswith('learning_rate') else name]
+    if value is None:
+      if name in _OPTIONAL:
+        continue
+      hint = ' (0 for none)' if name == 'momentum' else ''
+      raise TypeError(f'{name}=None: expected a real number, {description}{hint}.')
     number = _concrete(value, name)
     if number is None:
       continue
-    description, valid = _RULES['learning_rate' if name.endswith('learning_rate') else name]
     if not valid(number):
       raise ValueError(f'{name}={value!r} is out of range: it must be {description}.')
 

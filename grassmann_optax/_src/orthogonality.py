@@ -46,17 +46,12 @@ def orthogonality_penalty(
   labels = labels_lib.resolve_labels(params, labels)
   checks.check_hyperparameters(omega=omega)
   labels_lib.check_labels(params, labels, require_undercomplete=False, point_axes=point_axes)
-  layouts = points.resolve(params, point_axes)
-  manifold_leaves = [
-    (leaf, layout.point)
-    for leaf, label, layout in zip(
-      jax.tree.leaves(params), jax.tree.leaves(labels), layouts, strict=True
-    )
-    if label == labels_lib.GRASSMANN
-  ]
-  return _penalty(
-    [leaf for leaf, _ in manifold_leaves], omega=omega, point_axes=[p for _, p in manifold_leaves]
-  )
+  # The manifold leaves only, as the aliases read them: point_axes need not fit the others
+  # (point_axes=1 and a bias).
+  masked = labels_lib.manifold_leaves(params, labels)
+  layouts = points.resolve(masked, point_axes)
+  leaves = jax.tree.leaves(masked)
+  return _penalty(leaves, omega=omega, point_axes=[layout.point for layout in layouts])
 
 
 @sharding.replicated_under_explicit_axes

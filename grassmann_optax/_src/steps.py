@@ -706,7 +706,7 @@ def grassmann_adam(
     learning_rate: η_G, or a schedule of the step count.
     b1: β1 in [0, 1) (the paper passes its momentum, 0.9).
     b2: β2 in [0, 1) (0.99 in both originals).
-    eps: ε >= 0, added to ``v`` under the square root.
+    eps: ε, added to ``v`` under the square root; at least 1.2e-38, the smallest normal float32.
     grad_clip: {{grad_clip}}
     point_axes: {{point_axes}}
     radius: {{radius}}

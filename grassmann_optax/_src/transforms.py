@@ -13,6 +13,7 @@ Riemannian SGD::
 Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017 (arXiv:1709.09603).
 """
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -63,8 +64,15 @@ def _layouts(tree, point_axes, mesh_axes, name: str) -> list[points.Layout]:
   return points.resolve(tree, point_axes, mesh_axes)
 
 
+def is_static(value) -> bool:
+  """A hyper-parameter known when the optimizer is built: a Python number, a NumPy scalar or a
+  0-d NumPy array. A JAX array is not (``optax.inject_hyperparams`` makes every numeric
+  hyper-parameter one, and may change it between steps)."""
+  return isinstance(value, numbers.Real | np.generic | np.ndarray) and np.ndim(value) == 0
+
+
 def is_static_zero(value) -> bool:
-  return isinstance(value, int | float) and value == 0
+  return is_static(value) and float(value) == 0
 
 
 @docstrings.fill
