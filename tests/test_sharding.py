@@ -54,7 +54,7 @@ def test_both_aliases_inside_shard_map_equal_one_device_on_a_2_by_4_mesh():
   )
   assert result.returncode == 0, result.stderr[-3000:]
   differences = json.loads(result.stdout.strip().splitlines()[-1])
-  assert len(differences) == 8
+  assert len(differences) == 11
   for case, difference in differences.items():
     assert difference <= 1e-5, (case, difference)
 

@@ -320,8 +320,26 @@ def _mesh_axes(entry) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def _operand_spec(shape) -> tuple:
-  spec = tuple(shape.sharding.spec)
+def _operand_spec(mesh, shape) -> tuple:
+  """The mesh axes of each axis of an operand, from the layout XLA gives it.
+
+  The partitioners take their shardings undecoded (``decode_shardings=False``): XLA may lay out
+  a value with one mesh axis split over two of its axes (the products of a stack of two leaves,
+  flattened beside those of a leaf split four ways), which no PartitionSpec can say, and jax's
+  decoding of such a result raised before the partitioner ran. Here an operand is decoded as
+  jax decodes it; one that cannot be is taken whole (XLA gathers it), and each result takes the
+  layout that follows from the operands, whatever XLA had proposed for it.
+  """
+  from jax._src.sharding_impls import parse_flatten_op_sharding
+
+  sharding = shape.sharding
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec)
+  else:
+    try:
+      spec = tuple(parse_flatten_op_sharding(sharding._hlo_sharding, mesh)[0])
+    except ValueError:  # jax's IndivisibleError is a ValueError
+      spec = ()
   return spec + (None,) * (len(shape.shape) - len(spec))
 
 
@@ -340,7 +358,7 @@ def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    spec = _operand_spec(arg_shapes[0])
+    spec = _operand_spec(mesh, arg_shapes[0])
     reduced = tuple(name for axis in point_axes for name in _mesh_axes(spec[axis]))
 
     def local(w, g, b):
@@ -352,7 +370,7 @@ def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape
-    return output_sharding(mesh, _operand_spec(arg_shapes[0]))
+    return output_sharding(mesh, _operand_spec(mesh, arg_shapes[0]))
 
   gram = custom_partitioning(lambda w, g, b: _ffi_gram(w, g, b, point_axes))
   factors = [f'a{axis}' for axis in range(ndim)]
@@ -361,6 +379,7 @@ def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
   gram.def_partition(
     partition,
     infer_sharding_from_operands=infer_sharding,
+    decode_shardings=False,
     sharding_rule=f'{operand}, {operand}, {operand} -> {result}',
     reduction_factors=tuple(factors[axis] for axis in point_axes),
   )
@@ -423,7 +442,7 @@ def _partitioned_unstack(ndim: int, count: int):
   """
 
   def specs(mesh, arg_shapes):
-    spec = (None, *_operand_spec(arg_shapes[0])[1:])
+    spec = (None, *_operand_spec(mesh, arg_shapes[0])[1:])
     result = NamedSharding(mesh, PartitionSpec(*spec[1:]))
     return NamedSharding(mesh, PartitionSpec(*spec)), [result] * count
 
@@ -441,6 +460,7 @@ def _partitioned_unstack(ndim: int, count: int):
   unstack.def_partition(
     partition,
     infer_sharding_from_operands=infer_sharding,
+    decode_shardings=False,
     sharding_rule=f'n {factors} -> ' + ', '.join([factors] * count),
     need_replication_factors=('n',),
   )
@@ -563,8 +583,11 @@ def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
     return operand, per_point, (operand,) * (3 if tangent else 2) + (sums,)
 
   def partition(mesh, arg_shapes, result_shape):
+    # The shardings come undecoded: the result's may split one mesh axis over two of its axes
+    # (a stack of two leaves beside a leaf split four ways, its products flattened together),
+    # which no PartitionSpec can say. The result takes the operands' layout instead.
     del result_shape
-    spec = _operand_spec(arg_shapes[0])
+    spec = _operand_spec(mesh, arg_shapes[0])
     reduced = tuple(name for axis in point_axes for name in _mesh_axes(spec[axis]))
 
     def local(*operands):
@@ -577,7 +600,7 @@ def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape
-    return shardings(mesh, _operand_spec(arg_shapes[0]))[2]
+    return shardings(mesh, _operand_spec(mesh, arg_shapes[0]))[2]
 
   adam = custom_partitioning(lambda *x: _ffi_adam(*x, point_axes, tangent))
   factors = [f'a{axis}' for axis in range(ndim)]
@@ -586,6 +609,7 @@ def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
   adam.def_partition(
     partition,
     infer_sharding_from_operands=infer_sharding,
+    decode_shardings=False,
     sharding_rule=(
       f'{operand}, {operand}, {operand}, {operand}, {batch}, s -> '
       + f'{operand}, ' * (3 if tangent else 2)
