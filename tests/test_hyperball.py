@@ -527,7 +527,7 @@ def _nested(shapes):
   return tree
 
 
-# Parameter names as four Flax codebases write them (nested paths flattened with '/'), with what
+# Parameter names as six Flax codebases write them (nested paths flattened with '/'), with what
 # the rules make of each: 'ball' on the hyperball, 'head' there only with head=True, '' Euclidean.
 _CODEBASE_TREES = {
   'flax lm1b example': {
@@ -553,6 +553,20 @@ _CODEBASE_TREES = {
     'model/layers/0/mlp/gate_proj/kernel': ((8, 32), 'ball'),
     'model/layers/0/input_layernorm/weight': ((8,), ''),
     'lm_head/kernel': ((8, 64), 'head'),
+  },
+  'Meta Llama': {
+    'tok_embeddings/embedding': ((64, 8), ''),
+    'layers/0/attention/wq/kernel': ((8, 8), 'ball'),
+    'layers/0/feed_forward/w1/kernel': ((8, 32), 'ball'),
+    'layers/0/attention_norm/scale': ((8,), ''),
+    'output/kernel': ((8, 64), 'head'),
+  },
+  'transformers BERT classifier': {
+    'bert/embeddings/word_embeddings/embedding': ((64, 8), ''),
+    'bert/encoder/layer/0/attention/self/query/kernel': ((8, 8), 'ball'),
+    'bert/encoder/layer/0/attention/output/dense/kernel': ((8, 8), 'ball'),
+    'bert/encoder/layer/0/output/dense/kernel': ((32, 8), 'ball'),
+    'classifier/kernel': ((8, 3), 'head'),
   },
   'stacked layers, logits_dense': {
     'token_embedder/embedding': ((64, 8), ''),

@@ -5,10 +5,11 @@ a fixed norm and leave embeddings, norms, biases and the output head to AdamW. F
 parameters the same way across models, so the rules read the path of each leaf (lower-cased, an
 ``nnx.Variable``'s own ``value`` key dropped):
 
-1. A leaf on a path with a part ``head``, ``lm_head``, ``unembed``, ``unembedding``, ending in
-   ``_head`` or containing ``logit`` (``logitdense`` in Flax's lm1b example, ``logits_dense``)
-   is the output head: its kernels go on the hyperball with ``head=True`` (a bias or a vector
-   never does); otherwise it is Euclidean.
+1. A leaf on a path with a part ``head``, ``lm_head``, ``unembed``, ``unembedding``,
+   ``classifier``, ending in ``_head`` or containing ``logit`` (``logitdense`` in Flax's lm1b
+   example, ``logits_dense``), or under a top-level ``output`` (Meta's Llama), is the output
+   head: its kernels go on the hyperball with ``head=True`` (a bias or a vector never does);
+   otherwise it is Euclidean.
 2. A leaf on a path with a part that contains ``embed`` (``embedding``, ``Embed_0``,
    ``tok_embeddings``), is ``wte`` or ``wpe``, or has ``emb`` as a ``_``-separated word
    (``pos_emb``) is an embedding: Euclidean.
@@ -27,7 +28,8 @@ A point is one matrix: the last two axes (one per layer of a stacked kernel), an
 value and ``(head_dim, embed)`` for the output (:func:`point_axes`), so that Muon orthogonalises
 each head's projection and each head keeps its norm. A stacked *plain* Dense named ``query`` etc.
 (``(layers, in, out)`` under a ``query`` module) would be read as a ``DenseGeneral`` kernel:
-give its ``point_axes`` (``(1, 2)``) explicitly.
+give its ``point_axes`` (``(1, 2)``) explicitly; and a ``DenseGeneral`` kernel of three axes
+under another name (``q_proj``, ``wq``) is read as a stack of layers: give its per-head axes.
 """
 
 from typing import Any
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 from grassmann_optax._src import checks
 from grassmann_optax._src import labels as labels_lib
 
-_HEADS = ('head', 'lm_head', 'unembed', 'unembedding')
+_HEADS = ('head', 'lm_head', 'unembed', 'unembedding', 'classifier')
 _ATTENTION = ('query', 'key', 'value', 'out')
 _EMBEDDINGS = ('wte', 'wpe')
 
@@ -55,7 +57,10 @@ def _parts(path) -> list[str]:
 
 
 def _is_head(parts: list[str]) -> bool:
-  return any(p in _HEADS or p.endswith('_head') or 'logit' in p for p in parts)
+  # A top-level 'output' is Meta's Llama head; deeper, 'output' is a projection (BERT's
+  # attention/output/dense).
+  top = parts[1:2] if parts[:1] == ['params'] else parts[:1]
+  return top == ['output'] or any(p in _HEADS or p.endswith('_head') or 'logit' in p for p in parts)
 
 
 def _is_embedding(parts: list[str]) -> bool:
@@ -111,9 +116,9 @@ def transformer_labels(params: Any, *, head: bool = False) -> Any:
 
   The rules, by the name of each leaf's path (lower-cased):
 
-  * head (a part ``head``, ``lm_head``, ``unembed``, ``unembedding``, ``*_head`` or one
-    containing ``logit``, as ``logitdense`` or ``logits_dense``): its kernel on the hyperball
-    only with ``head=True``;
+  * head (a part ``head``, ``lm_head``, ``unembed``, ``unembedding``, ``classifier``,
+    ``*_head`` or one containing ``logit``, as ``logitdense`` or ``logits_dense``, or a
+    top-level ``output``): its kernel on the hyperball only with ``head=True``;
   * embeddings (a part containing ``embed``, or ``wte``, ``wpe``, or with the word ``emb``),
     norm scales and biases (``scale``, ``bias``) and every leaf of fewer than two axes:
     Euclidean;
@@ -126,7 +131,8 @@ def transformer_labels(params: Any, *, head: bool = False) -> Any:
   naming it. :func:`adamh` and :func:`muonh` read the ``DenseGeneral`` kernels per head by
   default; for the step transforms give those point axes yourself (``(0, 2)`` for
   ``(embed, heads, head_dim)``, ``(1, 2)`` for ``(heads, head_dim, embed)``, one more for a
-  leading layers axis).
+  leading layers axis). A kernel of three axes under another name is read as ``(layers, in,
+  out)``: a ``DenseGeneral`` projection named ``q_proj`` needs its per-head ``point_axes``.
 
   Works on Linen ``dict``/``FrozenDict`` trees and on ``flax.nnx.State`` (``nnx.Param``-boxed
   leaves): the result has the structure of ``params``.
