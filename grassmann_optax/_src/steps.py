@@ -17,7 +17,8 @@ updates it returns, not what later transforms make of them (``docs/algorithm.md`
 Gradients whose sums are too large for float arithmetic are recomputed divided by a power of two
 per point (F10); a point whose gradient is not finite keeps its value and buffer for that step
 (F11); a point shorter than the ε of ``unit()`` moves onto the sphere in the direction of its step
-(F12).
+(F12); a leaf with a mostly radial gradient has it projected explicitly before its products are
+taken (F13).
 """
 
 import sys
@@ -45,12 +46,20 @@ from grassmann_optax._src import (
 # about a right angle), store it in a mixed basis instead ((F9) of docs/algorithm.md).
 _MIXED_BELOW = 0.5
 
+# A gradient whose tangent part has a squared norm below this fraction of its own (a radial part
+# about 8 times the tangent one, or more) is projected explicitly before its products are taken
+# (F13): ‖h‖² from the products, gᵀg − a²(wᵀg)²(2 − a²wᵀw), would lose digits to cancellation.
+_RADIAL_BELOW = 1 / 64
+
 
 class Gram(NamedTuple):
-  """Inner products of each point's ``w``, ``ĝ = g/scale`` and stored buffer ``x`` (F1).
+  """Inner products of each point's ``w``, ``ĝ = g/scale − shift·w`` and stored buffer ``x``
+  (F1).
 
   Every field has one value per point. ``scale`` is a power of two where the gradient's sums are
-  too large (F10), else 1.
+  too large (F10), else 1. ``shift`` is 0, or, where the gradient is mostly radial, the
+  coefficient of its part along ``w`` (F13): ``ĝ`` is then the projected gradient ``h/scale``
+  itself, and ``projected`` is 1.
   """
 
   ww: jax.Array
@@ -61,6 +70,8 @@ class Gram(NamedTuple):
   xx: jax.Array
   scale: jax.Array
   inverse: jax.Array  # 1 / scale
+  shift: jax.Array
+  projected: jax.Array  # 1 where ĝ is already tangent (F13), else 0
 
   @property
   def a(self) -> jax.Array:
@@ -112,9 +123,17 @@ class Step(NamedTuple):
   basis: Basis
 
 
+def _tangent_coefficient(gram: Gram) -> jax.Array:
+  """``a²(wᵀĝ)``, the part of ``ĝ`` along ``w`` that (F3) removes; 0 where ``ĝ`` is projected
+  already (F13)."""
+  return jnp.where(gram.projected > 0, 0, manifold.tangent_coefficient(gram.a, gram.wg))
+
+
 def clipped_gradient(gram: Gram, max_norm) -> tuple[jax.Array, jax.Array]:
   """(F3), (F4) ``ĥ = k·(ĝ − a²(wᵀĝ) w)``: returns ``k`` and ``‖ĥ‖²``."""
-  h_sq = manifold.tangent_norm_sq(gram.a, gram.ww, gram.wg, gram.gg)  # (‖h‖/scale)²
+  h_sq = jnp.where(  # (‖h‖/scale)²
+    gram.projected > 0, gram.gg, manifold.tangent_norm_sq(gram.a, gram.ww, gram.wg, gram.gg)
+  )
   norm = manifold.safe_sqrt(h_sq)
   k = manifold.clip_coefficient(norm, max_norm, gram.scale)
   return k, k * k * h_sq
@@ -126,7 +145,7 @@ def moved_buffer(gram: Gram, basis: Basis, decay, grad_weight, k) -> Combination
   return Combination(
     x=decay * basis.on_buffer,
     g=on_g,
-    w=decay * basis.on_point - on_g * manifold.tangent_coefficient(gram.a, gram.wg),
+    w=decay * basis.on_point - on_g * _tangent_coefficient(gram),
   )
 
 
@@ -232,7 +251,7 @@ def _parts(layouts, g_leaves, x_leaves, w_leaves) -> list[_Part]:
   return parts
 
 
-def _products(part: _Part, g: jax.Array) -> jax.Array:
+def _products(part: _Part, g: jax.Array, *, kernel: bool = True) -> jax.Array:
   """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point of ``part``, shape ``(6, points)``.
 
   Inside ``shard_map`` each device sums its block of a point and the sums are all-reduced over
@@ -244,15 +263,16 @@ def _products(part: _Part, g: jax.Array) -> jax.Array:
     g,
     part.x,
     point_axes=part.layout.point,
-    allow_kernel=part.allow_kernel and tuning.use_cpu_kernel() and not split,
+    allow_kernel=kernel and part.allow_kernel and tuning.use_cpu_kernel() and not split,
   )
   return sharding.psum(jnp.stack([s.reshape(-1) for s in products]), part.layout.point_mesh)
 
 
-def _part_gram(part: _Part) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(scale, inverse, sums)`` of one part's points (F1, F10): the six products as rows of
-  ``sums``, recomputed on the gradient divided per point by a power of two where some point's
-  ``gᵀg`` is too large.
+def _part_gram(part: _Part) -> tuple[jax.Array, ...]:
+  """``(scale, inverse, shift, projected, sums)`` of one part's points (F1, F10, F13): the six
+  products as rows of ``sums``, recomputed on the gradient divided per point by a power of two
+  where some point's ``gᵀg`` is too large, and on the projected gradient where some point's
+  gradient is mostly radial.
 
   The test and the recomputation are per part, so that a step reserves temporary memory for one
   part's scaled gradient, not for those of a whole group (the rare branch of a ``lax.cond`` is
@@ -267,14 +287,35 @@ def _part_gram(part: _Part) -> tuple[jax.Array, jax.Array, jax.Array]:
 
   # Devices that split a point hold the same all-reduced sums, so they take the same branch.
   one = sharding.like(jnp.ones(sums.shape[1:], sums.dtype), sums)
-  return jax.lax.cond(manifold.large(sums[2]), rescaled, lambda: (one, one, sums))
+  scale, inverse, sums = jax.lax.cond(manifold.large(sums[2]), rescaled, lambda: (one, one, sums))
+
+  ww, wg, gg = sums[0], sums[1], sums[2]
+  a = manifold.inverse_norm(ww)
+  h_sq = manifold.tangent_norm_sq(a, ww, wg, gg)
+
+  def projected():
+    """(F13) The products of ``ĝ = g/scale − c·w``, the projected gradient, from XLA's
+    reductions (a rare branch: a second read of the arrays)."""
+    shift = manifold.tangent_coefficient(a, wg)
+    per_point = lambda x: x.reshape(part.layout.per_point_shape(part.w.shape))
+    tangent = part.g * per_point(inverse) - per_point(shift) * part.w
+    return shift, one, _products(part, tangent, kernel=False)
+
+  zero = jnp.zeros_like(one)
+  shift, flag, sums = jax.lax.cond(
+    jnp.any(h_sq < _RADIAL_BELOW * gg), projected, lambda: (zero, zero, sums)
+  )
+  return scale, inverse, shift, flag, sums
 
 
 def _gram(parts: list[_Part]) -> Gram:
-  """The inner products of every point of a group of parts, one vector per product (F1, F10)."""
+  """The inner products of every point of a group of parts, one vector per product (F1, F10,
+  F13)."""
   grams = [_part_gram(part) for part in parts]
-  scale, inverse, sums = (jnp.concatenate(x, axis=-1) for x in zip(*grams, strict=True))
-  return Gram(*sums, scale=scale, inverse=inverse)
+  scale, inverse, shift, flag, sums = (
+    jnp.concatenate(x, axis=-1) for x in zip(*grams, strict=True)
+  )
+  return Gram(*sums, scale=scale, inverse=inverse, shift=shift, projected=flag)
 
 
 def _flat(per_part: list[jax.Array], dtype) -> jax.Array:
@@ -304,7 +345,7 @@ def _write(gram: Gram, step: Step, parts: list[_Part]) -> tuple[list, list]:
   coefficients = tuning.per_point(
     step.buffer.x,
     step.buffer.g,
-    step.buffer.w,
+    step.buffer.w - step.buffer.g * gram.shift,  # ĝ = g/scale − shift·w, on the stored g (F13)
     jnp.where(finite, step.on_w, 0),
     jnp.where(finite, step.on_buffer, 0),
     gram.inverse,
