@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -134,7 +135,8 @@ def test_a_diverging_run_keeps_a_checkpoint_that_resumes(tmp_path, three_steps, 
   assert line.endswith('--allow_changed=learnRate,learnRateG'), line  # --grad_clip is set
   assert checkpoint_steps(run) == [1, 2, 3]
   assert train_lib.non_finite_arrays(final_state(run)) == ''
-  assert json.loads((run / 'summary.json').read_text())['steps'] == 3  # the earlier run's
+  # The earlier run's summary is gone: it would describe a result that this run did not reach.
+  assert not (run / 'summary.json').exists()
   # It resumes: with the rates it had, exactly as the run that never diverged.
   assert run_main([*SAVE_EVERY_STEP, '--max_steps=4', f'--train_path={run}']) == 0
   assert_trees_close(final_state(run), four_steps, rtol=0, atol=0)
@@ -200,6 +202,17 @@ def test_settings_that_shape_training_are_compared_and_the_others_are_free():
     'nesterov: True -> False',
     'adam_eps: 1e-08 -> 0.001',
   ]
+  # The step counter, the schedule and the data position count batches: never another size.
+  with pytest.raises(
+    config_lib.ConfigError, match=r'--batch_size=64, this run has --batch_size=8: its step counter'
+  ) as error:
+    config_lib.check_resume(
+      saved, config_lib.get_config(batch_size=8, allow_changed=('batch_size',))
+    )
+  assert str(error.value).endswith(
+    'continue with --batch_size=64, or train with the new batch size from step 0 in a new run '
+    'directory (--train_path, without --load)'
+  )
   with pytest.raises(config_lib.ConfigError, match='--allow_changed=depth: depth is not a setting'):
     config_lib.get_config(allow_changed=('depth',))
   assert set(config_lib.TRAINING_FIELDS).isdisjoint(config_lib.ARCHITECTURE_FIELDS)
@@ -503,6 +516,49 @@ def test_metrics_keep_every_line_but_an_unfinished_last_one(tmp_path, capsys):
     '{"step": 3, "split": "train", "loss": 0.5}',
   ]
   assert 'dropped its last line' in capsys.readouterr().err
+
+
+def _tensorboard_scalars(run):
+  """``{(tag, step): value}`` of the run's event files, read in order as TensorBoard does, with
+  its purge: a ``SessionLog.START`` at step ``s`` hides the events of step ``s`` on read before.
+  A (tag, step) found twice fails."""
+  from tensorboardX.proto import event_pb2
+
+  scalars = {}
+  for path in sorted(run.glob('events.out.tfevents.*')):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      (length,) = struct.unpack('Q', data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4  # the length, its checksum, the event, its checksum
+      if event.session_log.status == event_pb2.SessionLog.START:
+        scalars = {key: value for key, value in scalars.items() if key[1] < event.step}
+      for value in event.summary.value:
+        assert (value.tag, event.step) not in scalars, (path.name, value.tag, event.step)
+        scalars[value.tag, event.step] = value.simple_value
+  return scalars
+
+
+def test_a_resumed_run_logs_what_an_uninterrupted_one_logs(tmp_path):
+  """Killed after step 5 with checkpoint 2 left, between two reports (every 3 steps): the
+  resumed run's first report averages steps 1 to 3 too, from the sums kept in checkpoint 2, and
+  TensorBoard hides the events of steps 3 and 5 that the killed run wrote."""
+  flags = [*TINY, '--save_freq=2', '--report_freq=3', '--max_to_keep=3', '--max_steps=5']
+  straight = shared_run(*flags)
+  run = _copy(straight, tmp_path)
+  for step in (4, 5):
+    shutil.rmtree(run / 'checkpoints' / str(step))
+  assert run_main([*flags, f'--train_path={run}']) == 0
+  assert (run / 'metrics.jsonl').read_text() == (straight / 'metrics.jsonl').read_text()
+  assert final_state(run)['step'] == 5
+  logged = {}
+  for line in (run / 'metrics.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    step, split = record.pop('step'), record.pop('split')
+    logged.update({(f'{split}/{name}', step): value for name, value in record.items()})
+  scalars = _tensorboard_scalars(run)
+  assert sorted(scalars) == sorted(logged)
+  assert scalars == pytest.approx(logged, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tests.train_helpers import (
   FINAL_LINE,
   SUBPROCESS_TIMEOUT_S,
   TINY,
+  TINY_VGG,
   assert_trees_close,
   checkpoint_steps,
   directory_snapshot,
@@ -203,6 +204,22 @@ def test_width_scale_narrows_vgg_and_is_part_of_the_architecture():
     config_lib.check_architecture(saved, config, 10)
   with pytest.raises(config_lib.ConfigError, match='applies to VGG only'):
     config_lib.get_config(width_scale=0.5)
+
+
+def test_vgg_takes_no_resnet_flags_and_its_checkpoint_is_evaluated(tmp_path, capsys):
+  """A given --depth or --widen_factor would change nothing for VGG: refused, and no 6N+4 check;
+  --task=test reads a VGG checkpoint's architecture without them."""
+  assert config_lib.get_config(model='vgg11').depth == 10  # the default, not given
+  for flag in ({'depth': 10}, {'widen_factor': 8}):
+    with pytest.raises(config_lib.ConfigError, match='applies to the wide ResNet only'):
+      config_lib.get_config(model='vgg11', **flag)
+  run = tmp_path / 'vgg'
+  flags = [*TINY_VGG, '--model=vgg11', '--width_scale=0.125', '--max_steps=1']
+  assert run_main([*flags, f'--train_path={run}']) == 0
+  code, out, err = run_main(['--task=test', f'--load={run}', '--verbose=0'], capsys)
+  assert code == 0 and out.strip().endswith('steps=1'), err
+  code, _, err = run_main(['--task=test', f'--load={run}', '--depth=16'], capsys)
+  assert code == 2 and '--depth=16 applies to the wide ResNet only' in err, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +430,7 @@ def test_digits_default_end_to_end(tmp_path, capsys, monkeypatch):
 def test_tfds_datasets_and_models_run(tmp_path, data, model):
   config = flags_lib.parse(
     [
-      *TINY,
+      *(TINY if model == 'resnet' else TINY_VGG),
       f'--data={data}',
       f'--model={model}',
       '--max_steps=2',
@@ -572,6 +589,8 @@ def test_task_test_evaluates_a_checkpoint(one_device_run, capsys):
     (['extra'], 'unexpected argument(s): extra'),
     (['--width_scale=0.5'], '--width_scale=0.5 applies to VGG only'),
     (['--model=vgg11', '--width_scale=0'], '--width_scale=0.0 must be > 0'),
+    (['--model=vgg11', '--widen_factor=8'], '--widen_factor=8 applies to the wide ResNet only;'),
+    (['--model=vgg13', '--depth=12'], '--depth=12 applies to the wide ResNet only; --model=vgg13'),
     (['--process_id=2', '--num_processes=2'], '--process_id=2 must be below --num_processes=2'),
     (['--adam_eps=0'], '--adam_eps=0.0 must be a number in [1.175e-38, 3.403e+38]'),
     (['--train_dir='], "--train_dir='' is empty: give a directory, or leave the flag out"),
@@ -664,7 +683,8 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, one_device_run,
   assert 'checkpoint was written for resnet depth=10 width=1' in err, err
   assert 'this run is resnet depth=16 width=2' in err
   code, _, err = run_main(
-    [*TINY, '--model=vgg11', f'--load={one_device_run}', f'--train_path={tmp_path / "new"}'], capsys
+    [*TINY_VGG, '--model=vgg11', f'--load={one_device_run}', f'--train_path={tmp_path / "new"}'],
+    capsys,
   )
   assert code == 2 and 'this run is vgg11' in err, err
   assert directory_snapshot(one_device_run, exclude=['lock']) == before

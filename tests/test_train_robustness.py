@@ -32,6 +32,7 @@ from tests.train_helpers import (
 )
 from train import checkpoints
 from train import config as config_lib
+from train import train as train_lib
 
 SAVE_EVERY_STEP = [*TINY, '--save_freq=1', '--max_to_keep=3', '--report_freq=1']
 
@@ -213,6 +214,40 @@ def test_signal_saves_the_current_step_and_the_next_start_resumes_exactly(tmp_pa
   resumed, straight = final_state(tmp_path / 'resumed'), final_state(tmp_path / 'straight')
   assert int(resumed['step']) == step + 2
   assert_trees_close(resumed, straight, rtol=0, atol=0)
+
+
+def test_sigint_outside_the_training_loop_ends_in_one_line(tmp_path, capsys, monkeypatch):
+  """Ctrl-C while the program imports and starts (or evaluates): exit 130 and one line, in a
+  process of its own and from Python."""
+  # The signal arrives while the program imports JAX, seconds before the training loop.
+  code = (
+    'import builtins, os, runpy, signal, sys\n'
+    'real_import = builtins.__import__\n'
+    'def importing(name, *args, **kwargs):\n'
+    "  if name == 'jax':\n"
+    '    os.kill(os.getpid(), signal.SIGINT)\n'
+    '  return real_import(name, *args, **kwargs)\n'
+    'builtins.__import__ = importing\n'
+    "sys.argv = ['train', *sys.argv[1:]]\n"
+    "runpy.run_module('train', run_name='__main__', alter_sys=True)\n"
+  )
+  process = subprocess.run(
+    [sys.executable, '-c', code, *TINY, f'--train_path={tmp_path / "run"}'],
+    cwd=REPOSITORY,
+    capture_output=True,
+    text=True,
+    timeout=SUBPROCESS_TIMEOUT_S,
+  )
+  assert process.returncode == 130, process.stderr
+  expected = 'stopped by SIGINT outside the training loop; nothing was saved'
+  assert process.stderr.strip() == expected and not process.stdout
+  assert not (tmp_path / 'run').exists()
+
+  def interrupted(config):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train_lib, 'train_and_evaluate', interrupted)
+  assert run_main(TINY, capsys) == (130, '', expected + '\n')
 
 
 def test_evaluating_a_damaged_checkpoint_moves_nothing(tmp_path, three_steps, capsys):

@@ -19,6 +19,8 @@ from train.__main__ import main
 
 # WRN-10-1 on digits, batches of 8: a step takes milliseconds on CPU.
 TINY = ['--depth=10', '--widen_factor=1', '--batch_size=8', '--vali_batch_size=150', '--verbose=0']
+# The same for VGG, which takes no --depth or --widen_factor.
+TINY_VGG = [arg for arg in TINY if not arg.startswith(('--depth=', '--widen_factor='))]
 # How long a test waits for a subprocess of the program.
 SUBPROCESS_TIMEOUT_S = 120
 FINAL_LINE = re.compile(r'^final: test_error=(\S+) test_loss=(\S+) steps=(\d+)$')

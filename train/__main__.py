@@ -11,15 +11,34 @@ Flags: ``python -m train --help``; the program: docs/training.md. Reference: Cho
 "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
 """
 
+import os
+import signal
 import sys
-from collections.abc import Sequence
 
-from absl import flags as absl_flags
+# SIGINT outside the training loop (which saves the step in flight first): one line, exit 130.
+STOPPED_OUTSIDE_TRAINING = 'stopped by SIGINT outside the training loop; nothing was saved'
+EXIT_SIGINT = 130
 
-from train import checkpoints, input_pipeline, interrupts, workdir
-from train import config as config_lib
-from train import flags as flags_lib
-from train import train as train_lib
+
+def _stop_at_once(signum, frame) -> None:
+  """Ends the program on SIGINT while it starts or evaluates: nothing is written then."""
+  os.write(2, f'{STOPPED_OUTSIDE_TRAINING}\n'.encode())
+  os._exit(EXIT_SIGINT)
+
+
+if __name__ == '__main__':
+  # Before the imports (E402), which take seconds. A KeyboardInterrupt would not do: raised in a
+  # garbage collector's callback (JAX has one) it is printed with its traceback and dropped.
+  signal.signal(signal.SIGINT, _stop_at_once)
+
+from collections.abc import Sequence  # noqa: E402
+
+from absl import flags as absl_flags  # noqa: E402
+
+from train import checkpoints, input_pipeline, interrupts, workdir  # noqa: E402
+from train import config as config_lib  # noqa: E402
+from train import flags as flags_lib  # noqa: E402
+from train import train as train_lib  # noqa: E402
 
 # Exit status of each way a run can end (0: it finished); the message is one line on stderr.
 EXIT_CODES = (
@@ -44,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except interrupts.Interrupted as stopped:
     print(stopped, file=sys.stderr)
     return stopped.exit_code
+  except KeyboardInterrupt:  # called from Python, while it starts or evaluates (--task=test)
+    print(STOPPED_OUTSIDE_TRAINING, file=sys.stderr)
+    return EXIT_SIGINT
   except tuple(error for error, _ in EXIT_CODES) as error:
     print(f'error: {error}', file=sys.stderr)
     return next(code for kind, code in EXIT_CODES if isinstance(error, kind))

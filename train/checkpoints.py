@@ -2,8 +2,9 @@
 
 Each checkpoint ``<run>/checkpoints/<step>`` holds two items: ``state`` (step, parameters,
 BatchNorm statistics, optimizer state, as host arrays) and ``config`` (every setting of the run as
-JSON, plus the number of classes), so that a checkpoint tells what network it belongs to and with
-which settings it was trained. Orbax writes a checkpoint under a temporary name and renames it
+JSON, plus the number of classes and, under ``train_window``, the sums of the training metrics
+since the last report), so that a checkpoint tells what network it belongs to and with which
+settings it was trained. Orbax writes a checkpoint under a temporary name and renames it
 when complete, lists the complete ones (:meth:`~orbax.checkpoint.CheckpointManager.all_steps`),
 keeps ``--max_to_keep`` of them, and removes the temporary directories a killed process left.
 

@@ -219,6 +219,14 @@ def validate(config: Config) -> None:
   """Raises :class:`ConfigError` for the first setting out of range, naming its flag."""
   for name, choices in (('task', TASKS), ('parallel', PARALLEL)):
     _check_choice(name, getattr(config, name), choices)
+  if config.model != 'resnet':
+    for name in ('depth', 'widen_factor'):
+      _check(
+        name not in config.explicit,
+        name,
+        getattr(config, name),
+        f'applies to the wide ResNet only; --model={config.model} takes --width_scale',
+      )
   at_least = {
     'batch_size': 1,
     'vali_batch_size': 1,
@@ -254,7 +262,8 @@ def validate(config: Config) -> None:
       value,
       f'must be an integer in [1, {INT32_MAX}], or None',
     )
-  _check((config.depth - 4) % 6 == 0, 'depth', config.depth, 'must be 6N+4 (10, 16, 22, 28, ...)')
+  if config.model == 'resnet':
+    _check((config.depth - 4) % 6 == 0, 'depth', config.depth, 'must be 6N+4 (10, 16, 22, 28, ...)')
   _check(
     _is_float32(config.epochs) and config.epochs > 0,
     'epochs',
@@ -562,11 +571,23 @@ def changed_settings(saved: dict[str, Any], config: Config) -> list[str]:
 def check_resume(saved: dict[str, Any], config: Config) -> list[str]:
   """The changed training settings (``name: old -> new``) if ``--allow_changed`` names them all.
 
+  The batch size never changes: the step counter, the schedule and the position in the data are
+  counted in batches.
+
   Raises:
-    ConfigError: a changed training setting is not named in ``--allow_changed``; the message
-      lists each with its old and new value.
+    ConfigError: a changed training setting is not named in ``--allow_changed``, or the batch
+      size changed; the message lists each with its old and new value.
   """
   now = to_json(config, 0)
+  if 'batch_size' in saved and saved['batch_size'] != now['batch_size']:
+    raise ConfigError(
+      f'the checkpoint was trained with --batch_size={saved["batch_size"]}, this run has '
+      f'--batch_size={now["batch_size"]}: its step counter, the schedule of --epochs and '
+      '--decay_epochs and its position in the data are counted in batches of '
+      f'{saved["batch_size"]}, so the batch size cannot change (not even with --allow_changed); '
+      f'continue with --batch_size={saved["batch_size"]}, or train with the new batch size from '
+      'step 0 in a new run directory (--train_path, without --load)'
+    )
   changed = [name for name in TRAINING_FIELDS if name in saved and saved[name] != now[name]]
   refused = [name for name in changed if name not in config.allow_changed]
   if refused:

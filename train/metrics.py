@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
 from tensorboardX.summary import scalar
@@ -30,15 +29,22 @@ from train.workdir import WriteError, reason
 
 
 class TrainWindow:
-  """The metrics of the steps since the last report, as device arrays."""
+  """The training metrics of the steps since the last report.
 
-  def __init__(self):
-    self._clear()
+  A step's metrics stay device arrays until a report, a test evaluation or a checkpoint reads
+  them; then they are added to running sums (float64, in step order). The sums and their count
+  (:meth:`state`) go into each checkpoint, and a resumed run starts from them
+  (``TrainWindow(state)``), so that its first report averages the same steps as a run that was
+  not interrupted. A checkpoint of an earlier version has none: the window starts empty.
+  """
 
-  def _clear(self) -> None:
-    self.steps: list[int] = []
+  def __init__(self, state: Mapping[str, Any] | None = None):
+    self.steps: list[int] = []  # steps not read yet, and their metrics
     self.metrics: list[Mapping[str, Any]] = []
-    self._host: list[Mapping[str, float]] = []
+    state = state or {}
+    self._sums: dict[str, float] = {name: float(v) for name, v in state.get('sums', {}).items()}
+    self._count = int(state.get('count', 0))
+    self._non_finite: tuple[int, float] | None = None
 
   def append(self, step: int, metrics: Mapping[str, Any]) -> None:
     self.steps.append(step)
@@ -47,20 +53,29 @@ class TrainWindow:
   def first_non_finite(self) -> tuple[int, float] | None:
     """``(step, loss)`` of the first step whose loss is NaN or infinite, if any."""
     self._read()
-    for step, metrics in zip(self.steps, self._host, strict=True):
-      if not math.isfinite(metrics['loss']):
-        return step, metrics['loss']
-    return None
+    return self._non_finite
 
   def summary(self) -> dict[str, float]:
     """The mean of each metric over the window, which then starts afresh."""
     self._read()
-    means = {name: float(np.mean([m[name] for m in self._host])) for name in self._host[0]}
-    self._clear()
+    means = {name: total / self._count for name, total in self._sums.items()}
+    self._sums, self._count = {}, 0
     return means
 
+  def state(self) -> dict[str, Any]:
+    """The running sums and their count, as JSON: what a checkpoint keeps of the window."""
+    self._read()
+    return {'sums': dict(self._sums), 'count': self._count}
+
   def _read(self) -> None:
-    self._host += [parallel_lib.first_copy(m) for m in self.metrics[len(self._host) :]]
+    for step, metrics in zip(self.steps, self.metrics, strict=True):
+      values = {name: float(value) for name, value in parallel_lib.first_copy(metrics).items()}
+      if self._non_finite is None and not math.isfinite(values['loss']):
+        self._non_finite = (step, values['loss'])
+      for name, value in values.items():
+        self._sums[name] = self._sums.get(name, 0.0) + value
+      self._count += 1
+    self.steps, self.metrics = [], []
 
 
 class MetricWriter:
@@ -68,9 +83,11 @@ class MetricWriter:
 
   A resumed run first drops the lines logged after its checkpoint (``start_step``), which the
   interrupted run wrote and this one is about to write again, and a last line that a killed
-  process left unfinished (with a warning); every other line is kept as it is. ``enabled=False``
-  (processes other than the first) writes nothing. Used as a context manager it is closed
-  however the block ends.
+  process left unfinished (with a warning); every other line is kept as it is. Its new event file
+  starts with TensorBoard's ``SessionLog.START`` at step ``start_step + 1``, which makes
+  TensorBoard hide the events of the earlier files from that step on in the same way.
+  ``enabled=False`` (processes other than the first) writes nothing. Used as a context manager it
+  is closed however the block ends.
 
   Raises:
     WriteError: a file cannot be written (a full disk, a file-size limit, a read-only folder).
@@ -87,6 +104,16 @@ class MetricWriter:
         _keep_lines_until(path, start_step)
       self.jsonl = open(path, 'a')
       self.tensorboard = EventsWriter(os.path.join(directory, 'events'))
+      # TensorBoard's purge: it hides the events of the steps from here on that earlier event
+      # files hold (this run writes them again), as the lines dropped from metrics.jsonl.
+      self.tensorboard.write_event(
+        event_pb2.Event(
+          step=start_step + 1,
+          wall_time=time.time(),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+      )
+      self.tensorboard.flush()
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -60,6 +60,11 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
+# The key of a checkpoint's settings under which it keeps the training metrics since the last
+# report.
+TRAIN_WINDOW = 'train_window'
+
+
 class TrainingDivergedError(RuntimeError):
   """A loss or the state was NaN or infinite; nothing from that step on was saved."""
 
@@ -423,7 +428,7 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
 
   checkpoints_dir = os.path.join(run_dir, 'checkpoints')
   with checkpoints.checkpoint_manager(checkpoints_dir, max_to_keep=config.max_to_keep) as manager:
-    state = _restore(config, manager, state, info.num_classes)
+    state, window_state = _restore(config, manager, state, info.num_classes)
     train_ds, test_ds, _ = _load_dataset(config)
     parallel = parallel_lib.create_parallel(
       config, devices, train_step, functools.partial(eval_step, apply_fn=model.apply, k=config.k)
@@ -434,6 +439,9 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
       orthogonality = parallel.compile_scalar(penalty)
     start_step, num_steps = int(state.step), num_train_steps(config, info.num_train)
     saved_config = config_lib.to_json(config, info.num_classes)
+    summary_path = os.path.join(run_dir, 'summary.json')
+    if jax.process_index() == 0:
+      _remove_summary(summary_path)  # there again only once this run finishes
     writer = metrics_lib.MetricWriter(
       run_dir, enabled=jax.process_index() == 0, start_step=start_step
     )
@@ -444,9 +452,12 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
       desc='train',
       dynamic_ncols=True,
     )
-    state, test_metrics, window = parallel.put_state(state), None, metrics_lib.TrainWindow()
+    state, test_metrics = parallel.put_state(state), None
+    window = metrics_lib.TrainWindow(window_state)
     diverged = functools.partial(_diverged, config, manager)
-    pending = None  # (step, host state) of a save that waits for the next step to come out finite
+    # (step, host state, settings and window) of a save that waits for its next step to come out
+    # finite; the window's sums are those of that step.
+    pending = None
     started = time.perf_counter()
     with writer, progress:
       for step in range(start_step, num_steps):
@@ -467,7 +478,7 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
         if save or signum or pending:
           host_state = _finite_host_state(parallel, state, done, diverged)
         if pending:
-          checkpoints.save(manager, *pending, saved_config)
+          checkpoints.save(manager, *pending)
           pending = None
         if report:
           summary = _train_summary(window, step, state, learning_rate_fns, orthogonality)
@@ -483,9 +494,9 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
             raise diverged(done, f'test loss={test_metrics["loss"]}')
           writer.write(done, 'test', test_metrics)
         if signum or done == num_steps:  # no next step to wait for; the test loss was finite
-          checkpoints.save(manager, done, host_state, saved_config)
+          checkpoints.save(manager, done, host_state, _with_window(saved_config, window))
         elif save:
-          pending = (done, host_state)
+          pending = (done, host_state, _with_window(saved_config, window))
         if signum:
           raise interrupts.Interrupted(signum, done, checkpoints.directory(manager))
       elapsed = time.perf_counter() - started
@@ -504,9 +515,35 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
     steps_per_second=(final_step - start_step) / elapsed if elapsed > 0 else 0.0,
   )
   if jax.process_index() == 0:
-    workdir.write_json(os.path.join(run_dir, 'summary.json'), {**result, 'config': saved_config})
+    workdir.write_json(summary_path, {**result, 'config': saved_config})
     print(_final_line(test_metrics, final_step), flush=True)
   return result
+
+
+def _with_window(saved_config: dict[str, Any], window: metrics_lib.TrainWindow) -> dict[str, Any]:
+  """A checkpoint's ``config`` item: the settings, and the training metrics since the last
+  report (:meth:`~train.metrics.TrainWindow.state`) under ``train_window``."""
+  return {**saved_config, TRAIN_WINDOW: window.state()}
+
+
+def _remove_summary(path: str) -> None:
+  """Removes the ``summary.json`` of an earlier run in this directory, if any.
+
+  A continued run that then fails (it diverges, is stopped or cannot write) must not leave the
+  earlier run's final result in place, as if it were its own.
+
+  Raises:
+    WriteError: the file is there but cannot be removed.
+  """
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+  except OSError as error:
+    raise workdir.WriteError(
+      f'cannot remove {path}, the summary of an earlier run ({workdir.reason(error)}); make the '
+      'run directory writable and run the same command again'
+    ) from error
 
 
 def _train_summary(window, step, state, learning_rate_fns, orthogonality) -> dict[str, float]:
@@ -598,8 +635,11 @@ def _diverged(config: Config, manager, step: int, what: str) -> TrainingDiverged
   return TrainingDivergedError(f'training diverged at step {step} ({what}); {kept}; {advice}')
 
 
-def _restore(config: Config, manager, state: TrainState, num_classes: int) -> TrainState:
-  """``state`` restored from the run's newest readable checkpoint, else from ``--load``.
+def _restore(
+  config: Config, manager, state: TrainState, num_classes: int
+) -> tuple[TrainState, dict[str, Any] | None]:
+  """``state`` restored from the run's newest readable checkpoint, else from ``--load``, and
+  the training metrics that the checkpoint kept since its last report (None: none).
 
   The checkpoint's settings must describe the same network and, for the settings that shape
   training, agree with this run's or be named in ``--allow_changed``.
@@ -620,7 +660,7 @@ def _restore(config: Config, manager, state: TrainState, num_classes: int) -> Tr
     if found is None:
       raise config_lib.ConfigError(f'--load={config.load}: no checkpoint there')
   if found is None:
-    return state
+    return state, None
   _, restored, saved = found
   changes = config_lib.changed_settings(saved, config)
   if changes:
@@ -628,7 +668,7 @@ def _restore(config: Config, manager, state: TrainState, num_classes: int) -> Tr
       'note: continuing with changed settings (--allow_changed): ' + '; '.join(changes),
       file=sys.stderr,
     )
-  return state.replace(**restored)
+  return state.replace(**restored), saved.get(TRAIN_WINDOW)
 
 
 def checkpoint_payload(state: TrainState) -> dict[str, Any]:
@@ -681,10 +721,13 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
   except FileNotFoundError:
     raise config_lib.ConfigError(f'--load={config.load}: no checkpoint there') from None
   given = {name: getattr(config, name) for name in config.explicit}
+  # Only the settings of the model evaluated: VGG takes no depth or widen factor, resnet no scale.
+  model = given.get('model', saved.get('model'))
+  unused = ('width_scale',) if model == 'resnet' else ('depth', 'widen_factor')
   inherited = {
     name: saved[name]
     for name in (*config_lib.ARCHITECTURE_FIELDS, 'keep_prob')
-    if name in saved and name not in given
+    if name in saved and name not in given and name not in unused
   }
   config = config_lib.get_config(**inherited, **given)
   info = input_pipeline.DATASETS[config.data]
