@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -168,12 +168,16 @@ def update_step(tx: optax.GradientTransformation) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def compile_updates(candidates: Mapping[str, Callable], params: Any, grads: Any) -> dict:
+def compile_updates(candidates: Mapping[str, Callable], params: Any, grads: Sequence[Any]) -> dict:
   """``{name: (run, compile_seconds)}``: each candidate's update compiled on its own params.
 
-  ``run(n)`` runs ``n`` steps from the carried state and returns the seconds per step. XLA
-  compiles outside the GIL, so the candidates compile on all cores at once; each compile time is
-  its own wall time.
+  ``run(n)`` runs ``n`` steps from the carried state, taking the gradient trees of ``grads`` in
+  turn, and returns the seconds per step. Two random gradients in turn, not one: steps of one
+  fixed gradient turn every manifold point towards it within tens of steps, until the gradient
+  lies along the point, which a weight that feeds a BatchNorm never sees (its gradient is
+  orthogonal to it) and which the G(1, n) steps meet with an extra pass ((F13) of
+  ``docs/algorithm.md``). XLA compiles outside the GIL, so the candidates compile on all cores
+  at once; each compile time is its own wall time.
   """
 
   def build(item):
@@ -182,15 +186,15 @@ def compile_updates(candidates: Mapping[str, Callable], params: Any, grads: Any)
     own = jax.tree.map(jnp.copy, params)
     state = tx.init(own)
     start = time.perf_counter()
-    compiled = update_step(tx).lower(own, state, grads).compile()
+    compiled = update_step(tx).lower(own, state, grads[0]).compile()
     return name, compiled, [(own, state)], time.perf_counter() - start
 
   def runner(compiled, box):
     def run(steps: int) -> float:
       carry = box[0]
       start = time.perf_counter()
-      for _ in range(steps):
-        carry = compiled(*carry, grads)
+      for i in range(steps):
+        carry = compiled(*carry, grads[i % len(grads)])
       jax.block_until_ready(carry)
       box[0] = carry
       return (time.perf_counter() - start) / steps

@@ -57,7 +57,7 @@ WIDE_RESNET_RATIOS = {
 
 def section(shapes, labels, point_axes, candidates, ratios, *, repeats, sample_s) -> dict:
   params = common.parameters(shapes, labels, point_axes)
-  grads = common.gradients(params)
+  grads = [common.gradients(params, seed) for seed in (1, 2)]
   compiled = common.compile_updates(candidates, params, grads)
   times = common.time_interleaved(
     {name: run for name, (run, _) in compiled.items()}, repeats=repeats, sample_s=sample_s
