@@ -134,7 +134,12 @@ def test_point_axes_found_on_nnx_state_drive_nnx_optimizer():
   loss = lambda s, x: jnp.mean(nnx.merge(graphdef, s)(x) ** 2)
   found = go.find_scale_invariant(loss, state, x)
   optimizer = nnx.Optimizer(model, go.adamg(0.01, 0.05, **found._asdict()), wrt=nnx.Param)
-  optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+
+  @nnx.jit  # one program, not one per operation
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+
+  step(model, optimizer)
   norms = jnp.linalg.norm(model.q.kernel[...], axis=(0, 2))  # each head's (8, 4) matrix
   np.testing.assert_allclose(norms, 1, atol=1e-6)
 

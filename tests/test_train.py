@@ -206,20 +206,13 @@ def test_width_scale_narrows_vgg_and_is_part_of_the_architecture():
     config_lib.get_config(width_scale=0.5)
 
 
-def test_vgg_takes_no_resnet_flags_and_its_checkpoint_is_evaluated(tmp_path, capsys):
-  """A given --depth or --widen_factor would change nothing for VGG: refused, and no 6N+4 check;
-  --task=test reads a VGG checkpoint's architecture without them."""
+def test_vgg_takes_no_resnet_flags():
+  """A given --depth or --widen_factor would change nothing for VGG: refused, and no 6N+4 check.
+  (test_tfds_datasets_and_models_run evaluates a VGG checkpoint with --task=test.)"""
   assert config_lib.get_config(model='vgg11').depth == 10  # the default, not given
   for flag in ({'depth': 10}, {'widen_factor': 8}):
     with pytest.raises(config_lib.ConfigError, match='applies to the wide ResNet only'):
       config_lib.get_config(model='vgg11', **flag)
-  run = tmp_path / 'vgg'
-  flags = [*TINY_VGG, '--model=vgg11', '--width_scale=0.125', '--max_steps=1']
-  assert run_main([*flags, f'--train_path={run}']) == 0
-  code, out, err = run_main(['--task=test', f'--load={run}', '--verbose=0'], capsys)
-  assert code == 0 and out.strip().endswith('steps=1'), err
-  code, _, err = run_main(['--task=test', f'--load={run}', '--depth=16'], capsys)
-  assert code == 2 and '--depth=16 applies to the wide ResNet only' in err, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +420,7 @@ def test_digits_default_end_to_end(tmp_path, capsys, monkeypatch):
   ('data', 'model'),
   [*((data, 'resnet') for data in TFDS_DATASETS), ('cifar10', 'vgg11')],
 )
-def test_tfds_datasets_and_models_run(tmp_path, data, model):
+def test_tfds_datasets_and_models_run(tmp_path, capsys, data, model):
   config = flags_lib.parse(
     [
       *(TINY if model == 'resnet' else TINY_VGG),
@@ -443,6 +436,12 @@ def test_tfds_datasets_and_models_run(tmp_path, data, model):
   info = input_pipeline.DATASETS[data]
   with prepared_tfds(tmp_path / 'data', info.tfds.name, num_examples=16):
     result = train_lib.train_and_evaluate(config)
+    if model == 'vgg11':  # --task=test reads a VGG checkpoint's architecture, with no depth
+      load = [f'--load={tmp_path / "run"}', f'--data_dir={tmp_path / "data"}', '--verbose=0']
+      code, out, err = run_main(['--task=test', *load, '--vali_batch_size=8'], capsys)
+      assert code == 0 and out.strip().endswith('steps=2'), err
+      code, _, err = run_main(['--task=test', *load, '--depth=16'], capsys)
+      assert code == 2 and '--depth=16 applies to the wide ResNet only' in err, err
   assert result['steps'] == 2
   assert 0.0 <= result['test_error'] <= 1.0 and np.isfinite(result['test_loss'])
   step, state, saved = checkpoints.load(str(tmp_path / 'run'))
