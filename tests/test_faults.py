@@ -202,17 +202,18 @@ def test_settings_that_shape_training_are_compared_and_the_others_are_free():
     'nesterov: True -> False',
     'adam_eps: 1e-08 -> 0.001',
   ]
-  # The step counter, the schedule and the data position count batches: never another size.
+  # The step counter, the schedule and the data position count batches: never another size,
+  # and --allow_changed cannot name it.
   with pytest.raises(
     config_lib.ConfigError, match=r'--batch_size=64, this run has --batch_size=8: its step counter'
   ) as error:
-    config_lib.check_resume(
-      saved, config_lib.get_config(batch_size=8, allow_changed=('batch_size',))
-    )
+    config_lib.check_resume(saved, config_lib.get_config(batch_size=8))
   assert str(error.value).endswith(
     'continue with --batch_size=64, or train with the new batch size from step 0 in a new run '
     'directory (--train_path, without --load)'
   )
+  with pytest.raises(config_lib.ConfigError, match='--allow_changed=batch_size: a resumed run'):
+    config_lib.get_config(batch_size=8, allow_changed=('batch_size',))
   with pytest.raises(config_lib.ConfigError, match='--allow_changed=depth: depth is not a setting'):
     config_lib.get_config(allow_changed=('depth',))
   assert set(config_lib.TRAINING_FIELDS).isdisjoint(config_lib.ARCHITECTURE_FIELDS)

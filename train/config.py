@@ -25,7 +25,8 @@ schedule's boundaries int32, the seed 32 bits.
 
 A resumed run compares its settings with those stored in the checkpoint (:func:`check_resume`):
 another network is refused (:func:`check_architecture`); a changed setting that shapes training
-(a learning rate, a decay, the batch size ...) must be named in ``--allow_changed``; the settings
+(a learning rate, a decay ...) must be named in ``--allow_changed``, and the batch size cannot
+change at all; the settings
 that only say how the run proceeds (how often it reports, where it writes, on which devices) may
 change freely.
 
@@ -357,6 +358,12 @@ def validate(config: Config) -> None:
       f'must be integers in [0, {INT32_MAX}]',
     )
   _check_rates(config)
+  if 'batch_size' in config.allow_changed:
+    raise ConfigError(
+      '--allow_changed=batch_size: a resumed run keeps its batch size (its step counter, the '
+      'schedule of --epochs and --decay_epochs and its position in the data are counted in '
+      'batches); to train with another, start from step 0 in a new run directory'
+    )
   unknown = sorted(set(config.allow_changed) - set(TRAINING_FIELDS))
   if unknown:
     raise ConfigError(
