@@ -227,6 +227,33 @@ def test_a_mostly_radial_gradient_keeps_float32_precision(x64, route, name):
   np.testing.assert_allclose(np.linalg.norm(got[-1], axis=0), 1, atol=1e-6)
 
 
+@pytest.mark.parametrize('radial', [0.0, 1000.0])
+def test_an_unclipped_gradient_whose_squares_overflow_takes_a_finite_step(radial):
+  """Float32 gradients near 1e20 (1e23 with a radial part 1,000 times the tangent one), no
+  clipping: (F10) divides them by their scale and the unclipped step multiplies it back, so the
+  norm of the step's direction is taken on scaled coefficients. It used to be NaN: SGD-G's for
+  every such gradient, and Adam-G's once (F13) projected the radial ones."""
+  rs = np.random.RandomState(13)
+  w = unit_columns(rs)
+  t = rs.randn(N, P)
+  t -= w * (w * t).sum(0)
+  g = (t / np.linalg.norm(t, axis=0) + radial * w) * 1e20
+  w32, g32 = jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.float32)
+  points = {}
+  for name, tx in {
+    'sgdg': go.grassmann_sgd(1e-30, grad_clip=None),
+    'adamg': go.grassmann_adam(0.05, grad_clip=None),
+  }.items():
+    updates, _ = jax.jit(tx.update)(g32, tx.init(w32), w32)
+    points[name] = np.asarray(w32 + updates, np.float64)
+    np.testing.assert_allclose(np.linalg.norm(points[name], axis=0), 1, atol=1e-6)
+  zero = np.zeros((N, P))
+  expected, _ = reference.sgdg_step(reference.columns(w), g, zero, 1e-30, grad_clip=None)
+  np.testing.assert_allclose(points['sgdg'], expected, atol=1e-6)
+  # Adam-G's second moment overflows float32, as in the originals: its step is 0.
+  np.testing.assert_allclose(points['adamg'], w32, atol=1e-6)
+
+
 def test_buffers_are_the_original_buffers_after_large_steps(x64):
   """The stored buffer, decoded with its basis, is the originals' transported buffer (τ = −η b)."""
   rs = np.random.RandomState(3)

@@ -90,16 +90,34 @@ class Combination(NamedTuple):
     return self.x * gram.wx + self.g * gram.wg + self.w * gram.ww
 
   def norm(self, gram: Gram) -> jax.Array:
-    """Its norm, from the Gram matrix of ``(x, ĝ, w)``."""
+    """Its norm, from the Gram matrix of ``(x, ĝ, w)``.
+
+    The coefficients are divided by a power of two near the largest of them, and the norm
+    multiplied back (both exact): an unclipped gradient rescued by (F10) has a coefficient as
+    large as its scale, whose square would overflow (a NaN step for a finite gradient).
+    """
+    scale, inverse = _power_of_two_near(jnp.maximum(jnp.abs(self.x), jnp.abs(self.g)), self.w)
+    x, g, w = self.x * inverse, self.g * inverse, self.w * inverse
     sq = (
-      self.x**2 * gram.xx
-      + self.g**2 * gram.gg
-      + self.w**2 * gram.ww
-      + 2 * self.x * self.g * gram.gx
-      + 2 * self.x * self.w * gram.wx
-      + 2 * self.g * self.w * gram.wg
+      x**2 * gram.xx
+      + g**2 * gram.gg
+      + w**2 * gram.ww
+      + 2 * x * g * gram.gx
+      + 2 * x * w * gram.wx
+      + 2 * g * w * gram.wg
     )
-    return manifold.safe_sqrt(jnp.maximum(sq, 0))
+    return scale * manifold.safe_sqrt(jnp.maximum(sq, 0))
+
+
+def _power_of_two_near(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(s, 1/s)``, ``s`` a power of two near ``max(|a|, |b|)``, both normal numbers; 1 where that
+  maximum is 0 or not finite."""
+  peak = jax.lax.stop_gradient(jnp.maximum(jnp.abs(a), jnp.abs(b)))
+  _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1))
+  info = jnp.finfo(peak.dtype)
+  exponent = jnp.clip(exponent, info.minexp + 2, info.maxexp - 2)
+  one = jnp.ones_like(peak)
+  return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
 
 
 class Basis(NamedTuple):
