@@ -59,7 +59,7 @@ class TrainWindow:
     """The mean of each metric over the window, which then starts afresh."""
     self._read()
     means = {name: total / self._count for name, total in self._sums.items()}
-    self._sums, self._count = {}, 0
+    self._sums, self._count, self._non_finite = {}, 0, None
     return means
 
   def state(self) -> dict[str, Any]:

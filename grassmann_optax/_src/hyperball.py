@@ -262,15 +262,15 @@ def hyperball_step(
     \quad W' = R\Big(\cos\theta\,y - \sin\theta\,\frac{u_\perp}{\lVert u_\perp\rVert}\Big),
 
   the great circle in the direction ``−u⊥`` by the angle that ``'normalize'`` takes for a tangent
-  ``u`` (so the two agree wherever ``u`` is tangent; ``η`` is ``tan θ``). Only the direction of
-  ``u`` counts: any finite ``u`` takes the step of ``u/‖u‖``, also where ``‖u‖²`` overflows (its
-  products are then taken of ``u`` divided by a power of two), and a point whose ``u`` holds NaN
-  becomes NaN. The update is ``W' − W``, so that :func:`optax.apply_updates` puts every point at
-  ``R``: its norm cannot drift over a run, as it is set anew at each step. Chained after
-  :func:`optax.scale_by_adam` with ``'normalize'`` this is AdamH; after :func:`optax.trace` and
-  :func:`scale_by_matrix_sign`, MuonH. With a buffer before it, prefer :func:`hyperball_adam` /
-  :func:`hyperball_muon` for ``'geodesic'``: they transport the buffer along the step, which a
-  chain cannot.
+  ``u`` (so the two agree wherever ``u`` is tangent; ``η`` is ``tan θ``). Above the floor of
+  ``1e-10`` only the direction of ``u`` counts: every finite ``u`` with ``‖u‖ ≥ 1e-10`` takes the
+  step of ``u/‖u‖``, also where ``‖u‖²`` overflows (its products are then taken of ``u`` divided
+  by a power of two), and a point whose ``u`` holds NaN becomes NaN. The update is ``W' − W``, so
+  that :func:`optax.apply_updates` puts every point at ``R``: its norm cannot drift over a run, as
+  it is set anew at each step. Chained after :func:`optax.scale_by_adam` with ``'normalize'``
+  this is AdamH; after :func:`optax.trace` and :func:`scale_by_matrix_sign`, MuonH. With a buffer
+  before it, prefer :func:`hyperball_adam` / :func:`hyperball_muon` for ``'geodesic'``: they
+  transport the buffer along the step, which a chain cannot.
 
   Args:
     learning_rate: η, the step relative to the radius (``tan θ`` of the angle), or a schedule.
