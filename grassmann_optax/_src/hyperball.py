@@ -314,13 +314,8 @@ def hyperball_step(
     # products are those of u divided by a power of two near its largest element (exact), as the
     # G(1, n) steps rescue their gradients (F10), and the step combines w with that scaled u (its
     # coefficient times the scale could be subnormal, which XLA:CPU flushes to zero).
-    def rescaled():
-      _, inverse = manifold.column_scale(u, leaf.layout.point)
-      _, wu_scaled, uu_scaled = leaf.products(w, u * inverse, u * inverse)[:3]
-      return inverse, wu_scaled, uu_scaled
-
-    one = jnp.ones_like(uu)
-    inverse, wu, uu = jax.lax.cond(manifold.large(uu), rescaled, lambda: (one, wu, uu))
+    rescaled = lambda scaled: jnp.stack(leaf.products(w, scaled, scaled)[1:3])
+    _, inverse, (wu, uu) = manifold.rescued(u, uu, jnp.stack([wu, uu]), rescaled, leaf.layout.point)
     (on_w, on_u), _ = step(ww, wu, uu, leaf.radius, leaf.lr)
     update, mark = _combine(w, u * inverse, on_w, on_u)
     return update, (), mark

@@ -128,7 +128,13 @@ def column_scale(
   zero points get ``s = 1``.
   """
   peak = jnp.max(jnp.abs(jax.lax.stop_gradient(x)), axis=_point_axes(x, axes), keepdims=True)
-  peak = sharding.pmax(peak, mesh)
+  return power_of_two_near(sharding.pmax(peak, mesh), small_too=small_too)
+
+
+def power_of_two_near(peak: jax.Array, *, small_too: bool = True) -> tuple[jax.Array, jax.Array]:
+  """``(s, 1/s)`` elementwise: a power of two ``s`` near ``peak`` (a non-negative array) where
+  ``peak`` exceeds 1, or with ``small_too`` wherever it is not 0, else 1; 1 where ``peak`` is not
+  finite. ``peak/s < 4``; ``s`` and ``1/s`` stay normal numbers."""
   _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak), peak, 1))
   # s and 1/s must stay normal numbers (XLA:CPU flushes subnormals to zero).
   info = jnp.finfo(peak.dtype)

@@ -96,7 +96,8 @@ class Combination(NamedTuple):
     multiplied back (both exact): an unclipped gradient rescued by (F10) has a coefficient as
     large as its scale, whose square would overflow (a NaN step for a finite gradient).
     """
-    scale, inverse = _power_of_two_near(jnp.maximum(jnp.abs(self.x), jnp.abs(self.g)), self.w)
+    peak = jnp.maximum(jnp.maximum(jnp.abs(self.x), jnp.abs(self.g)), jnp.abs(self.w))
+    scale, inverse = manifold.power_of_two_near(jax.lax.stop_gradient(peak))
     x, g, w = self.x * inverse, self.g * inverse, self.w * inverse
     sq = (
       x**2 * gram.xx
@@ -107,17 +108,6 @@ class Combination(NamedTuple):
       + 2 * g * w * gram.wg
     )
     return scale * manifold.safe_sqrt(jnp.maximum(sq, 0))
-
-
-def _power_of_two_near(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(s, 1/s)``, ``s`` a power of two near ``max(|a|, |b|)``, both normal numbers; 1 where that
-  maximum is 0 or not finite."""
-  peak = jax.lax.stop_gradient(jnp.maximum(jnp.abs(a), jnp.abs(b)))
-  _, exponent = jnp.frexp(jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1))
-  info = jnp.finfo(peak.dtype)
-  exponent = jnp.clip(exponent, info.minexp + 2, info.maxexp - 2)
-  one = jnp.ones_like(peak)
-  return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
 
 
 class Basis(NamedTuple):
