@@ -24,17 +24,22 @@ NO_PARAMS_MSG = (
 )
 
 
+def unboxed(path) -> tuple:
+  """``path`` without the ``value`` attribute that ends the path of a leaf in a Flax box
+  (``nnx.Param``, ``nn.Partitioned``)."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    return tuple(path[:-1])
+  return tuple(path)
+
+
 def leaf_name(path) -> str:
   """A readable name for a pytree path, e.g. ``params/conv0/kernel``.
 
-  The ``value`` attribute that ends the path of a leaf in a Flax box (``nnx.Param``,
-  ``nn.Partitioned``) is left out, so that trees matched by name (labels, point axes) match
-  whether each side is boxed or not, as ``optax.partition`` matches them.
+  A Flax box's ``value`` is left out (:func:`unboxed`), so that trees matched by name (labels,
+  point axes) match whether each side is boxed or not, as ``optax.partition`` matches them.
   """
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
-    path = path[:-1]
   parts = []
-  for key in path:
+  for key in unboxed(path):
     for attr in ('key', 'name', 'idx'):
       if hasattr(key, attr):
         parts.append(str(getattr(key, attr)))

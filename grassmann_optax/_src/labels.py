@@ -32,19 +32,6 @@ def _flatten(tree):
   return jax.tree_util.tree_flatten_with_path(tree)
 
 
-def _unboxed_names(tree, what: str) -> list[str]:
-  """Leaf names with Flax NNX ``Variable`` boxes removed, so that labels taken from
-  ``nnx.state(model, nnx.Param)`` match the raw arrays that ``nnx.Optimizer`` passes on; two
-  leaves of one name are refused (:func:`checks.by_name`)."""
-  try:
-    from flax import nnx
-  except ImportError:
-    return checks.unique_names(tree, what)
-  is_box = lambda x: isinstance(x, nnx.Variable)
-  unboxed = jax.tree.map(lambda x: x.get_value() if is_box(x) else x, tree, is_leaf=is_box)
-  return checks.unique_names(unboxed, what)
-
-
 def is_undercomplete_conv(path, leaf) -> bool:
   """The paper's rule ((L1) of ``docs/algorithm.md``): a conv kernel with fan-in > outputs.
 
@@ -345,8 +332,10 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
   treedef = jax.tree.structure(params)
   if jax.tree.structure(labels) == treedef:
     return labels  # the same paths: nothing to match by name
-  by_path = dict(zip(_unboxed_names(labels, 'param_labels'), jax.tree.leaves(labels), strict=True))
-  names = _unboxed_names(params, 'the params, matched to param_labels by name')
+  by_path = dict(
+    zip(checks.unique_names(labels, 'param_labels'), jax.tree.leaves(labels), strict=True)
+  )
+  names = checks.unique_names(params, 'the params, matched to param_labels by name')
   found = checks.pick_by_name(
     by_path,
     names,

@@ -50,10 +50,8 @@ def _name(key) -> str:
 
 
 def _parts(path) -> list[str]:
-  """The lower-cased parts of a path, without the ``value`` key of an ``nnx.Variable``."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
-    path = path[:-1]
-  return [_name(key) for key in path]
+  """The lower-cased parts of a path, without the ``value`` key of a Flax box."""
+  return [_name(key) for key in checks.unboxed(path)]
 
 
 def _is_head(parts: list[str]) -> bool:
