@@ -79,10 +79,14 @@ def format_report(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='smaller leaves, fewer repeats')
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
   if not go.cpu_kernel.available():
     raise SystemExit(
       'The CPU kernel is not installed or is switched off (see docs/kernel.md): nothing to time.'
