@@ -300,6 +300,10 @@ def test_a_tree_with_no_manifold_leaf_warns_and_says_what_to_do(factory):
   (warning,) = caught
   for remedy in ('param_labels', 'grassmann_labels', 'predicate', 'find_scale_invariant'):
     assert remedy in str(warning.message)
+  assert warning.filename == __file__  # the user's line, not the library's
+  with pytest.warns(UserWarning, match='no leaf of the params') as caught:
+    jax.jit(factory(0.1, 0.1).init)(params)  # raised while jax traces
+  assert [w.filename for w in caught] == [__file__]
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     factory(0.1, 0.1).init({'conv': jnp.ones((3, 3, 4, 8)), 'bias': jnp.zeros(8)})

@@ -242,6 +242,8 @@ def test_project_params_takes_the_radii_a_hyperball_state_holds():
   labels = {'w': go.GRASSMANN, 'b': go.EUCLIDEAN}
   state = go.adamh(1e-3, 0.02, param_labels=labels).init(params)
   radius = state.inner_states['grassmann'].inner_state.radius
+  # As docs/hyperball.md finds them: optax's tree_get reaches into the partition's state.
+  assert optax.tree_utils.tree_get(state, 'radius') is radius
   moved = jax.tree.map(lambda p: 0.5 * p, params)
   back = go.project_params(moved, labels, radius=radius, point_axes=(-2, -1))
   np.testing.assert_allclose(jnp.linalg.norm(back['w'], axis=(1, 2)), radius['w'], rtol=1e-6)
@@ -370,8 +372,9 @@ _OUT_OF_RANGE = [
 
 @pytest.mark.parametrize(('name', 'argument', 'value'), _OUT_OF_RANGE)
 def test_hyperparameters_out_of_range_are_refused_whatever_their_type(name, argument, value):
-  """NumPy scalars, 0-d arrays and JAX arrays are checked as Python numbers are."""
-  with pytest.raises(ValueError, match=argument if argument != 'max_norm' else 'grad_clip'):
+  """NumPy scalars, 0-d arrays and JAX arrays are checked as Python numbers are; the error
+  names the argument as the function calls it."""
+  with pytest.raises(ValueError, match=rf'^{argument}='):
     _hyperparameter_builders()[name](**{argument: value})
 
 
@@ -387,12 +390,13 @@ _NOT_A_NUMBER = [
   ('hyperball_step', 'learning_rate', np.ones(3)),
   ('scale_by_matrix_sign', 'eps', '1e-8'),
   ('add_orthogonality_gradient', 'omega', [0.1]),
+  ('grassmann_clip', 'max_norm', '0.1'),
 ]
 
 
 @pytest.mark.parametrize(('name', 'argument', 'value'), _NOT_A_NUMBER)
 def test_hyperparameters_that_are_not_one_number_are_refused_at_construction(name, argument, value):
-  with pytest.raises(TypeError):
+  with pytest.raises(TypeError, match=rf'^{argument}[ =]'):
     _hyperparameter_builders()[name](**{argument: value})
 
 

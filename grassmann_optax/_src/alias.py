@@ -1,6 +1,5 @@
 """SGD-G and Adam-G as complete optimizers: manifold leaves on G(1, n), the rest Nesterov SGD."""
 
-import warnings
 from typing import Any
 
 import jax
@@ -182,7 +181,7 @@ def _partition(
     )
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
-      warnings.warn(message, UserWarning, stacklevel=2)
+      checks.warn(message)
     return inner.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -232,7 +231,8 @@ def sgdg(
 
   Args:
     learning_rate: η for the Euclidean leaves (0.01 in the paper's CIFAR recipe), or a schedule.
-    grassmann_learning_rate: η_G for the manifold leaves (0.2), or a schedule.
+    grassmann_learning_rate: η_G for the manifold leaves (0.2 in the paper's CIFAR recipe), or a
+      schedule.
     momentum: γ for both parts (0.9).
     nesterov: Nesterov momentum for the Euclidean leaves (True in the paper).
     grad_clip: {{grad_clip}}
@@ -316,8 +316,9 @@ def adamg(
   :func:`sgdg` with :func:`grassmann_adam` in place of :func:`grassmann_sgd`.
 
   Args:
-    learning_rate: η for the Euclidean leaves (0.01), or a schedule.
-    grassmann_learning_rate: η_G for the manifold leaves (0.05), or a schedule.
+    learning_rate: η for the Euclidean leaves (0.01 in the paper's CIFAR recipe), or a schedule.
+    grassmann_learning_rate: η_G for the manifold leaves (0.05 in the paper's CIFAR recipe), or a
+      schedule.
     b1: β1 (the paper passes its momentum, 0.9).
     b2: β2 (0.99).
     eps: ε inside the square root (1e-8).

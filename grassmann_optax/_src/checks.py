@@ -10,6 +10,8 @@ that ``init`` may see traced, the initial norms of ``radius='init'``, runs insid
 import functools
 import math
 import numbers
+import sys
+import warnings
 from typing import Any
 
 import jax
@@ -331,8 +333,9 @@ _RULES = {
   'weight_decay': ('finite and >= 0, or None', lambda v: math.isfinite(v) and v >= 0),
   'tol': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
 }
+_RULES['max_norm'] = _RULES['grad_clip']  # grassmann_clip's name for it
 # The hyper-parameters for which None means "none" (no clipping, no decay).
-_OPTIONAL = ('grad_clip', 'weight_decay')
+_OPTIONAL = ('grad_clip', 'max_norm', 'weight_decay')
 
 
 def check_hyperparameters(**values) -> None:
@@ -462,3 +465,32 @@ def _raise_for_initial_norms(
       'lose their precision there. Rescale the leaf at init (a scale-invariant weight works at '
       'any radius).'
     )
+
+
+# Frames of these packages are not where a user's code meets a warning: a warning raised while
+# jax traces, or inside an Optax wrapper, is attributed to the first frame outside them.
+_LIBRARY_MODULES = (
+  'grassmann_optax',
+  'optax',
+  'jax',
+  'jaxlib',
+  'flax',
+  'chex',
+  'functools',
+  'contextlib',
+)
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+  """``warnings.warn``, attributed to the user's line that led to it.
+
+  ``stacklevel`` counts from the caller, so a fixed one names a file of jax (under ``jax.jit``)
+  or of Optax (inside a wrapper) as often as the user's. Python 3.12's ``skip_file_prefixes``
+  does this; the project supports 3.11.
+  """
+  frame, level = sys._getframe(1), 2
+  while frame is not None and frame.f_globals.get('__name__', '').partition('.')[0] in (
+    _LIBRARY_MODULES
+  ):
+    frame, level = frame.f_back, level + 1
+  warnings.warn(message, category, stacklevel=level if frame is not None else 2)

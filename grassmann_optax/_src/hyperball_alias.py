@@ -1,7 +1,5 @@
 """AdamH and MuonH as complete optimizers: projection matrices on the hyperball, the rest AdamW."""
 
-import warnings
-
 import jax
 import optax
 from jax.typing import ArrayLike
@@ -37,7 +35,7 @@ def _partition(
     labels_lib.check_known(labels, name)
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_HYPERBALL_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
-      warnings.warn(message, UserWarning, stacklevel=2)
+      checks.warn(message)
     return inner.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):

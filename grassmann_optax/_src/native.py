@@ -48,7 +48,6 @@ import importlib
 import itertools
 import os
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -58,7 +57,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grassmann_optax._src import points, sharding, tuning
+from grassmann_optax._src import checks, points, sharding, tuning
 
 ENV_SWITCH = 'GRASSMANN_OPTAX_CPU_KERNEL'
 # Read by the kernel when it is loaded: 'baseline' forces the portable loop instead of AVX2.
@@ -133,13 +132,12 @@ def _use_kernel() -> bool:
     with _lock:
       if not _warned:
         _warned.append(True)
-        warnings.warn(
+        checks.warn(
           f'grassmann_optax: the CPU kernel for the per-point inner products is unavailable: '
           f'{kernel.missing}. XLA computes them instead (the same results, slower on CPU). '
           f'Reinstall grassmann_optax where a C++ compiler is found to build it, or set '
           f'{ENV_SWITCH}=0 to use XLA without this warning.',
           RuntimeWarning,
-          stacklevel=3,
         )
   return kernel.variant is not None
 

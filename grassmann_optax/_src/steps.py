@@ -22,7 +22,6 @@ taken (F13).
 """
 
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -444,15 +443,13 @@ def warn_if_wrapped(name: str) -> None:
   if wrapper in _warned_wrappers:
     return
   _warned_wrappers.add(wrapper)
-  warnings.warn(
+  checks.warn(
     f'{name} inside {wrapper}: the params that {wrapper} hands back (its evaluation or slow '
     'params) are averages or interpolations of points, so they are off the manifold, and so '
     'are the params it passes to update (each step starts from their directions, (S1)). Map '
     'params back onto the manifold before you evaluate or save them: '
     'go.project_params(params, param_labels) (with radius= and point_axes= as the step has '
     'them). docs/composition.md says what each Optax wrapper does with these optimizers.',
-    UserWarning,
-    stacklevel=3,
   )
 
 
@@ -504,7 +501,9 @@ def require_params(params) -> None:
 _PER_POINT_DOC = """per_point: per leaf, its per-point values stacked on a leading axis, each
       shaped by the batch axes of the leaf (``params.shape[-1:]`` for columns), float32 or
       wider: {rows}. One array per leaf, not one per value, so that a model of many small
-      leaves hands over few arrays; the properties name the rows."""
+      leaves hands over few arrays; the properties name the rows. They are read-only views,
+      not fields: ``optax.tree_utils.tree_get``, ``tree_set`` and ``_replace`` reach
+      ``per_point`` (in each of its arrays, row ``k`` is ``array[k]``)."""
 
 
 class GrassmannSgdState(NamedTuple):

@@ -231,7 +231,7 @@ def grassmann_clip(
 
   {{references}}
   """
-  checks.check_hyperparameters(grad_clip=max_norm)
+  checks.check_hyperparameters(max_norm=max_norm)
   points.check_spec_tree(point_axes)
   sharding.check_spec_tree(mesh_axes)
   if max_norm is None:
@@ -356,7 +356,8 @@ def project_params(
     mesh_axes: {{mesh_axes}}
     radius: ``None`` (unit points), a positive number, or a pytree with the structure of the
       manifold leaves' radii as a step's state holds them (``state.radius`` with
-      ``radius='init'``, and a Hyperball step's), one value per point; give ``point_axes`` as
+      ``radius='init'``, and a Hyperball step's; inside an alias's state,
+      ``optax.tree_utils.tree_get(state, 'radius')``), one value per point; give ``point_axes`` as
       that step has them (a Hyperball alias's, by default: :func:`transformer_point_axes`).
 
   Returns:
@@ -373,7 +374,8 @@ def project_params(
   if isinstance(radius, str):
     raise TypeError(
       f'project_params: radius={radius!r}; give None, a number, or the per-point radii that a '
-      "step with radius='init' keeps in its state (state.radius)."
+      "step with radius='init' keeps in its state (state.radius, or "
+      "optax.tree_utils.tree_get(state, 'radius') for an alias's state)."
     )
   # A tree (even of one scalar, as a Hyperball state holds for one matrix) or an array of radii
   # is per point; a bare number is one radius for all.
@@ -402,7 +404,8 @@ def project_params(
       raise ValueError(
         f'project_params: radius holds {len(given)} arrays of radii, but params have '
         f'{len(named)} manifold leaves. Pass the state.radius of the step (with '
-        "radius='init') that holds these params, or a number."
+        "radius='init') that holds these params (optax.tree_utils.tree_get(state, 'radius') "
+        "for an alias's state), or a number."
       )
     scales = []
     for (name, w), layout, r in zip(named, layouts, given, strict=True):
