@@ -12,6 +12,7 @@ arXiv:1709.09603 (the TF program's flags and recipes).
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -187,6 +188,13 @@ def test_help_documents_every_flag(capsys):
     assert f'--{name}:' in out or f'--[no]{name}:' in out, name
   assert "(default: '0.99')" in out  # adam_beta2
   assert 'svhn/adamg: epochs=160 decay_epochs=(60, 120) learnRateDecay=0.1' in out
+  # A flag that the recipes set says what the run without flags takes, beside absl's default.
+  default = config_lib.get_config()
+  text = ' '.join(out.split())
+  for name in ('learnRate', 'batch_size', 'widen_factor', 'epochs'):
+    value = getattr(default, name)
+    entry = re.search(rf'--{name}: (.*?)\(default: ', text).group(1)
+    assert entry.endswith(f'digits/adamg: {value}), else '), (name, entry)
 
 
 def test_width_scale_narrows_vgg_and_is_part_of_the_architecture():

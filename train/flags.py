@@ -38,8 +38,24 @@ class _NumberOrNone(flags.ArgumentParser):
 
 
 def _help(name: str, text: str) -> str:
-  in_recipe = any(name in row for row in config_lib.RECIPES.values())
-  return text + ('; the recipe of --data/--optimizer sets it unless given' if in_recipe else '')
+  """The flag's text; for a flag that the recipes set, what the run without flags takes.
+
+  absl appends the flag's own default, which is :class:`train.config.Config`'s and applies only
+  where the recipe of ``--data``/``--optimizer`` has no value for it.
+  """
+  if not any(name in row for row in config_lib.RECIPES.values()):
+    return text
+  default = config_lib.RECIPES[(_DEFAULT.data, _DEFAULT.optimizer)]
+  default = {**default, **config_lib.MODEL_RECIPES.get(_DEFAULT.model, {})}
+  if name in default:
+    value = default[name]
+    value = ','.join(map(str, value)) if isinstance(value, tuple | list) else value
+    taken = f' (the run without flags, {_DEFAULT.data}/{_DEFAULT.optimizer}: {value})'
+  else:
+    taken = ''
+  text = f'{text}; the recipe of --data/--optimizer sets it unless given{taken}'
+  # absl shows a default of None or () as nothing.
+  return f'{text}, else' if getattr(_DEFAULT, name) not in (None, ()) else text
 
 
 def _float(name: str, text: str, *, optional: bool = False) -> None:
@@ -78,7 +94,9 @@ _float('learnRate', 'initial learning rate of the Euclidean parameters')
 _float('learnRateG', 'initial learning rate of the parameters on G(1,n)')
 _float('learnRateDecay', 'factor applied to both learning rates at --decay_epochs')
 flags.DEFINE_list(
-  'decay_epochs', None, _help('decay_epochs', 'epochs after which the rates decay, e.g. 60,120')
+  'decay_epochs',
+  None,
+  _help('decay_epochs', 'epochs after which the rates decay, e.g. 60,120'),
 )
 _float('epochs', 'training length in epochs')
 _float('momentum', 'momentum of the Euclidean parameters, in [0, 1); also beta1 of Adam-G')
