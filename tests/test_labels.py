@@ -363,7 +363,7 @@ def test_update_on_other_trees_than_at_init_names_the_leaf(make, labelled):
     (lambda: go.sgdg(0.1, 0.1, momentum=1.5), 'momentum=1.5'),
     (lambda: go.grassmann_sgd(0.1, -0.1), 'momentum=-0.1'),
     (lambda: go.sgdg(0.1, 0.1, weight_decay=float('nan')), 'weight_decay=nan'),
-    (lambda: go.grassmann_clip(-0.1), 'grad_clip=-0.1'),
+    (lambda: go.grassmann_clip(-0.1), 'max_norm=-0.1'),
     (lambda: go.grassmann_adam(0.1, b2=1.0), 'b2=1.0'),
   ],
 )
