@@ -196,26 +196,39 @@ def test_mesh_axes_that_are_no_partition_spec_are_refused():
     go.grassmann_sgd(0.1, mesh_axes={'w': 'model'})
 
 
+ROWS, COLUMNS, WHOLE = P('model', None), P(None, 'model'), P()
+
+
 @pytest.mark.parametrize(
-  'spec', [P('model', None), P(None, 'model'), P()], ids=['rows', 'columns', 'whole']
+  'layouts',
+  [[ROWS] * 4, [COLUMNS] * 4, [WHOLE] * 4, [ROWS, COLUMNS, WHOLE, COLUMNS, ROWS]],
+  ids=['rows', 'columns', 'whole', 'mixed'],
 )
-def test_equal_small_leaves_inside_shard_map_step_as_under_jit(mesh, spec):
+def test_equal_small_leaves_inside_shard_map_step_as_under_jit(mesh, layouts):
   """Equal small leaves are stacked for the step and split again by the CPU kernel; inside
-  shard_map each device splits its own block, and the step is the one of one device."""
-  params = {f'w{i}': go.unit_initializer()(jax.random.key(i), (48, 24)) for i in range(4)}
+  shard_map each device splits its own block, and the step is the one of one device. Leaves
+  split differently (column- and row-parallel layers side by side, and a leaf of another shape)
+  keep shard_map's check that each result varies only along its leaf's mesh axes."""
+  shapes = [(48, 24)] * 4 + [(40, 8)]
+  params = {
+    f'w{i}': go.unit_initializer()(jax.random.key(i), shape)
+    for i, shape in enumerate(shapes[: len(layouts)])
+  }
   labels = jax.tree.map(lambda _: go.GRASSMANN, params)
   grads = jax.tree.map(lambda p: jnp.sin(5 * p), params)
-  specs = jax.tree.map(lambda _: spec, params)
+  specs = dict(zip(params, layouts, strict=True))
   tx = go.adamg(0.01, 0.05, param_labels=labels, mesh_axes=specs)
   reference = go.adamg(0.01, 0.05, param_labels=labels)
   state = tx.init(params)
 
   def state_spec(path, leaf):
-    if leaf.shape == (48, 24):
-      return spec
+    names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]
+    spec = specs[names[-1]] if names and names[-1] in specs else None
+    if spec is None:
+      return P()
     if 'per_point' in jax.tree_util.keystr(path):  # (values, columns)
       return P(None, spec[1] if len(spec) > 1 else None)
-    return P()
+    return spec
 
   def step(tx):
     def run(params, state, grads):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from grassmann_optax._src import native, points, tuning
+from grassmann_optax._src import native, points, sharding, tuning
 
 
 class Stack(NamedTuple):
@@ -51,16 +51,24 @@ class Stack(NamedTuple):
 
 
 def plan(layouts: Sequence[points.Layout], *leaves: Sequence[jax.Array]) -> list[Stack]:
-  """The stacks of the leaves: equal layout, shape (of the first list) and dtypes (of every
-  list), each under :data:`tuning.SMALL_LEAF` elements; every leaf in one stack, in order of
-  first appearance.
+  """The stacks of the leaves: equal layout, shape (of the first list), dtypes and, inside
+  ``shard_map``, varying mesh axes (of every list), each under :data:`tuning.SMALL_LEAF`
+  elements; every leaf in one stack, in order of first appearance.
 
   ``leaves`` are lists over the same leaves (the params first, then the updates and buffers that
   are stepped with them), so that stacked arrays are of one dtype each.
   """
   first = leaves[0]
+  # Inside shard_map a stack varies along every mesh axis that one of its members varies along,
+  # so members of different axes would come back typed as varying where their out_specs say
+  # replicated: such leaves are not stacked together.
   signatures = [
-    (tuple(first[i].shape), tuple(str(x[i].dtype) for x in leaves), layout)
+    (
+      tuple(first[i].shape),
+      tuple(str(x[i].dtype) for x in leaves),
+      tuple(sharding.varying(x[i]) for x in leaves),
+      layout,
+    )
     for i, layout in enumerate(layouts)
   ]
   return [Stack(tuple(members)) for members in tuning.stacks(signatures, [x.size for x in first])]

@@ -315,10 +315,9 @@ def _part_gram(part: _Part) -> tuple[jax.Array, ...]:
   return scale, inverse, shift, flag, sums
 
 
-def _gram(parts: list[_Part]) -> Gram:
-  """The inner products of every point of a group of parts, one vector per product (F1, F10,
-  F13)."""
-  grams = [_part_gram(part) for part in parts]
+def _gram(grams: list[tuple[jax.Array, ...]]) -> Gram:
+  """The inner products of every point of a group of parts (from :func:`_part_gram`), one vector
+  per product (F1, F10, F13)."""
   scale, inverse, shift, flag, sums = (
     jnp.concatenate(x, axis=-1) for x in zip(*grams, strict=True)
   )
@@ -389,9 +388,13 @@ def _fused_step(
   parts = _parts(layouts, g_leaves, x_leaves, w_leaves)
   new_updates, new_buffers = [None] * len(g_leaves), [None] * len(g_leaves)
   new_state = [None] * len(g_leaves)
-  for group in tuning.groups([str(p.w.dtype) for p in parts]):
+  grams = [_part_gram(part) for part in parts]
+  # Inside shard_map, a group's per-point values vary along every mesh axis one of its parts'
+  # do: parts are grouped by those axes too, so that each leaf's results vary along its own.
+  keys = [(str(p.w.dtype), sharding.varying(g[-1])) for p, g in zip(parts, grams, strict=True)]
+  for group in tuning.groups(keys):
     group_parts = [parts[i] for i in group]
-    gram = _gram(group_parts)
+    gram = _gram([grams[i] for i in group])
     rows = []
     for part in group_parts:
       stacked = part.stack.pick(per_point)  # (values, *batch), or (members, values, *batch)

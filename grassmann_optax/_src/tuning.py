@@ -4,10 +4,13 @@ The fused steps (:mod:`steps`) make three choices for speed, each here:
 
 1. **Stacks.** Small leaves of one shape, dtype and layout are stacked into one array, so that a
    model of hundreds of equal leaves (a Transformer's layers) compiles and runs as a few arrays,
-   not hundreds (:func:`stacks`; :mod:`grassmann_optax._src.stacks` plans them and takes the
-   leaves' pieces back for every transform that steps leaves).
+   not hundreds; inside ``shard_map``, only leaves that vary along the same mesh axes
+   (:func:`stacks`; :mod:`grassmann_optax._src.stacks` plans them and takes the leaves' pieces
+   back for every transform that steps leaves).
 2. **Groups.** Leaves whose per-point maths (cos, sin, clipping and transport factors, on one
-   value per point) runs once for all their points, side by side: all leaves of a dtype. Other
+   value per point) runs once for all their points, side by side: all leaves of a dtype (inside
+   ``shard_map``, of a dtype and of the mesh axes their per-point values vary along, so that a
+   leaf's results vary along its own axes only, as ``shard_map``'s ``out_specs`` say). Other
    backends launch one kernel after another, each with a cost. On CPU every leaf's inner
    products are then reduced before any element pass, two kernel calls at a time on two cores,
    and the passes follow. Each large leaf a group of its own instead, so that its passes could
@@ -30,7 +33,7 @@ of it off: every leaf alone, no barrier, XLA's reductions. The results agree to 
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,14 +86,16 @@ def stacks(signatures: Sequence[tuple], sizes: Sequence[int]) -> list[list[int]]
   return list(out.values())
 
 
-def groups(dtypes: Sequence[str]) -> list[list[int]]:
-  """Which arrays share one per-point computation; lists of indices (see the module's 2.)."""
+def groups(keys: Sequence[Hashable]) -> list[list[int]]:
+  """Which arrays share one per-point computation: those of equal ``keys`` (a dtype, and inside
+  ``shard_map`` the mesh axes the per-point values vary along); lists of indices (see the
+  module's 2.)."""
   if not enabled():
-    return [[i] for i in range(len(dtypes))]
-  by_dtype: dict[str, list[int]] = {}
-  for index, dtype in enumerate(dtypes):
-    by_dtype.setdefault(dtype, []).append(index)
-  return list(by_dtype.values())
+    return [[i] for i in range(len(keys))]
+  by_key: dict[Hashable, list[int]] = {}
+  for index, key in enumerate(keys):
+    by_key.setdefault(key, []).append(index)
+  return list(by_key.values())
 
 
 def _barrier(x: jax.Array) -> jax.Array:
