@@ -312,35 +312,6 @@ def _ffi_gram(w, g, b, point_axes) -> jax.Array:
   return gram.reshape((6, *batch_shape))
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _operand_spec(mesh, shape) -> tuple:
-  """The mesh axes of each axis of an operand, from the layout XLA gives it.
-
-  The partitioners take their shardings undecoded (``decode_shardings=False``): XLA may lay out
-  a value with one mesh axis split over two of its axes (the products of a stack of two leaves,
-  flattened beside those of a leaf split four ways), which no PartitionSpec can say, and jax's
-  decoding of such a result raised before the partitioner ran. Here an operand is decoded as
-  jax decodes it; one that cannot be is taken whole (XLA gathers it), and each result takes the
-  layout that follows from the operands, whatever XLA had proposed for it.
-  """
-  from jax._src.sharding_impls import parse_flatten_op_sharding
-
-  sharding = shape.sharding
-  if isinstance(sharding, NamedSharding):
-    spec = tuple(sharding.spec)
-  else:
-    try:
-      spec = tuple(parse_flatten_op_sharding(sharding._hlo_sharding, mesh)[0])
-    except ValueError:  # jax's IndivisibleError is a ValueError
-      spec = ()
-  return spec + (None,) * (len(shape.shape) - len(spec))
-
-
 @functools.cache
 def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
   """The kernel with a sharding rule, so that ``jit`` over sharded arrays keeps the shards.
@@ -356,8 +327,8 @@ def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    spec = _operand_spec(mesh, arg_shapes[0])
-    reduced = tuple(name for axis in point_axes for name in _mesh_axes(spec[axis]))
+    spec = sharding.operand_spec(mesh, arg_shapes[0])
+    reduced = tuple(name for axis in point_axes for name in sharding.axis_names(spec[axis]))
 
     def local(w, g, b):
       gram = _ffi_gram(w, g, b, point_axes)
@@ -368,7 +339,7 @@ def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape
-    return output_sharding(mesh, _operand_spec(mesh, arg_shapes[0]))
+    return output_sharding(mesh, sharding.operand_spec(mesh, arg_shapes[0]))
 
   gram = custom_partitioning(lambda w, g, b: _ffi_gram(w, g, b, point_axes))
   factors = [f'a{axis}' for axis in range(ndim)]
@@ -440,7 +411,7 @@ def _partitioned_unstack(ndim: int, count: int):
   """
 
   def specs(mesh, arg_shapes):
-    spec = (None, *_operand_spec(mesh, arg_shapes[0])[1:])
+    spec = (None, *sharding.operand_spec(mesh, arg_shapes[0])[1:])
     result = NamedSharding(mesh, PartitionSpec(*spec[1:]))
     return NamedSharding(mesh, PartitionSpec(*spec)), [result] * count
 
@@ -585,8 +556,8 @@ def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
     # (a stack of two leaves beside a leaf split four ways, its products flattened together),
     # which no PartitionSpec can say. The result takes the operands' layout instead.
     del result_shape
-    spec = _operand_spec(mesh, arg_shapes[0])
-    reduced = tuple(name for axis in point_axes for name in _mesh_axes(spec[axis]))
+    spec = sharding.operand_spec(mesh, arg_shapes[0])
+    reduced = tuple(name for axis in point_axes for name in sharding.axis_names(spec[axis]))
 
     def local(*operands):
       *arrays, sums = _ffi_adam(*operands, point_axes, tangent)
@@ -598,7 +569,7 @@ def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape
-    return shardings(mesh, _operand_spec(mesh, arg_shapes[0]))[2]
+    return shardings(mesh, sharding.operand_spec(mesh, arg_shapes[0]))[2]
 
   adam = custom_partitioning(lambda *x: _ffi_adam(*x, point_axes, tangent))
   factors = [f'a{axis}' for axis in range(ndim)]

@@ -46,7 +46,7 @@ def _is_entry(entry) -> bool:
   return isinstance(entry, tuple | list) and all(isinstance(e, str) for e in entry)
 
 
-def _names(entry) -> tuple[str, ...]:
+def axis_names(entry) -> tuple[str, ...]:
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
@@ -90,7 +90,7 @@ def _split(spec, ndim: int, name: str) -> Split:
       f'mesh_axes of {name} has {len(entries)} entries for a leaf of {ndim} axes: give the '
       'PartitionSpec that shard_map was given for this leaf.'
     )
-  split = tuple(tuple(m for m in _names(e) if _bound(m)) for e in entries)
+  split = tuple(tuple(m for m in axis_names(e) if _bound(m)) for e in entries)
   return split + ((),) * (ndim - len(entries))
 
 
@@ -132,7 +132,7 @@ def _explicit(x) -> tuple[Any, frozenset]:
   explicit = frozenset(getattr(mesh, 'explicit_axes', ()) or ())
   if not explicit:
     return None, frozenset()
-  named = {m for entry in aval_sharding.spec for m in _names(entry)}
+  named = {m for entry in aval_sharding.spec for m in axis_names(entry)}
   return mesh, frozenset(named & explicit)
 
 
@@ -243,10 +243,27 @@ def like(value: jax.Array, reference: jax.Array) -> jax.Array:
   return jax.lax.pcast(value, names, to='varying') if names else value
 
 
-def _operand_names(arg_shape) -> list[tuple[str, ...]]:
-  spec = tuple(arg_shape.sharding.spec)
-  spec += (None,) * (len(arg_shape.shape) - len(spec))
-  return [_names(entry) for entry in spec]
+def operand_spec(mesh, shape) -> tuple:
+  """The mesh axes of each axis of a custom partitioning's operand, from the layout XLA gives it.
+
+  The partitioners take their shardings undecoded (``decode_shardings=False``): XLA may lay out
+  a value with one mesh axis split over two of its axes (the products of a stack of two leaves,
+  flattened beside those of a leaf split four ways), which no PartitionSpec can say, and jax's
+  decoding of such a result raised before the partitioner ran. Here an operand is decoded as
+  jax decodes it; one that cannot be is taken whole (XLA gathers it), and each result takes the
+  layout that follows from the operands, whatever XLA had proposed for it.
+  """
+  from jax._src.sharding_impls import parse_flatten_op_sharding
+
+  sharding = shape.sharding
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec)
+  else:
+    try:
+      spec = tuple(parse_flatten_op_sharding(sharding._hlo_sharding, mesh)[0])
+    except ValueError:  # jax's IndivisibleError is a ValueError
+      spec = ()
+  return spec + (None,) * (len(shape.shape) - len(spec))
 
 
 @functools.cache
@@ -267,25 +284,26 @@ def _partitioned_orthogonality(ndim: int, point_axes: tuple[int, ...]):
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    names = _operand_names(arg_shapes[0])
-    point = tuple(m for axis in point_axes for m in names[axis])
-    members = names[batch[-1]] if batch else ()
+    spec = operand_spec(mesh, arg_shapes[0])
+    point = tuple(m for axis in point_axes for m in axis_names(spec[axis]))
+    members = axis_names(spec[batch[-1]]) if batch else ()
 
     def local(w, omega):
       return manifold.orthogonality_gradient(w, omega, point_axes, point, members)
 
-    leaf = arg_shapes[0].sharding
+    leaf = NamedSharding(mesh, PartitionSpec(*spec))
     return mesh, local, leaf, (leaf, NamedSharding(mesh, PartitionSpec()))
 
   def infer_sharding(mesh, arg_shapes, result_shape):
-    del mesh, result_shape
-    return arg_shapes[0].sharding
+    del result_shape
+    return NamedSharding(mesh, PartitionSpec(*operand_spec(mesh, arg_shapes[0])))
 
   gradient = custom_partitioning(plain)
   factors = ' '.join(f'a{axis}' for axis in range(ndim))
   gradient.def_partition(
     partition,
     infer_sharding_from_operands=infer_sharding,
+    decode_shardings=False,
     sharding_rule=f'{factors}, -> {factors}',
   )
 
