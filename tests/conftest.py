@@ -8,7 +8,7 @@ shapes (a new closure each time, so JAX's in-memory cache misses), and the train
 same steps in this process and in subprocesses. A persistent compilation cache, shared with every
 subprocess through the environment, compiles each program once; it lives in the checkout's
 ``.pytest_cache`` and is kept between runs, so a second run of the suite compiles only what changed
-(8.0 min for the first run on the project's 2-core machine, 3.5 min for the next).
+(8.2 min for the first run on the project's 2-core machine, 4.1 min for the next).
 ``pytest --cache-clear`` empties it; ``JAX_COMPILATION_CACHE_DIR`` in the environment replaces it.
 Its key is the compiled program, the compiler's flags and the jax and jaxlib versions, so an entry
 is only ever reused for the same program; the CPU kernel's handlers are looked up by name when an
