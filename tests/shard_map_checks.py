@@ -152,6 +152,23 @@ def jit_differences():
     out[f'{name}, jit over four devices'] = max(
       float(np.abs(np.asarray(results[0][k]) - np.asarray(results[1][k])).max()) for k in shapes
     )
+  # The orthogonality term of a stack laid out with the mesh axis over two of its axes, a layout
+  # no PartitionSpec says: its partitioner gathers it (jax's decoding raised before).
+  from jax._src import sharding_impls  # noqa: PLC0415
+  from jax._src.lib import xla_client  # noqa: PLC0415
+
+  tiled = sharding_impls.GSPMDSharding(
+    tuple(mesh.devices.flat), xla_client.HloSharding.iota_tile((2, 1, 2))
+  )
+  stack = go.unit_initializer()(jax.random.key(5), (2, 16, 8))
+  term = go.add_orthogonality_gradient(0.1, point_axes=(-2,))
+  gradient = lambda w: term.update(jnp.zeros_like(w), term.init(w), w)[0]
+  constrained = jax.jit(
+    lambda w: gradient(jax.lax.with_sharding_constraint(w, tiled)),
+    out_shardings=NamedSharding(mesh, P()),
+  )
+  got = constrained(jax.device_put(stack, NamedSharding(mesh, P(None, None, 'data'))))
+  out['orthogonality term, a layout over two axes'] = float(np.abs(got - gradient(stack)).max())
   return out
 
 

@@ -710,7 +710,8 @@ def column_products(
   Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays are float32 of one shape
   with at least one axis, the layout is one the kernel reads (see :func:`kernel_layout`: the
   columns, rows, whole array, heads of a ``DenseGeneral`` kernel and stacks of those all are)
-  and the kernel is installed and switched on (:func:`available`); otherwise six XLA reductions,
+  and the kernel is installed and switched on (:func:`available`), and no array differs between
+  the devices of a ``shard_map``; otherwise six XLA reductions,
   which give the same results up to float rounding. Callers pass ``allow_kernel=False``
   for arrays upcast from a narrower storage dtype, whose conversion XLA fuses into its own
   reductions but would have to write out for the kernel. Differentiable; runs per member under
@@ -741,6 +742,9 @@ def column_products(
     and kernel_layout(w.shape, axes) is not None
     # Only a CPU process loads the kernel: GPU and TPU users get no warning where it is missing.
     and jax.default_backend() == 'cpu'
+    # Inside shard_map, arrays that differ between devices (a leaf split along an axis of its
+    # points' batch) take XLA's reductions: the kernel's result would not carry their type.
+    and not any(sharding.varying(x) for x in arrays)
     and _use_kernel()
   )
   if not usable:

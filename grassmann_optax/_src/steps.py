@@ -262,7 +262,8 @@ def _products(part: _Part, g: jax.Array, *, kernel: bool = True) -> jax.Array:
   """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point of ``part``, shape ``(6, points)``.
 
   Inside ``shard_map`` each device sums its block of a point and the sums are all-reduced over
-  the mesh axes that split it; the CPU kernel is used outside ``shard_map`` only.
+  the mesh axes that split it; the CPU kernel is used where no array differs between devices
+  (outside ``shard_map``, and inside it for replicated arrays).
   """
   split = part.layout.split
   products = native.column_products(
