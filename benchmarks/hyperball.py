@@ -281,6 +281,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
   args = parser.parse_args(argv)
   common.check_names(parser, '--sections', args.sections, SECTIONS)
+  if args.heads < 1 or args.d_model < 1:
+    parser.error('--heads and --d_model must be positive')
   if args.d_model % args.heads:
     parser.error(f'--heads={args.heads} does not divide --d_model={args.d_model}')
   return args

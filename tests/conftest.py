@@ -23,8 +23,10 @@ import tempfile
 # The suite's programs are tiny, so XLA:CPU spends longer compiling them than running them; the
 # tests compare results, never speed, so XLA's backend optimisation level is 0, not the default 3:
 # about a third less time than at level 1 for compile-bound tests (21 s against 28-32 s for two
-# of them, cold), and the training runs are no slower. XLA:CPU keeps IEEE semantics at every level
-# (no fast math), and every bit-for-bit comparison is between two programs compiled alike.
+# of them, cold), and the tiny models of the training tests run as fast; a step of the default
+# model takes seconds (a docs example trains it: test_docs.py shortens that run). XLA:CPU keeps
+# IEEE semantics at every level (no fast math), and every bit-for-bit comparison is between two
+# programs compiled alike.
 # GRASSMANN_TESTS_OPTIMIZED=1 compiles as users do; CI's second step runs that way.
 _FAST_COMPILE = (
   ['--xla_backend_optimization_level=0']
