@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -133,7 +134,7 @@ def _reduction_dtypes(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in ('reduce_sum', 'dot_general'):
       found.extend(v.aval.dtype for v in eqn.invars)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):  # jax.core lost it in 0.11
       found.extend(_reduction_dtypes(sub))
   return found
 
