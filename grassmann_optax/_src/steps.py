@@ -262,16 +262,15 @@ def _products(part: _Part, g: jax.Array, *, kernel: bool = True) -> jax.Array:
   """``(wᵀw, wᵀg, gᵀg, wᵀx, gᵀx, xᵀx)`` of each point of ``part``, shape ``(6, points)``.
 
   Inside ``shard_map`` each device sums its block of a point and the sums are all-reduced over
-  the mesh axes that split it; the CPU kernel is used where no array differs between devices
-  (outside ``shard_map``, and inside it for replicated arrays).
+  the mesh axes that split it; :func:`native.column_products` uses the CPU kernel only where no
+  array differs between devices (outside ``shard_map``, and inside it for replicated arrays).
   """
-  split = part.layout.split
   products = native.column_products(
     part.w,
     g,
     part.x,
     point_axes=part.layout.point,
-    allow_kernel=kernel and part.allow_kernel and tuning.use_cpu_kernel() and not split,
+    allow_kernel=kernel and part.allow_kernel and tuning.use_cpu_kernel(),
   )
   return sharding.psum(jnp.stack([s.reshape(-1) for s in products]), part.layout.point_mesh)
 
