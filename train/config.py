@@ -160,6 +160,12 @@ _AUGMENTED_IMAGE_SIZE = {
 }
 
 
+def recipe(data: str, optimizer: str, model: str) -> dict[str, Any]:
+  """The settings that the recipes give a run of ``data``, ``optimizer`` and ``model`` (1. and 2.
+  of the module's order); the fields they leave out take :class:`Config`'s defaults."""
+  return {**RECIPES[(data, optimizer)], **MODEL_RECIPES.get(model, {})}
+
+
 def get_config(**overrides: Any) -> Config:
   """The checked :class:`Config` for settings ``overrides``, the rest from recipes/defaults.
 
@@ -180,7 +186,7 @@ def get_config(**overrides: Any) -> Config:
   _check_choice('data', data, DATASETS)
   _check_choice('optimizer', optimizer, OPTIMIZERS)
   _check_choice('model', model, MODELS)
-  values = {**RECIPES[(data, optimizer)], **MODEL_RECIPES.get(model, {}), **overrides}
+  values = {**recipe(data, optimizer, model), **overrides}
   values['decay_epochs'] = tuple(values.get('decay_epochs') or ())
   values['allow_changed'] = tuple(values.get('allow_changed') or ())
   config = Config(**values, explicit=tuple(sorted(overrides)))

@@ -20,6 +20,7 @@ from train import config as config_lib
 FLAGS = flags.FLAGS
 HELP_FLAGS = ('--help', '-h', '--helpshort', '--helpfull')
 _DEFAULT = config_lib.Config()
+_DEFAULT_RECIPE = config_lib.recipe(_DEFAULT.data, _DEFAULT.optimizer, _DEFAULT.model)
 
 
 class _NumberOrNone(flags.ArgumentParser):
@@ -45,10 +46,8 @@ def _help(name: str, text: str) -> str:
   """
   if not any(name in row for row in config_lib.RECIPES.values()):
     return text
-  default = config_lib.RECIPES[(_DEFAULT.data, _DEFAULT.optimizer)]
-  default = {**default, **config_lib.MODEL_RECIPES.get(_DEFAULT.model, {})}
-  if name in default:
-    value = default[name]
+  if name in _DEFAULT_RECIPE:
+    value = _DEFAULT_RECIPE[name]
     value = ','.join(map(str, value)) if isinstance(value, tuple | list) else value
     taken = f' (the run without flags, {_DEFAULT.data}/{_DEFAULT.optimizer}: {value})'
   else:
