@@ -335,7 +335,7 @@ def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
       return jax.lax.psum(gram, reduced) if reduced else gram
 
     operand = NamedSharding(mesh, PartitionSpec(*spec))
-    return mesh, local, output_sharding(mesh, spec), (operand,) * 3
+    return mesh, sharding.on_auto_axes(mesh, local), output_sharding(mesh, spec), (operand,) * 3
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape
@@ -418,7 +418,7 @@ def _partitioned_unstack(ndim: int, count: int):
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     operand, results = specs(mesh, arg_shapes)
-    return mesh, _ffi_unstack, results, (operand,)
+    return mesh, sharding.on_auto_axes(mesh, _ffi_unstack), results, (operand,)
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape
@@ -565,7 +565,12 @@ def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
 
     operand, per_point, results = shardings(mesh, spec)
     replicated = NamedSharding(mesh, PartitionSpec(None))
-    return mesh, local, results, (operand,) * 4 + (per_point, replicated)
+    return (
+      mesh,
+      sharding.on_auto_axes(mesh, local),
+      results,
+      (operand,) * 4 + (per_point, replicated),
+    )
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape

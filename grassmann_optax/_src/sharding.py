@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from grassmann_optax._src import checks
 
@@ -243,6 +243,31 @@ def like(value: jax.Array, reference: jax.Array) -> jax.Array:
   return jax.lax.pcast(value, names, to='varying') if names else value
 
 
+def on_auto_axes(mesh, local):
+  """``local``, the per-device body a partitioner returns, traced with ``mesh``'s axes ``Auto``.
+
+  jax traces a custom partitioning's per-device body under the mesh that was set when the
+  computation was compiled. From jax 0.11 on, a mesh with ``Explicit`` axes there gives the
+  body's operations sharding annotations that nothing lowers afterwards ("No registered
+  implementation for untyped custom call to Sharding"), so the kernel and the orthogonality
+  term failed under ``jax.set_mesh`` of such a mesh, the default of ``jax.make_mesh``. The body
+  runs on one device's blocks, where axis types say nothing, so it is traced as on an ``Auto``
+  mesh of the same axes; its collectives (``psum`` over mesh axes) are unchanged.
+  """
+  auto = AbstractMesh(
+    tuple(mesh.axis_sizes),
+    tuple(mesh.axis_names),
+    axis_types=(AxisType.Auto,) * len(mesh.axis_names),
+  )
+
+  @functools.wraps(local)
+  def body(*args):
+    with jax.sharding.use_abstract_mesh(auto):
+      return local(*args)
+
+  return body
+
+
 def operand_spec(mesh, shape) -> tuple:
   """The mesh axes of each axis of a custom partitioning's operand, from the layout XLA gives it.
 
@@ -292,7 +317,7 @@ def _partitioned_orthogonality(ndim: int, point_axes: tuple[int, ...]):
       return manifold.orthogonality_gradient(w, omega, point_axes, point, members)
 
     leaf = NamedSharding(mesh, PartitionSpec(*spec))
-    return mesh, local, leaf, (leaf, NamedSharding(mesh, PartitionSpec()))
+    return mesh, on_auto_axes(mesh, local), leaf, (leaf, NamedSharding(mesh, PartitionSpec()))
 
   def infer_sharding(mesh, arg_shapes, result_shape):
     del result_shape
