@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib.version
 import numpy as np
 import optax
 import pytest
@@ -388,6 +389,41 @@ def test_the_switch_turns_the_kernel_off_without_loading_it():
   assert lines['update'] == xla_update_digest()
   assert lines['loaded'] == 'True False'  # looked at the switch, never imported the module
   assert UNAVAILABLE not in result.stderr
+
+
+# Put before the script's imports, this makes the installed module say it was built against a
+# jaxlib newer than this process's: a jax downgraded after the install, or pinned below the one
+# pip's isolated build environment took.
+BUILT_AGAINST_A_NEWER_JAXLIB = f"""
+  import importlib
+  importlib.import_module({native.MODULE!r}).build_jaxlib = '99.0.0'
+"""
+
+
+def test_a_kernel_built_against_a_newer_jaxlib_is_not_loaded(kernel):
+  """XLA would refuse it and with it the whole CPU backend: XLA's products and a warning instead.
+
+  The warning names both jaxlib versions and how to rebuild the kernel.
+  """
+  result = run_python(BUILT_AGAINST_A_NEWER_JAXLIB + UPDATE_SCRIPT)
+  lines = script_lines(result)
+  assert lines['available'] == 'False None'
+  assert lines['update'] == xla_update_digest()
+  assert result.stderr.count(UNAVAILABLE) == 1, result.stderr
+  assert f'built against jaxlib 99.0.0, newer than the jaxlib {jaxlib.version.__version__}' in (
+    result.stderr
+  )
+  assert '--no-build-isolation' in result.stderr
+
+
+def test_the_installed_kernel_says_which_jaxlib_it_was_built_against(kernel):
+  module = sys.modules[native.MODULE]
+  assert native._release(module.build_jaxlib) <= native._release(jaxlib.version.__version__)
+  assert native._newer_than_runtime(module.build_jaxlib) is None
+  assert module.ffi_api_version[0] == 0
+  assert native._newer_than_runtime(None) is not None  # a module from before the check
+  assert native._release('0.12.1.dev20261201') == (0, 12, 1)
+  assert native._newer_than_runtime('0.0.1') is None
 
 
 def test_the_kernel_is_the_installed_module_and_nothing_is_compiled(kernel, tmp_path):

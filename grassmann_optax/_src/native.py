@@ -47,12 +47,14 @@ import functools
 import importlib
 import itertools
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jaxlib.version
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
@@ -89,6 +91,36 @@ def _switched_off() -> bool:
   return os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'false', 'no', 'off')
 
 
+def _release(version: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in re.findall(r'\d+', version)[:3])
+
+
+def _newer_than_runtime(build_jaxlib: str | None) -> str | None:
+  """Why the kernel must not be registered in this process, or ``None`` where it may be.
+
+  XLA refuses a handler built against a newer version of its FFI API than its own, and that
+  refusal stops jax's CPU backend, every computation with it. A build environment can hold a
+  newer jaxlib than the one installed to run (pip builds in an isolated environment with the
+  newest jax), so the kernel is loaded only into a jaxlib at least as new as the one it was built
+  against.
+  """
+  runtime = jaxlib.version.__version__
+  if build_jaxlib is None:
+    return (
+      'its module was built by an older grassmann_optax, without the jaxlib version it was built '
+      'against; reinstall grassmann_optax to rebuild it'
+    )
+  if _release(build_jaxlib) <= _release(runtime):
+    return None
+  return (
+    f'it was built against jaxlib {build_jaxlib}, newer than the jaxlib {runtime} of this '
+    'process, whose XLA would refuse it. Upgrade jax and jaxlib to '
+    f'{build_jaxlib} or later, or rebuild the kernel against this jaxlib: pip install '
+    'scikit-build-core nanobind, then pip install --no-build-isolation --force-reinstall '
+    '--no-deps with the same package source as before'
+  )
+
+
 def _load() -> _Kernel:
   """Imports the installed extension module and registers its handler with ``jax.ffi``."""
   if _switched_off():
@@ -99,11 +131,18 @@ def _load() -> _Kernel:
     if isinstance(error, ModuleNotFoundError) and error.name == MODULE:
       missing = (
         'grassmann_optax was installed without it (no C++ compiler was found, or '
-        f'{ENV_BUILD}=0 was set)'
+        f'{ENV_BUILD}=0 was set). Reinstall grassmann_optax where a C++ compiler is found to '
+        'build it'
       )
     else:
-      missing = f'its module {MODULE} could not be imported ({error})'
+      missing = (
+        f'its module {MODULE} could not be imported ({error}). Reinstall grassmann_optax where '
+        'a C++ compiler is found to rebuild it'
+      )
     return _Kernel(None, missing)
+  stale = _newer_than_runtime(getattr(module, 'build_jaxlib', None))
+  if stale:
+    return _Kernel(None, stale)
   jax.ffi.register_ffi_target(TARGET, module.handler(), platform='cpu')
   jax.ffi.register_ffi_target(UNSTACK_TARGET, module.unstack_handler(), platform='cpu')
   jax.ffi.register_ffi_target(ADAM_TARGET, module.adam_products_handler(), platform='cpu')
@@ -134,9 +173,8 @@ def _use_kernel() -> bool:
         _warned.append(True)
         checks.warn(
           f'grassmann_optax: the CPU kernel for the per-point inner products is unavailable: '
-          f'{kernel.missing}. XLA computes them instead (the same results, slower on CPU). '
-          f'Reinstall grassmann_optax where a C++ compiler is found to build it, or set '
-          f'{ENV_SWITCH}=0 to use XLA without this warning.',
+          f'{kernel.missing}. Until then XLA computes them (the same results, slower on CPU); '
+          f'set {ENV_SWITCH}=0 to use XLA without this warning.',
           RuntimeWarning,
         )
   return kernel.variant is not None
