@@ -103,7 +103,9 @@ def test_explicit_mesh_axes_give_the_auto_mesh_results_and_keep_each_layout(spec
   """On a mesh with ``Explicit`` axes (``jax.make_mesh``'s default) the shardings are part of the
   types, and reshaping a split kernel into its points or taking its Gram is an error there; the
   transforms run such leaves as on an ``Auto`` mesh and hand every result back in its input's
-  layout."""
+  layout. From jax 0.11 on this also checks that the custom partitionings (the CPU kernel, the
+  orthogonality term) trace their per-device work on an ``Auto`` view of the mesh
+  (``sharding.on_auto_axes``): without it they fail to compile under ``jax.set_mesh`` here."""
   devices = np.array(jax.devices()[:2])
   explicit, auto = (
     Mesh(devices, ('model',), axis_types=(k,)) for k in (AxisType.Explicit, AxisType.Auto)
