@@ -7,6 +7,7 @@ through one persistent compilation cache. Subprocesses only where a real process
 signals, ``kill -9``, a file-size limit, a read-only folder, two processes.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from tests.train_helpers import (
   shared_run,
   unprivileged,
 )
-from train import checkpoints, input_pipeline, metrics
+from train import checkpoints, input_pipeline, metrics, workdir
 from train import config as config_lib
 from train import train as train_lib
 
@@ -414,6 +415,58 @@ def test_a_file_size_limit_during_a_save_ends_the_run_and_keeps_the_checkpoints(
   assert_trees_close(final_state(run), four_steps, rtol=0, atol=0)
 
 
+def _no_space_to_replace(monkeypatch, suffix: str) -> None:
+  """Makes ``os.replace`` of a file whose name ends with ``suffix`` fail as on a full disk."""
+  real_replace = os.replace
+
+  def replace(source, target):
+    if str(source).endswith(suffix):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_replace(source, target)
+
+  monkeypatch.setattr(os, 'replace', replace)
+
+
+def test_a_summary_that_cannot_be_written_says_that_training_finished(
+  tmp_path, three_steps, monkeypatch, capsys
+):
+  run = _copy(three_steps, tmp_path)
+  _no_space_to_replace(monkeypatch, 'summary.json.tmp')
+  code, out, err = run_main([*SAVE_EVERY_STEP, '--max_steps=3', f'--train_path={run}'], capsys)
+  assert code == 6 and not out
+  assert _last_line(err) == (
+    f'error: cannot write {run}/summary.json (No space left on device); training finished and its '
+    'checkpoint of step 3 is saved. Fix the cause and run the same command: it evaluates that '
+    'checkpoint and writes the summary'
+  )
+  assert not (run / 'summary.json').exists() and not (run / 'summary.json.tmp').exists()
+  monkeypatch.undo()
+  code, out, _ = run_main([*SAVE_EVERY_STEP, '--max_steps=3', f'--train_path={run}'], capsys)
+  assert code == 0 and out.strip().splitlines()[-1].startswith('final: ')
+  assert json.loads((run / 'summary.json').read_text())['steps'] == 3
+
+
+def test_a_full_disk_when_a_run_starts_is_a_write_error_that_names_the_file(
+  tmp_path, monkeypatch, capsys
+):
+  """Not a setting to change (exit 2): the same command works once there is space (exit 6)."""
+  real_pwrite = os.pwrite
+
+  def full_disk(descriptor, data, offset):
+    if data.startswith(b'process '):  # the lock file's holder
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_pwrite(descriptor, data, offset)
+
+  monkeypatch.setattr(os, 'pwrite', full_disk)
+  code, out, err = run_main([*TINY, f'--train_path={tmp_path}'], capsys)
+  assert code == 6 and not out
+  assert _last_line(err) == (
+    f'error: cannot write {tmp_path}/lock (No space left on device); the run did not start and '
+    'nothing of it was touched. Fix the cause (free space, raise the file-size limit) and run the '
+    'same command'
+  )
+
+
 def test_a_read_only_checkpoints_folder_is_refused_at_once_and_ends_a_run_that_meets_it(tmp_path):
   prefix = unprivileged()
   if prefix is None:
@@ -517,6 +570,33 @@ def test_metrics_keep_every_line_but_an_unfinished_last_one(tmp_path, capsys):
     '{"step": 3, "split": "train", "loss": 0.5}',
   ]
   assert 'dropped its last line' in capsys.readouterr().err
+
+
+def test_a_run_resumed_within_the_same_second_keeps_the_earlier_event_file(tmp_path, monkeypatch):
+  """tensorboardX names event files by the second: the resumed run's file must not replace the
+  stopped run's, and must sort after it (TensorBoard reads them in that order)."""
+  monkeypatch.setattr(time, 'time', lambda: 1796670140.0)  # one second for both writers
+  with metrics.MetricWriter(str(tmp_path), enabled=True) as writer:
+    for step in (1, 2, 3):
+      writer.write(step, 'train', {'loss': float(step)})
+  with metrics.MetricWriter(str(tmp_path), enabled=True, start_step=2) as writer:
+    writer.write(3, 'train', {'loss': 30.0})
+    writer.write(4, 'train', {'loss': 40.0})
+  assert len(list(tmp_path.glob('events.out.tfevents.1796670140.*'))) == 2
+  assert _tensorboard_scalars(tmp_path) == {
+    ('train/loss', 1): 1.0,
+    ('train/loss', 2): 2.0,
+    ('train/loss', 3): 30.0,
+    ('train/loss', 4): 40.0,
+  }
+
+
+def test_a_failed_rewrite_of_the_metrics_leaves_no_temporary_file(tmp_path, monkeypatch):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+  _no_space_to_replace(monkeypatch, 'metrics.jsonl.tmp')
+  with pytest.raises(workdir.WriteError, match='No space left on device'):
+    metrics.MetricWriter(str(tmp_path), enabled=True, start_step=0)
+  assert sorted(path.name for path in tmp_path.iterdir()) == ['metrics.jsonl']
 
 
 def _tensorboard_scalars(run):

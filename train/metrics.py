@@ -103,7 +103,13 @@ class MetricWriter:
       if os.path.exists(path):
         _keep_lines_until(path, start_step)
       self.jsonl = open(path, 'a')
-      self.tensorboard = EventsWriter(os.path.join(directory, 'events'))
+      # tensorboardX names an event file by the second (and opens it with 'wb'), so a run
+      # resumed within the second its stopped run started in would truncate that run's file.
+      # The suffix, nanoseconds of the same width for centuries, keeps every file apart and
+      # sorted by its start, the order TensorBoard reads them in (its purge below relies on it).
+      self.tensorboard = EventsWriter(
+        os.path.join(directory, 'events'), filename_suffix=f'.{time.time_ns()}.{os.getpid()}'
+      )
       # TensorBoard's purge: it hides the events of the steps from here on that earlier event
       # files hold (this run writes them again), as the lines dropped from metrics.jsonl.
       self.tensorboard.write_event(
@@ -174,9 +180,14 @@ def _keep_lines_until(path: str, start_step: int) -> None:
     if step <= start_step:
       kept.append(line if line.endswith('\n') else line + '\n')
   temporary = f'{path}.tmp'
-  with open(temporary, 'w') as f:
-    f.writelines(kept)
-  os.replace(temporary, path)
+  try:
+    with open(temporary, 'w') as f:
+      f.writelines(kept)
+    os.replace(temporary, path)
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.remove(temporary)
+    raise
 
 
 @contextlib.contextmanager

@@ -515,7 +515,13 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
     steps_per_second=(final_step - start_step) / elapsed if elapsed > 0 else 0.0,
   )
   if jax.process_index() == 0:
-    workdir.write_json(summary_path, {**result, 'config': saved_config})
+    try:
+      workdir.write_json(summary_path, {**result, 'config': saved_config})
+    except workdir.WriteError as error:
+      raise workdir.WriteError(
+        f'{error}; training finished and its checkpoint of step {final_step} is saved. Fix the '
+        'cause and run the same command: it evaluates that checkpoint and writes the summary'
+      ) from error.__cause__
     print(_final_line(test_metrics, final_step), flush=True)
   return result
 

@@ -13,6 +13,7 @@ every checkpoint written before stays as it was.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -61,16 +62,14 @@ def locked(path: str) -> Iterator[None]:
   Raises:
     RunDirectoryBusyError: another process holds the lock (nothing was written).
     ConfigError: ``path`` cannot be created or written (a read-only location, a file in the way).
+    WriteError: the same, for a full disk or a file-size limit: the same command may work later.
   """
   lock_path = os.path.join(path, LOCK_FILE)
   try:
     os.makedirs(path, exist_ok=True)
     descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as error:
-    raise config_lib.ConfigError(
-      f'cannot write the run directory {path} ({error.strerror}); choose another --train_dir '
-      'or --train_path'
-    ) from error
+    raise _start_error(path, error) from error
   try:
     try:
       fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -80,7 +79,10 @@ def locked(path: str) -> Iterator[None]:
         f'the run directory {path} is in use by {holder}; wait for that run to end, or give this '
         'one its own --train_path'
       ) from None
-    _write_holder(descriptor)
+    try:
+      _write_holder(descriptor)
+    except OSError as error:
+      raise _start_error(lock_path, error) from error
     yield
   finally:
     os.close(descriptor)  # releases the lock
@@ -104,11 +106,26 @@ def check_directory(path: str) -> None:
 
 def _write_holder(descriptor: int) -> None:
   """Records who holds the lock, for the message of a refused process."""
-  try:
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f'process {os.getpid()} on {socket.gethostname()}\n'.encode(), 0)
-  except OSError as error:
-    raise config_lib.ConfigError(f'cannot write the run directory ({error.strerror})') from error
+  os.ftruncate(descriptor, 0)
+  os.pwrite(descriptor, f'process {os.getpid()} on {socket.gethostname()}\n'.encode(), 0)
+
+
+# Errors of a disk that is full or failing now, which a later run of the same command may not
+# meet; others (read-only, not permitted, a file in the way) are the choice of the directory.
+_PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def _start_error(path: str, error: OSError) -> Exception:
+  """The error of a run that could not start writing ``path``: nothing of the run was touched."""
+  if error.errno in _PASSING:
+    return WriteError(
+      f'cannot write {path} ({reason(error)}); the run did not start and nothing of it was '
+      'touched. Fix the cause (free space, raise the file-size limit) and run the same command'
+    )
+  return config_lib.ConfigError(
+    f'cannot write the run directory {path} ({reason(error)}); choose another --train_dir or '
+    '--train_path'
+  )
 
 
 def write_json(path: str, value: Any) -> None:
