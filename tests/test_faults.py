@@ -427,7 +427,7 @@ def _no_space_to_replace(monkeypatch, suffix: str) -> None:
   monkeypatch.setattr(os, 'replace', replace)
 
 
-def test_a_summary_that_cannot_be_written_says_that_training_finished(
+def test_a_summary_that_cannot_be_written_says_that_training_is_done(
   tmp_path, three_steps, monkeypatch, capsys
 ):
   run = _copy(three_steps, tmp_path)
@@ -435,8 +435,8 @@ def test_a_summary_that_cannot_be_written_says_that_training_finished(
   code, out, err = run_main([*SAVE_EVERY_STEP, '--max_steps=3', f'--train_path={run}'], capsys)
   assert code == 6 and not out
   assert _last_line(err) == (
-    f'error: cannot write {run}/summary.json (No space left on device); training finished and its '
-    'checkpoint of step 3 is saved. Fix the cause and run the same command: it evaluates that '
+    f'error: cannot write {run}/summary.json (No space left on device); training reached step 3, '
+    'whose checkpoint is kept. Fix the cause and run the same command: it evaluates that '
     'checkpoint and writes the summary'
   )
   assert not (run / 'summary.json').exists() and not (run / 'summary.json.tmp').exists()
@@ -461,9 +461,9 @@ def test_a_full_disk_when_a_run_starts_is_a_write_error_that_names_the_file(
   code, out, err = run_main([*TINY, f'--train_path={tmp_path}'], capsys)
   assert code == 6 and not out
   assert _last_line(err) == (
-    f'error: cannot write {tmp_path}/lock (No space left on device); the run did not start and '
-    'nothing of it was touched. Fix the cause (free space, raise the file-size limit) and run the '
-    'same command'
+    f'error: cannot write {tmp_path}/lock (No space left on device); the run did not start, '
+    'nothing was trained or saved. Fix the cause (free space or quota, raise the file-size limit, '
+    'check the disk) and run the same command'
   )
 
 

@@ -519,8 +519,8 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
       workdir.write_json(summary_path, {**result, 'config': saved_config})
     except workdir.WriteError as error:
       raise workdir.WriteError(
-        f'{error}; training finished and its checkpoint of step {final_step} is saved. Fix the '
-        'cause and run the same command: it evaluates that checkpoint and writes the summary'
+        f'{error}; training reached step {final_step}, whose checkpoint is kept. Fix the cause '
+        'and run the same command: it evaluates that checkpoint and writes the summary'
       ) from error.__cause__
     print(_final_line(test_metrics, final_step), flush=True)
   return result

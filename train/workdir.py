@@ -69,7 +69,7 @@ def locked(path: str) -> Iterator[None]:
     os.makedirs(path, exist_ok=True)
     descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as error:
-    raise _start_error(path, error) from error
+    raise _start_error(f'the run directory {path}', error) from error
   try:
     try:
       fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,16 +115,16 @@ def _write_holder(descriptor: int) -> None:
 _PASSING = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
-def _start_error(path: str, error: OSError) -> Exception:
-  """The error of a run that could not start writing ``path``: nothing of the run was touched."""
+def _start_error(what: str, error: OSError) -> Exception:
+  """The error of a run that could not start writing ``what``; nothing was trained or saved."""
   if error.errno in _PASSING:
     return WriteError(
-      f'cannot write {path} ({reason(error)}); the run did not start and nothing of it was '
-      'touched. Fix the cause (free space, raise the file-size limit) and run the same command'
+      f'cannot write {what} ({reason(error)}); the run did not start, nothing was trained or '
+      'saved. Fix the cause (free space or quota, raise the file-size limit, check the disk) and '
+      'run the same command'
     )
   return config_lib.ConfigError(
-    f'cannot write the run directory {path} ({reason(error)}); choose another --train_dir or '
-    '--train_path'
+    f'cannot write {what} ({reason(error)}); choose another --train_dir or --train_path'
   )
 
 

@@ -91,33 +91,38 @@ def _switched_off() -> bool:
   return os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'false', 'no', 'off')
 
 
-def _release(version: str) -> tuple[int, ...]:
-  return tuple(int(part) for part in re.findall(r'\d+', version)[:3])
+def _release(version: str) -> tuple[int, int, int] | None:
+  """``(major, minor, patch)`` of a jaxlib version (``0.12.1``, ``0.12.1.dev20261201``), or
+  ``None`` for a string that does not start so."""
+  match = re.match(r'(\d+)\.(\d+)\.(\d+)', version)
+  return tuple(map(int, match.groups())) if match else None
 
 
 def _newer_than_runtime(build_jaxlib: str | None) -> str | None:
   """Why the kernel must not be registered in this process, or ``None`` where it may be.
 
   XLA refuses a handler built against a newer version of its FFI API than its own, and that
-  refusal stops jax's CPU backend, every computation with it. A build environment can hold a
-  newer jaxlib than the one installed to run (pip builds in an isolated environment with the
-  newest jax), so the kernel is loaded only into a jaxlib at least as new as the one it was built
-  against.
+  refusal stops jax's CPU backend, every computation with it. pip's isolated build uses the
+  oldest supported jax (``pyproject.toml``), but a build without isolation uses the jax at hand,
+  which may be downgraded later, so the kernel is loaded only into a jaxlib at least as new as
+  the one it was built against (the jaxlib version stands in for the FFI API version, which
+  jaxlib does not expose to Python). A version that cannot be read counts as too new.
   """
   runtime = jaxlib.version.__version__
+  rebuild = (
+    'rebuild the kernel against this jaxlib: pip install scikit-build-core nanobind cmake, then '
+    'pip install --no-build-isolation --force-reinstall --no-deps with the source you installed '
+    'grassmann_optax from (e.g. -e . in a checkout)'
+  )
   if build_jaxlib is None:
-    return (
-      'its module was built by an older grassmann_optax, without the jaxlib version it was built '
-      'against; reinstall grassmann_optax to rebuild it'
-    )
-  if _release(build_jaxlib) <= _release(runtime):
+    return f'its module does not say which jaxlib it was built against; {rebuild}'
+  built, running = _release(build_jaxlib), _release(runtime)
+  if built is not None and running is not None and built <= running:
     return None
   return (
-    f'it was built against jaxlib {build_jaxlib}, newer than the jaxlib {runtime} of this '
-    'process, whose XLA would refuse it. Upgrade jax and jaxlib to '
-    f'{build_jaxlib} or later, or rebuild the kernel against this jaxlib: pip install '
-    'scikit-build-core nanobind, then pip install --no-build-isolation --force-reinstall '
-    '--no-deps with the same package source as before'
+    f'it was built against jaxlib {build_jaxlib}, which may be newer than the jaxlib {runtime} '
+    f'of this process, whose XLA would then refuse it. Upgrade jax and jaxlib to {build_jaxlib} '
+    f'or later, or {rebuild}'
   )
 
 
