@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import TINY, assert_trees_close, final_state, program, run_main
+from train import parallel
 
 TIMEOUT_S = 180
 FLAGS = [*TINY, '--max_steps=3', '--keep_prob=None']
@@ -79,3 +80,20 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, para
   ]
   assert summaries[0]['test_error'] == pytest.approx(summaries[1]['test_error'], abs=1e-6)
   assert summaries[0]['test_loss'] == pytest.approx(summaries[1]['test_loss'], rel=1e-5)
+
+
+def test_the_compilation_cache_is_turned_off_where_cached_collectives_hang(monkeypatch, capsys):
+  """Under jax 0.12, CPU processes that load programs with collectives from the persistent cache
+  wait forever (the test above hangs there on its second run): the program turns the cache off,
+  with a warning. Here the version bound is lowered so that the rule runs under any jax."""
+  assert jax.config.jax_compilation_cache_dir  # the suite's cache (tests/conftest.py)
+  monkeypatch.setattr(parallel, '_CACHED_COLLECTIVES_HANG', (0, 0))
+  assert not parallel.avoid_cached_collectives()  # one process: nothing to avoid
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  try:
+    assert parallel.avoid_cached_collectives()
+    assert not jax.config.jax_enable_compilation_cache
+    assert 'the persistent compilation cache' in capsys.readouterr().err
+    assert not parallel.avoid_cached_collectives()  # already off
+  finally:
+    jax.config.update('jax_enable_compilation_cache', True)

@@ -20,6 +20,7 @@ References:
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -72,6 +73,40 @@ def initialize_distributed(config: config_lib.Config) -> None:
         '--num_processes and --process_id together, unless the cluster (SLURM, Open MPI, a TPU '
         f'pod) supplies the rest; JAX says: {error}'
       ) from None
+  if jax.distributed.is_initialized():
+    avoid_cached_collectives()
+
+
+# jax 0.12 (0.12.1 tested; 0.10.2 and 0.11.2 are not affected): in a run of several CPU
+# processes (gloo), a process that loads a second program with collectives from the persistent
+# compilation cache waits in it forever. Plain JAX shows it: two jitted reductions over a mesh of
+# two processes, run twice with JAX_COMPILATION_CACHE_DIR set; the second run hangs.
+_CACHED_COLLECTIVES_HANG = (0, 12)
+
+
+def _release(version: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in version.split('.')[:2] if part.isdigit())
+
+
+def avoid_cached_collectives() -> bool:
+  """Turns JAX's persistent compilation cache off in a multi-process CPU run under jax 0.12 and
+  later, with a warning, rather than let the run hang; returns whether it did."""
+  if (
+    jax.process_count() == 1
+    or jax.default_backend() != 'cpu'
+    or _release(jax.__version__) < _CACHED_COLLECTIVES_HANG
+    or not jax.config.jax_enable_compilation_cache
+    or not jax.config.jax_compilation_cache_dir
+  ):
+    return False
+  jax.config.update('jax_enable_compilation_cache', False)
+  print(
+    f'warning: the persistent compilation cache ({jax.config.jax_compilation_cache_dir}) is off '
+    f'in this run: with jax {jax.__version__}, CPU processes that load programs with '
+    'collectives from it wait forever. Every process compiles its steps afresh.',
+    file=sys.stderr,
+  )
+  return True
 
 
 def select_devices(config: config_lib.Config) -> list[jax.Device]:
