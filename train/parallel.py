@@ -84,17 +84,13 @@ def initialize_distributed(config: config_lib.Config) -> None:
 _CACHED_COLLECTIVES_HANG = (0, 12)
 
 
-def _release(version: str) -> tuple[int, ...]:
-  return tuple(int(part) for part in version.split('.')[:2] if part.isdigit())
-
-
 def avoid_cached_collectives() -> bool:
   """Turns JAX's persistent compilation cache off in a multi-process CPU run under jax 0.12 and
   later, with a warning, rather than let the run hang; returns whether it did."""
   if (
     jax.process_count() == 1
     or jax.default_backend() != 'cpu'
-    or _release(jax.__version__) < _CACHED_COLLECTIVES_HANG
+    or jax.__version_info__ < _CACHED_COLLECTIVES_HANG
     or not jax.config.jax_enable_compilation_cache
     or not jax.config.jax_compilation_cache_dir
   ):
