@@ -25,7 +25,7 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.summary import scalar
 
 from train import parallel as parallel_lib
-from train.workdir import WriteError, reason
+from train.workdir import WriteError, reason, replace_whole
 
 
 class TrainWindow:
@@ -179,15 +179,7 @@ def _keep_lines_until(path: str, start_step: int) -> None:
       continue
     if step <= start_step:
       kept.append(line if line.endswith('\n') else line + '\n')
-  temporary = f'{path}.tmp'
-  try:
-    with open(temporary, 'w') as f:
-      f.writelines(kept)
-    os.replace(temporary, path)
-  except OSError:
-    with contextlib.suppress(OSError):
-      os.remove(temporary)
-    raise
+  replace_whole(path, ''.join(kept))
 
 
 @contextlib.contextmanager

@@ -128,18 +128,31 @@ def _start_error(what: str, error: OSError) -> Exception:
   )
 
 
-def write_json(path: str, value: Any) -> None:
-  """Writes ``value`` as JSON to ``path`` whole or not at all (through a temporary file).
+def replace_whole(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` whole or not at all, through a temporary file that a failed
+  write removes.
 
   Raises:
-    WriteError: the file cannot be written (a full disk, a file-size limit, a read-only folder).
+    OSError: the file cannot be written (a full disk, a file-size limit, a read-only folder).
   """
   temporary = f'{path}.tmp'
   try:
     with open(temporary, 'w') as f:
-      json.dump(value, f, indent=2)
+      f.write(text)
     os.replace(temporary, path)
-  except OSError as error:
+  except OSError:
     with contextlib.suppress(OSError):
       os.remove(temporary)
+    raise
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes ``value`` as JSON to ``path`` whole or not at all (:func:`replace_whole`).
+
+  Raises:
+    WriteError: the file cannot be written (a full disk, a file-size limit, a read-only folder).
+  """
+  try:
+    replace_whole(path, json.dumps(value, indent=2))
+  except OSError as error:
     raise WriteError(f'cannot write {path} ({reason(error)})') from error
