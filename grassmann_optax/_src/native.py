@@ -371,7 +371,7 @@ def _partitioned_gram(ndim: int, point_axes: tuple[int, ...]):
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     spec = sharding.operand_spec(mesh, arg_shapes[0])
-    reduced = tuple(name for axis in point_axes for name in sharding.axis_names(spec[axis]))
+    reduced = sharding.splitting(spec, point_axes)
 
     def local(w, g, b):
       gram = _ffi_gram(w, g, b, point_axes)
@@ -600,7 +600,7 @@ def _partitioned_adam(ndim: int, point_axes: tuple[int, ...], tangent: bool):
     # which no PartitionSpec can say. The result takes the operands' layout instead.
     del result_shape
     spec = sharding.operand_spec(mesh, arg_shapes[0])
-    reduced = tuple(name for axis in point_axes for name in sharding.axis_names(spec[axis]))
+    reduced = sharding.splitting(spec, point_axes)
 
     def local(*operands):
       *arrays, sums = _ffi_adam(*operands, point_axes, tangent)

@@ -243,6 +243,12 @@ def like(value: jax.Array, reference: jax.Array) -> jax.Array:
   return jax.lax.pcast(value, names, to='varying') if names else value
 
 
+def splitting(spec: tuple, axes) -> tuple[str, ...]:
+  """The mesh axes that split ``axes`` of an array laid out by ``spec`` (:func:`operand_spec`),
+  in order: those a partitioner all-reduces a per-point sum over."""
+  return tuple(name for axis in axes for name in axis_names(spec[axis]))
+
+
 def on_auto_axes(mesh, local):
   """``local``, the per-device body a partitioner returns, traced with ``mesh``'s axes ``Auto``.
 
@@ -310,7 +316,7 @@ def _partitioned_orthogonality(ndim: int, point_axes: tuple[int, ...]):
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     spec = operand_spec(mesh, arg_shapes[0])
-    point = tuple(m for axis in point_axes for m in axis_names(spec[axis]))
+    point = splitting(spec, point_axes)
     members = axis_names(spec[batch[-1]]) if batch else ()
 
     def local(w, omega):
