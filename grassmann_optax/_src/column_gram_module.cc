@@ -1,8 +1,8 @@
 // The extension module grassmann_optax._src._column_gram: the CPU kernels of column_gram.cc,
 // unstack.cc and adam_products.cc as XLA FFI handlers in capsules, which
 // grassmann_optax/_src/native.py registers with jax.ffi.register_ffi_target; the instruction-set
-// variant the kernels chose when they were loaded; and the jaxlib and XLA FFI API version they
-// were built against. Built at install time (CMakeLists.txt).
+// variant the kernels chose when they were loaded; and the jaxlib they were built against.
+// Built at install time (CMakeLists.txt).
 
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/api.h"
@@ -32,5 +32,4 @@ NB_MODULE(_column_gram, m) {
       "variant", [] { return GrassmannColumnGramVariant(); },
       "The instruction-set variant of the kernel's loops: 'avx2' or 'baseline'.");
   m.attr("build_jaxlib") = GRASSMANN_OPTAX_BUILD_JAXLIB;
-  m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
 }
