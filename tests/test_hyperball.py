@@ -650,8 +650,10 @@ def test_hyperball_step_takes_the_same_step_for_any_finite_scale_of_the_update(r
 def test_bad_arguments_are_refused():
   with pytest.raises(ValueError, match='retraction'):
     go.hyperball_step(0.1, retraction='exp')
-  with pytest.raises(ValueError, match='ns_steps'):
+  with pytest.raises(TypeError, match='ns_steps'):
     go.hyperball_muon(0.1, ns_steps=2.5)
+  with pytest.raises(ValueError, match='ns_steps'):
+    go.hyperball_muon(0.1, ns_steps=-1)
   with pytest.raises(ValueError, match='b2'):
     go.adamh(1e-3, 0.1, b2=1.0)
   with pytest.raises(ValueError, match='params'):

@@ -367,6 +367,15 @@ _OUT_OF_RANGE = [
   ('scale_by_matrix_sign', 'eps', -1e-8),
   ('add_orthogonality_gradient', 'omega', np.array(-0.1)),
   ('grassmann_clip', 'max_norm', np.array(0.0)),
+  # In range as Python floats, out of it in float32, where the steps compute with them.
+  ('adamg', 'b1', 1 - 1e-9),
+  ('grassmann_adam', 'b2', 1 - 1e-9),
+  ('hyperball_adam', 'b1', np.float64(1 - 1e-9)),
+  ('sgdg', 'learning_rate', 1e39),
+  ('grassmann_sgd', 'learning_rate', -1e39),
+  ('sgdg', 'omega', 1e39),
+  ('sgdg', 'weight_decay', 1e39),
+  ('adamh', 'hyperball_learning_rate', 1e39),
 ]
 
 
@@ -654,3 +663,159 @@ def test_params_of_two_leaves_of_one_name_are_refused_where_matched_by_name():
     state = tx.init(_COLLIDING)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, _COLLIDING), state, _COLLIDING)
     assert jax.tree.structure(updates) == jax.tree.structure(_COLLIDING)
+
+
+def test_a_value_that_rounds_out_of_range_in_float32_says_so():
+  with pytest.raises(ValueError, match=r'^b1=0.999999999 is out of range in float32.*it is 1.0'):
+    go.grassmann_adam(0.1, b1=1 - 1e-9)
+  # inject_hyperparams hands the factory float32 arrays: the message shows the number.
+  tx = optax.inject_hyperparams(go.grassmann_adam)(learning_rate=0.1, b2=1 - 1e-9)
+  with pytest.raises(ValueError, match=r'^b2=1.0 \(a float32 array\) is out of range'):
+    tx.init(KERNEL)
+
+
+def _column_norms(w):
+  return np.linalg.norm(np.asarray(w, np.float64).reshape(-1, w.shape[-1]), axis=0)
+
+
+@pytest.mark.parametrize('learning_rate', [1e30, 1e38, -1e38])
+def test_a_geodesic_step_of_a_huge_angle_stays_on_the_sphere(learning_rate):
+  """1/(θ + ε) is below the smallest float32 above θ = 8.5e37 and was flushed to 0: the point
+  shrank to |cos θ|. An angle that overflows float32 gives NaN, as in the originals."""
+  tx = go.grassmann_sgd(learning_rate, grad_clip=None)
+  grads = 2 * go.unit_initializer()(jax.random.key(3), KERNEL.shape)  # θ up to 2·|η|
+  updates, _ = tx.update(grads, tx.init(KERNEL), KERNEL)
+  np.testing.assert_allclose(_column_norms(KERNEL + updates), 1, atol=2e-6)
+
+
+@pytest.mark.parametrize('retraction', ['normalize', 'geodesic'])
+@pytest.mark.parametrize('rate', [2.0, 2e19, 1e30, -3e38])
+def test_a_hyperball_step_longer_than_the_point_keeps_its_radius(retraction, rate):
+  """(η·u/‖u‖)² overflowed float32 above η = 1.8e19, and 'normalize' sent the point to 0."""
+  w = jax.random.normal(jax.random.key(4), (6, 4))
+  tx = go.hyperball_step(rate, retraction=retraction)
+  updates, _ = tx.update(jax.random.normal(jax.random.key(5), w.shape), tx.init(w), w)
+  np.testing.assert_allclose(jnp.linalg.norm(w + updates), jnp.linalg.norm(w), rtol=1e-6)
+
+
+def _real_and_imaginary(shape):
+  real = jax.random.normal(jax.random.key(6), shape)
+  return (real + 1j * real[..., ::-1]).astype(jnp.complex64)
+
+
+@pytest.mark.parametrize(
+  'build',
+  [
+    go.project_to_tangent,
+    lambda: go.add_orthogonality_gradient(0.1),
+    go.exp_map_update,
+    lambda: go.grassmann_clip(0.1),
+    lambda: go.grassmann_sgd(0.1),
+    lambda: go.grassmann_adam(0.1),
+    lambda: go.hyperball_step(0.1),
+    lambda: go.hyperball_adam(0.1),
+    lambda: go.hyperball_muon(0.1),
+    go.scale_by_matrix_sign,
+  ],
+)
+def test_complex_gradients_are_refused_by_every_transform(build):
+  """The steps took the complex gradient into their norms and products and gave neither the step
+  of its real part nor an error."""
+  tx = build()
+  with pytest.raises(TypeError, match="leaf '<root>' has dtype complex64.*real floating-point"):
+    tx.update(_real_and_imaginary(KERNEL.shape), tx.init(KERNEL), KERNEL)
+
+
+@pytest.mark.parametrize(
+  ('value', 'error', 'message'),
+  [
+    (jnp.nan, ValueError, 'returned nan, not a learning rate'),
+    (jnp.inf, ValueError, 'returned inf'),
+    (1e39, ValueError, r'returned 1e\+39, .* in float32'),
+    (0.1 + 0.1j, TypeError, 'returned'),
+    ('0.1', TypeError, 'returned'),
+    (None, TypeError, 'returned'),
+    (True, TypeError, 'returned'),
+  ],
+)
+@pytest.mark.parametrize('name', ['grassmann_sgd', 'grassmann_adam', 'hyperball_step'])
+def test_a_schedule_value_is_checked_as_a_constant_rate_is(name, value, error, message):
+  tx = getattr(go, name)(lambda count: value)
+  with pytest.raises(error, match=f'{name}: the learning_rate schedule {message}'):
+    tx.update(jnp.ones_like(KERNEL), tx.init(KERNEL), KERNEL)
+
+
+@pytest.mark.parametrize('name', ['grassmann_sgd', 'hyperball_step'])
+def test_a_traced_schedule_value_is_checked_for_its_type(name):
+  tx = getattr(go, name)(lambda count: (count + 1) * (0.1 + 0.1j))
+  with pytest.raises(TypeError, match='schedule returned a value of dtype complex64'):
+    jax.jit(tx.update)(jnp.ones_like(KERNEL), tx.init(KERNEL), KERNEL)
+
+
+@pytest.mark.parametrize(
+  'build',
+  [
+    lambda schedule: go.sgdg(schedule, 0.1, param_labels={'w': 'grassmann', 'b': 'euclidean'}),
+    lambda schedule: go.adamh(schedule, 0.1, param_labels={'w': 'grassmann', 'b': 'euclidean'}),
+  ],
+  ids=['sgdg', 'adamh'],
+)
+def test_the_euclidean_schedule_is_checked_as_the_manifold_one(build):
+  """Optax broadcast a schedule value of shape (1,) over the Euclidean leaves."""
+  params = {'w': KERNEL, 'b': jnp.zeros(8)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  for schedule, error in (
+    (lambda c: jnp.full((1,), 0.1), TypeError),
+    (lambda c: jnp.nan, ValueError),
+  ):
+    tx = build(schedule)
+    with pytest.raises(error, match='learning_rate schedule returned'):
+      tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize('name', ['adamh', 'muonh'])
+def test_weight_decay_none_is_no_decay_in_the_hyperball_aliases(name):
+  params = {'mlp': {'kernel': jnp.ones((6, 4))}, 'embedding': jnp.ones((5, 4))}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates = {}
+  for weight_decay in (None, 0.0):
+    tx = getattr(go, name)(1e-3, 0.1, weight_decay=weight_decay)
+    updates[weight_decay], _ = tx.update(grads, tx.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, updates[None], updates[0.0])
+
+
+def test_a_weight_decay_mask_that_is_no_tree_of_bools_is_refused():
+  with pytest.raises(TypeError, match="weight_decay_mask: expected a tree of bools.*'x'"):
+    go.euclidean_sgd(0.1, weight_decay_mask='x')
+  with pytest.raises(TypeError, match='weight_decay_mask'):
+    go.sgdg(0.1, 0.1, weight_decay_mask={'w': 1.0})
+  params = {'w': jnp.ones((2, 2)), 'b': jnp.ones(2)}
+  partial = go.euclidean_sgd(0.1, weight_decay=0.5, weight_decay_mask={'b': False})
+  with pytest.raises(ValueError, match='weight_decay_mask does not match the params'):
+    partial.init(params)
+  masked = go.euclidean_sgd(
+    0.1, momentum=0.0, weight_decay=0.5, weight_decay_mask={'w': True, 'b': False}
+  )
+  updates, _ = masked.update(jax.tree.map(jnp.zeros_like, params), masked.init(params), params)
+  assert float(updates['w'][0, 0]) == pytest.approx(-0.05) and float(updates['b'][0]) == 0
+
+
+@pytest.mark.parametrize('shape', [(0, 5), (5, 0), (2, 0, 3), (0, 3, 4)])
+@pytest.mark.parametrize('build', [lambda: go.grassmann_clip(0.1), go.scale_by_matrix_sign])
+def test_leaves_without_elements_pass_the_clip_and_the_matrix_sign(build, shape):
+  tx = build()
+  empty = jnp.zeros(shape)
+  updates, _ = tx.update(empty, tx.init(empty), empty)
+  assert updates.shape == shape
+
+
+def test_label_arguments_of_the_wrong_type_are_refused():
+  params = {'w': KERNEL}
+  with pytest.raises(TypeError, match='predicate=True: expected a callable'):
+    go.grassmann_labels(params, predicate=True)
+  with pytest.raises(TypeError, match="head='no': expected True or False"):
+    go.transformer_labels(params, head='no')
+  loss = lambda p, x: jnp.sum(x @ p['w'].reshape(-1, 8))
+  for argument in ({'draws': 2.5}, {'draws': '2'}, {'seed': 'a'}):
+    with pytest.raises(TypeError, match=f'find_scale_invariant: {next(iter(argument))}='):
+      go.find_scale_invariant(loss, params, jnp.ones((2, 36)), **argument)

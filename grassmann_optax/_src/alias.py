@@ -81,6 +81,7 @@ def euclidean_sgd(
   """
   if weight_decay_mask is None:
     weight_decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+  checks.check_mask(weight_decay_mask, 'weight_decay_mask')
   decay = (
     optax.identity()
     if weight_decay is None or (isinstance(weight_decay, (int, float)) and weight_decay == 0)
@@ -90,10 +91,31 @@ def euclidean_sgd(
   if momentum is not None:  # None: no momentum, as in optax.sgd
     checks.check_hyperparameters(momentum=momentum)
   checks.check_bool(nesterov=nesterov)
-  return _checked_against_init(
-    optax.chain(decay, optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)),
-    'euclidean_sgd',
+  sgd = optax.sgd(
+    checks.checked_schedule(learning_rate, 'euclidean_sgd'), momentum=momentum, nesterov=nesterov
   )
+  tx = _checked_against_init(optax.chain(decay, sgd), 'euclidean_sgd')
+  return tx if callable(weight_decay_mask) else _mask_checked_at_init(tx, weight_decay_mask)
+
+
+def _mask_checked_at_init(
+  tx: optax.GradientTransformationExtraArgs, mask: Any
+) -> optax.GradientTransformationExtraArgs:
+  """``tx``, whose ``init`` refuses a ``weight_decay_mask`` tree that is not a prefix of the
+  params (Optax's own error names neither the argument nor the leaf)."""
+
+  def init_fn(params):
+    try:
+      jax.tree.map(lambda *_: None, mask, params)
+    except ValueError as error:
+      raise ValueError(
+        'euclidean_sgd: weight_decay_mask does not match the params: it must be a tree of bools '
+        'with the structure of the params (or a prefix of it), or a callable params -> such a '
+        f'tree. {error}'
+      ) from None
+    return tx.init(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
 
 def grassmann_partition(

@@ -207,6 +207,7 @@ def check_update_trees(updates: Any, params: Any, buffers: Any, name: str) -> No
   """
   check_same_tree(updates, params, 'the updates', 'the params', name)
   check_same_tree(params, buffers, 'the params', 'the params given to init', name)
+  check_real_updates(updates, name)
 
 
 def check_radii(params: Any, radii: Any, layouts, name: str) -> None:
@@ -272,18 +273,55 @@ def _dtype(value) -> np.dtype:
 def scheduled(learning_rate, count, name: str):
   """``learning_rate`` at step ``count``: the value of a schedule, or the number itself.
 
+  A schedule's value is checked as a constant rate is (:func:`check_hyperparameters`) where it
+  is concrete (an eager ``update``); traced (under ``jit``), its type and shape are.
+
   Raises:
-    TypeError: the schedule returned an array with axes (a rate is one number for every point).
+    TypeError: the schedule returned an array with axes (a rate is one number for every point),
+      or something that is not a real number (a string, a bool, a complex number, ``None``).
+    ValueError: a concrete value that is NaN or infinite (in float32, where x64 is off).
   """
   if not callable(learning_rate):
     return learning_rate
   value = learning_rate(count)
+  returned = f'{name}: the learning_rate schedule returned'
   if np.shape(value) != ():
     raise TypeError(
-      f'{name}: the learning_rate schedule returned an array of shape {np.shape(value)}; a '
-      'learning rate is one number, the same for every point. Return a scalar.'
+      f'{returned} an array of shape {np.shape(value)}; a learning rate is one number, the same '
+      'for every point. Return a scalar.'
     )
+  if isinstance(value, jax.core.Tracer):
+    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+      raise TypeError(f'{returned} a value of dtype {value.dtype}; return a real number.')
+    return value
+  try:
+    check_hyperparameters(learning_rate=value)
+  except (TypeError, ValueError) as error:
+    raise type(error)(f'{returned} {_shown(value)}, not a learning rate: {error}') from None
   return value
+
+
+def checked_schedule(learning_rate, name: str):
+  """``learning_rate``, a schedule wrapped so that each of its values goes through
+  :func:`scheduled` (for the Optax transforms of the Euclidean leaves); a number as it is."""
+  if not callable(learning_rate):
+    return learning_rate
+  return lambda count: scheduled(learning_rate, count, name)
+
+
+def check_mask(mask: Any, name: str) -> None:
+  """A mask is a callable or a tree of bools (a string or a number would mask every leaf in)."""
+  if callable(mask):
+    return
+  for leaf in jax.tree.leaves(mask):
+    is_bool = isinstance(leaf, bool | np.bool_) or (
+      isinstance(leaf, np.ndarray | jax.Array) and leaf.dtype == bool and leaf.shape == ()
+    )
+    if not is_bool:
+      raise TypeError(
+        f'{name}: expected a tree of bools (True where the leaf gets decay) or a callable '
+        f'params -> such a tree; it has a leaf {leaf!r}.'
+      )
 
 
 def _concrete(value, name: str = 'value') -> float | None:
@@ -345,7 +383,8 @@ def check_hyperparameters(**values) -> None:
   means "none" (``grad_clip``, ``weight_decay``); a ``learning_rate`` may also be a schedule.
   Outside these ranges the optimizers would not compute SGD-G/Adam-G: a negative ``grad_clip``
   flips the clipped gradient, ``b1 = 1`` divides by zero in the bias correction, a NaN learning
-  rate makes every parameter NaN.
+  rate makes every parameter NaN. Unless x64 is enabled, the value rounded to float32 must be in
+  range too (:func:`_in_compute_dtype`).
 
   Raises:
     TypeError: a value that is not one real number (a string, a bool, an array with axes, or
@@ -365,7 +404,33 @@ def check_hyperparameters(**values) -> None:
     if number is None:
       continue
     if not valid(number):
-      raise ValueError(f'{name}={value!r} is out of range: it must be {description}.')
+      raise ValueError(f'{name}={_shown(value)} is out of range: it must be {description}.')
+    rounded = _in_compute_dtype(number)
+    if not valid(rounded):
+      raise ValueError(
+        f'{name}={_shown(value)} is out of range in float32, the dtype that JAX computes in '
+        f'without jax_enable_x64: it is {rounded!r} there, and it must be {description}.'
+      )
+
+
+def _shown(value) -> str:
+  """``value`` for a message: a 0-d array as its number and dtype (``optax.inject_hyperparams``
+  hands the hyper-parameters over as float32 arrays, rounded)."""
+  if isinstance(value, np.ndarray | jax.Array):
+    return f'{float(value)!r} (a {np.dtype(value.dtype).name} array)'
+  return repr(value)
+
+
+def _in_compute_dtype(number: float) -> float:
+  """``number`` as the steps compute with it: rounded to float32 unless x64 is enabled.
+
+  A hyper-parameter enters the maths as a weakly typed number, so in float32 where x64 is off:
+  ``b1 = 1 − 1e-9`` is 1 there (its bias correction divides by zero) and ``1e39`` is infinite.
+  """
+  if jax.config.jax_enable_x64:
+    return number
+  with np.errstate(over='ignore'):
+    return float(np.float32(number))
 
 
 def check_bool(**values) -> None:

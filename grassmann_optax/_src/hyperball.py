@@ -199,6 +199,7 @@ def _transform(
       checks.check_update_trees(updates, params, getattr(state, buffer_fields[0]), name)
     else:
       checks.check_same_tree(updates, params, 'the updates', 'the params', name)
+      checks.check_real_updates(updates, name)
     sphere.check_not_split(params, name)
     layouts = sphere.resolve(params, point_axes)
     checks.check_radii(params, state.radius, layouts, name)

@@ -51,8 +51,15 @@ def _adamw(learning_rate, b1, b2, eps, weight_decay):
   checks.check_hyperparameters(
     learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
   )
+  if weight_decay is None:  # none, as the check's message allows
+    weight_decay = 0.0
   return optax.adamw(
-    learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=transformer.decays
+    checks.checked_schedule(learning_rate, 'the AdamW leaves'),
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    weight_decay=weight_decay,
+    mask=transformer.decays,
   )
 
 

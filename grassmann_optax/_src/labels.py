@@ -79,6 +79,11 @@ def grassmann_labels(params: Any, *, predicate: Predicate | None = None) -> Any:
 
   {{references}}
   """
+  if predicate is not None and not callable(predicate):
+    raise TypeError(
+      f'grassmann_labels: predicate={predicate!r}: expected a callable (path, leaf) -> bool, '
+      'or None for the default rule.'
+    )
   rule = predicate or is_undercomplete_conv
   return jax.tree_util.tree_map_with_path(
     lambda path, leaf: GRASSMANN if rule(path, leaf) else EUCLIDEAN, params
@@ -259,6 +264,9 @@ def find_scale_invariant(
   """
   if groupings not in ('any', 'columns'):
     raise ValueError(f"groupings={groupings!r}: expected 'any' or 'columns'.")
+  for name, value in (('draws', draws), ('seed', seed)):
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+      raise TypeError(f'find_scale_invariant: {name}={value!r}: expected an integer.')
   if draws < 1:
     raise ValueError(f'draws={draws}: at least one gradient is needed.')
   checks.check_hyperparameters(tol=tol)

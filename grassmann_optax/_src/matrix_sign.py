@@ -87,10 +87,15 @@ def check_steps(ns_steps) -> None:
   """``ns_steps`` is an integer >= 0 (a concrete one: a traced one is not checked)."""
   if isinstance(ns_steps, jax.core.Tracer):
     return
-  if isinstance(ns_steps, bool) or not isinstance(ns_steps, int | np.integer | jax.Array):
-    raise ValueError(f'ns_steps={ns_steps!r}: expected an integer >= 0.')
-  if not jnp.issubdtype(jnp.asarray(ns_steps).dtype, jnp.integer) or int(ns_steps) < 0:
-    raise ValueError(f'ns_steps={ns_steps!r}: expected an integer >= 0.')
+  if (
+    isinstance(ns_steps, bool)
+    or not isinstance(ns_steps, int | np.integer | jax.Array)
+    or not jnp.issubdtype(jnp.asarray(ns_steps).dtype, jnp.integer)
+    or jnp.shape(ns_steps) != ()
+  ):
+    raise TypeError(f'ns_steps={ns_steps!r}: expected an integer >= 0 (5 in Muon).')
+  if int(ns_steps) < 0:
+    raise ValueError(f'ns_steps={ns_steps!r}: expected an integer >= 0 (5 in Muon).')
 
 
 def scale_by_matrix_sign(
@@ -158,7 +163,9 @@ def scale_by_matrix_sign(
     layouts = sphere.resolve(updates, point_axes)
     leaves, treedef = jax.tree.flatten(updates)
     out = [
-      matrix_sign(
+      u  # no elements: nothing to orthogonalise
+      if jnp.size(u) == 0
+      else matrix_sign(
         jnp.asarray(u, jnp.promote_types(u.dtype, jnp.float32)), layout, ns_steps, eps
       ).astype(u.dtype)
       for u, layout in zip(leaves, layouts, strict=True)

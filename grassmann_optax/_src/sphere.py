@@ -192,9 +192,15 @@ def normalize_step(ww, wu, uu, radius, lr) -> tuple[tuple[jax.Array, jax.Array],
   1e-10)``, ``‖y − s·u‖² = a²·w·w − 2as·w·u + s²·u·u`` and ``k = R/‖y − s·u‖`` (0 for a zero
   step), so ``W' = ka·w − ks·u``. A point whose products are not finite (a NaN in ``u``) gets NaN
   coefficients, as the published step divides by its NaN norm: its whole update is NaN.
+
+  Where the step is longer than the point (``s·‖u‖ > 1``: a rate ``η > 1``), ``a`` and ``s`` are
+  first divided by ``m = s·‖u‖``, which leaves ``W'`` as it is and keeps ``s²·u·u`` finite: at
+  ``η = 2e19`` it would overflow float32, and the point would go to the origin.
   """
   a = _inverse(manifold.safe_sqrt(ww))
   s = lr / jnp.maximum(manifold.safe_sqrt(uu), MIN_UPDATE_NORM)
+  m = jnp.maximum(jnp.abs(s) * manifold.safe_sqrt(uu), 1)
+  a, s = a / m, s / m
   step_sq = jnp.maximum(a * a * ww - 2 * a * s * wu + s * s * uu, 0)
   k = manifold.safe_divide(radius, manifold.safe_sqrt(step_sq))
   # safe_sqrt maps NaN to 0, and k would be 0: the point would move to the origin.

@@ -173,9 +173,11 @@ def geodesic_step(gram: Gram, moved: Combination, sigma, radius, *, own_directio
   n = moved.norm(gram)
   theta = jnp.abs(sigma) * n
   cos, sin = jnp.cos(theta), jnp.sin(theta)
-  inverse_t = 1 / (theta + manifold.UNIT_EPS)
-  r = theta * inverse_t
-  q = sigma * sin * inverse_t  # S / n
+  # |σ|/(θ + ε) without 1/(θ + ε), which is below the smallest float32 (and flushed to 0) for an
+  # angle above 8.5e37: the point would shrink to |cos θ|. σ = 0 gives 0.
+  inverse = 1 / (n + manifold.UNIT_EPS / jnp.abs(sigma))
+  r = n * inverse  # θ/(θ + ε)
+  q = jnp.sign(sigma) * sin * inverse  # S / n
   s_big = q * n  # S
   if own_direction:
     kappa, lam = r * cos, jnp.sign(sigma) * sin

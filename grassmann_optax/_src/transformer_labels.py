@@ -156,6 +156,7 @@ def transformer_labels(params: Any, *, head: bool = False) -> Any:
     Wen, Dang, Lyu, Ma, Liang, "Fantastic Pretraining Optimizers and Where to Find Them 2.1:
     Hyperball Optimization", 2025.
   """
+  checks.check_bool(head=head)
   return jax.tree_util.tree_map_with_path(lambda path, leaf: _classify(path, leaf, head), params)
 
 

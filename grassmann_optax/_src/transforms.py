@@ -55,6 +55,7 @@ def _checked_init(name: str, point_axes, mesh_axes=None, *, undercomplete: bool 
 def _require(updates, params, name: str) -> None:
   steps.require_params(params)
   checks.check_same_tree(updates, params, 'the updates', 'the params', name)
+  checks.check_real_updates(updates, name)
 
 
 def _layouts(tree, point_axes, mesh_axes, name: str) -> list[points.Layout]:
@@ -245,6 +246,8 @@ def grassmann_clip(
     del params, extra_args
 
     def clip(layout, h):
+      if h.size == 0:  # no points: nothing to clip
+        return h
       h32 = manifold.upcast(h)
       clipped = manifold.clip_by_column_norm(h32, max_norm, layout.point, layout.point_mesh)
       return clipped.astype(h.dtype)
