@@ -174,12 +174,25 @@ class Net(nnx.Module):
     return self.head(nnx.relu(self.norm(self.conv(x))).mean((1, 2)))
 
 
-def test_nnx_optimizer_with_labels_from_the_state_and_the_loss_as_value():
-  model = Net(nnx.Rngs(0))
+def _alias_with_boxed_labels(model):
   labels = go.grassmann_labels(
     nnx.state(model, nnx.Param), predicate=lambda path, leaf: leaf.ndim == 4
   )
-  optimizer = nnx.Optimizer(model, go.adamg(0.01, 0.05, param_labels=labels), wrt=nnx.Param)
+  return go.adamg(0.01, 0.05, param_labels=labels)
+
+
+def _readme_chain_with_callable_labels(model):
+  """A plain optax.partition matches labels by tree structure: the callable labels the raw
+  arrays that nnx.Optimizer hands it (docs/composition.md)."""
+  manifold = optax.chain(go.add_orthogonality_gradient(0.1), go.grassmann_adam(0.05, grad_clip=0.1))
+  euclidean = optax.sgd(0.01, 0.9, nesterov=True)
+  return optax.partition({'grassmann': manifold, 'euclidean': euclidean}, go.grassmann_labels)
+
+
+@pytest.mark.parametrize('build', [_alias_with_boxed_labels, _readme_chain_with_callable_labels])
+def test_nnx_optimizer_with_labels_from_the_state_and_the_loss_as_value(build):
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, build(model), wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(1), (16, 6, 6, 1))
   y = jnp.arange(16) % 3
 
