@@ -47,14 +47,14 @@ def _partition(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _adamw(learning_rate, b1, b2, eps, weight_decay):
+def _adamw(name, learning_rate, b1, b2, eps, weight_decay):
   checks.check_hyperparameters(
     learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
   )
   if weight_decay is None:  # none, as the check's message allows
     weight_decay = 0.0
   return optax.adamw(
-    checks.checked_schedule(learning_rate, 'the AdamW leaves'),
+    checks.checked_schedule(learning_rate, f'{name} (its AdamW leaves)'),
     b1=b1,
     b2=b2,
     eps=eps,
@@ -151,7 +151,7 @@ def adamh(
     retraction=retraction,
     point_axes=_point_axes(point_axes),
   )
-  euclidean = _adamw(learning_rate, b1, b2, eps, weight_decay)
+  euclidean = _adamw('adamh', learning_rate, b1, b2, eps, weight_decay)
   return _partition('adamh', sphere_step, euclidean, param_labels, point_axes)
 
 
@@ -234,5 +234,5 @@ def muonh(
     retraction=retraction,
     point_axes=_point_axes(point_axes),
   )
-  euclidean = _adamw(learning_rate, b1, b2, eps, weight_decay)
+  euclidean = _adamw('muonh', learning_rate, b1, b2, eps, weight_decay)
   return _partition('muonh', sphere_step, euclidean, param_labels, point_axes)
