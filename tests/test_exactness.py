@@ -464,3 +464,36 @@ def test_the_update_is_differentiable_at_a_zero_buffer_and_a_zero_gradient_colum
   value = jax.jit(moved)
   numeric = (value(w + delta * direction) - value(w - delta * direction)) / (2 * delta)
   np.testing.assert_allclose(jnp.sum(grad * direction), numeric, rtol=2e-2)
+
+
+@pytest.mark.parametrize('b2', [0.99, 0.999, 0.9999])
+@pytest.mark.parametrize('route', ['step', 'alias'])
+def test_the_adam_step_length_has_float32_precision_from_the_first_step(route, b2):
+  """(A7) in float32: ``1 − β2**t`` rounded β2 first (relative error 1.3e-5 at β2 = 0.999, t = 1)
+  and the step's angle carried it; the originals compute it in double precision. A tangent
+  gradient keeps the products well conditioned, so the angle is the bias correction's."""
+  rs = np.random.RandomState(7)
+  w = unit_columns(rs)
+  g = rs.randn(N, P)
+  g -= w * np.sum(w * g, axis=0)  # tangent: no cancellation in the products
+  lr, b1, eps = 0.5, 0.9, 1e-8
+  tx = (
+    go.grassmann_adam(lr, b1=b1, b2=b2, eps=eps, grad_clip=None)
+    if route == 'step'
+    else go.adamg(
+      0.01, lr, b1=b1, b2=b2, eps=eps, grad_clip=None, omega=0.0, param_labels={'w': 'grassmann'}
+    )
+  )
+  params = jnp.asarray(w, jnp.float32) if route == 'step' else {'w': jnp.asarray(w, jnp.float32)}
+  grads = jnp.asarray(g, jnp.float32) if route == 'step' else {'w': jnp.asarray(g, jnp.float32)}
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  moved = np.asarray(jax.tree.leaves(optax.apply_updates(params, updates))[0], np.float64)
+  w32 = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+  g32 = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
+  g32 -= w32 * np.sum(w32 * g32, axis=0)
+  # (A5)-(A8) at t = 1 in float64: m̃ = (1 − β1) h, ṽ = (1 − β2)‖h‖², θ = α₁η‖m̃‖/sqrt(ṽ + ε).
+  h = np.linalg.norm(g32, axis=0)
+  theta = np.sqrt(1 - b2) / (1 - b1) * lr * (1 - b1) * h / np.sqrt((1 - b2) * h**2 + eps)
+  along = np.sum(w32 * moved, axis=0)
+  across = np.linalg.norm(moved - w32 * along, axis=0)
+  np.testing.assert_allclose(np.arctan2(across, along), theta, rtol=1e-6)

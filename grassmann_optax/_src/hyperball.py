@@ -393,7 +393,8 @@ def hyperball_adam(
     return HyperballAdamState(count=count, mu=mu, nu=nu, radius=radius)
 
   def update(mu, nu, t):
-    return (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
+    c1, c2 = manifold.bias_correction(b1, t), manifold.bias_correction(b2, t)
+    return (mu / c1) / (jnp.sqrt(nu / c2) + eps)
 
   def adam(leaf, h, mu, nu):
     mu = b1 * mu + (1 - b1) * h

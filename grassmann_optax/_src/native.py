@@ -59,7 +59,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grassmann_optax._src import checks, points, sharding, tuning
+from grassmann_optax._src import checks, manifold, points, sharding, tuning
 
 ENV_SWITCH = 'GRASSMANN_OPTAX_CPU_KERNEL'
 # Read by the kernel when it is loaded: 'baseline' forces the portable loop instead of AVX2.
@@ -723,8 +723,10 @@ def adam_products(
   axes = tuple(point_axes)
   if not adam_kernel_applies(w, g, mu, nu, point_axes=axes, allow_kernel=allow_kernel):
     return None
+  t = jnp.asarray(t, jnp.float32)
+  corrections = (manifold.bias_correction(b1, t), manifold.bias_correction(b2, t))
   scalars = jnp.stack(
-    [jnp.asarray(x, jnp.float32) for x in (b1, 1 - b1, b2, 1 - b2, eps, 1 - b1**t, 1 - b2**t)]
+    [jnp.asarray(x, jnp.float32) for x in (b1, 1 - b1, b2, 1 - b2, eps, *corrections)]
   )
   batch_shape = _batch_shape(w.shape, axes)
   if tangent is None:

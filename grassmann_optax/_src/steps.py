@@ -798,7 +798,8 @@ def grassmann_adam(
     moved = moved_buffer(gram, basis, b1, 1 - b1, k)
     nu = b2 * own['nu'] + (1 - b2) * h_sq
     t = count.astype(nu.dtype)
-    sigma = lr * (jnp.sqrt(1 - b2**t) / (1 - b1**t)) / jnp.sqrt(nu + eps)
+    correction = jnp.sqrt(manifold.bias_correction(b2, t)) / manifold.bias_correction(b1, t)
+    sigma = lr * correction / jnp.sqrt(nu + eps)
     return geodesic_step(gram, moved, sigma, point_radius, own_direction=False), {'nu': nu}
 
   return _transform(
