@@ -497,3 +497,28 @@ def test_the_adam_step_length_has_float32_precision_from_the_first_step(route, b
   along = np.sum(w32 * moved, axis=0)
   across = np.linalg.norm(moved - w32 * along, axis=0)
   np.testing.assert_allclose(np.arctan2(across, along), theta, rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_a_moment_that_cancels_the_gradient_keeps_the_point_on_the_sphere(name):
+  """(F13) ``‖B‖`` from the products keeps κ² times fewer digits, κ = Σ|cᵢ|‖vᵢ‖/‖B‖: where the
+  new gradient cancels the moment to 1e-3 (κ ≈ 1000) it was off by a few percent, and so was
+  the new point's norm. Such points take their norm from ``B`` itself."""
+  rs = np.random.RandomState(11)
+  w = jnp.asarray(unit_columns(rs), jnp.float32)
+  first = jnp.asarray(rs.randn(N, P), jnp.float32)
+  first -= w * jnp.sum(w * first, axis=0)
+  # A tiny first step, then one of rate 20 whose gradient undoes 99.9% of the moment.
+  schedule = lambda count: jnp.where(count == 0, 1e-6, 20.0)
+  tx = step(name, schedule, grad_clip=None)
+  state = tx.init(w)
+  updates, state = tx.update(first, state, w)
+  w = optax.apply_updates(w, updates)
+  decay = 0.9
+  second = -(1 - 1e-3) * decay * first  # the moment is 0.9·first in both
+  second -= w * jnp.sum(w * second, axis=0)
+  updates, _ = tx.update(second, state, w)
+  moved = np.asarray(optax.apply_updates(w, updates), np.float64)
+  # B itself, formed in float32, keeps κ times fewer digits, as the originals' (2.5e-5 and 1e-3
+  # from the products; 3e-6 from B).
+  np.testing.assert_allclose(np.linalg.norm(moved, axis=0), 1, atol=1e-5)

@@ -21,6 +21,7 @@ per point (F10); a point whose gradient is not finite keeps its value and buffer
 taken (F13).
 """
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -49,6 +50,11 @@ _MIXED_BELOW = 0.5
 # about 8 times the tangent one, or more) is projected explicitly before its products are taken
 # (F13): ‖h‖² from the products, gᵀg − a²(wᵀg)²(2 − a²wᵀw), would lose digits to cancellation.
 _RADIAL_BELOW = 1 / 64
+
+# A moved buffer whose norm is below this fraction of the sum of its parts' lengths (a first
+# moment that nearly cancels the new gradient) has its norm taken from the arrays themselves: from
+# the products it would keep κ² times fewer digits, with κ the ratio (F13).
+_CANCELLED_BELOW = 1 / 8
 
 
 class Gram(NamedTuple):
@@ -156,7 +162,9 @@ def moved_buffer(gram: Gram, basis: Basis, decay, grad_weight, k) -> Combination
   )
 
 
-def geodesic_step(gram: Gram, moved: Combination, sigma, radius, *, own_direction: bool) -> Step:
+def geodesic_step(
+  gram: Gram, moved: Combination, sigma, radius, *, own_direction: bool, norm=None
+) -> Step:
   """(F6)-(F9), (F12) The step ``d = −σ·B`` along the geodesic, ``B`` = ``moved``, and the buffer
   ``B`` transported along it.
 
@@ -168,9 +176,10 @@ def geodesic_step(gram: Gram, moved: Combination, sigma, radius, *, own_directio
   about a right angle, where that would divide by ``κ ≈ 0``) the stored buffer is
   ``B + sign(S)·n·y``, from which both the update and, at the next step, the transported buffer
   follow with factors no larger than about 3. With ``radius`` ``R`` (per point, or None for 1)
-  the new point is stored as ``R·y'``.
+  the new point is stored as ``R·y'``. ``norm`` is ``n`` where the caller has it (from
+  :func:`_moved_norm`); else it is taken from the products.
   """
-  n = moved.norm(gram)
+  n = moved.norm(gram) if norm is None else norm
   theta = jnp.abs(sigma) * n
   cos, sin = jnp.cos(theta), jnp.sin(theta)
   # |σ|/(θ + ε) without 1/(θ + ε), which is below the smallest float32 (and flushed to 0) for an
@@ -368,7 +377,47 @@ def _write(gram: Gram, step: Step, parts: list[_Part]) -> tuple[list, list]:
   return updates, buffers
 
 
-PointStep = Callable[[Gram, dict[str, jax.Array]], tuple[Step, dict[str, jax.Array]]]
+def _moved_norm(gram: Gram, moved: Combination, parts: list[_Part]) -> jax.Array:
+  """``n = ‖B‖`` of every point of ``parts``, ``B = moved`` (F6), to the precision of ``B``.
+
+  From the products (:meth:`Combination.norm`) where ``B`` is not much shorter than its parts;
+  where some point of a part has ``‖B‖ < Σ|cᵢ|‖vᵢ‖/8`` (a first moment that nearly cancels the
+  new gradient), that part's norms are taken from ``B`` itself, formed from the arrays (a rare
+  branch: a second read of them, as (F13)'s).
+  """
+  n = moved.norm(gram)
+  lengths = (
+    jnp.abs(moved.x) * manifold.safe_sqrt(gram.xx)
+    + jnp.abs(moved.g) * manifold.safe_sqrt(gram.gg)
+    + jnp.abs(moved.w) * manifold.safe_sqrt(gram.ww)
+  )
+  cancelled = lengths * _CANCELLED_BELOW > n  # False where not finite: those points are held
+  # The coefficients divided by a power of two near the largest, as Combination.norm divides them.
+  peak = jnp.maximum(jnp.maximum(jnp.abs(moved.x), jnp.abs(moved.g)), jnp.abs(moved.w))
+  scale, inverse = manifold.power_of_two_near(jax.lax.stop_gradient(peak))
+  coefficients = jnp.stack(
+    [
+      moved.x * inverse,
+      moved.g * inverse * gram.inverse,  # on g: ĝ = g/scale − shift·w
+      (moved.w - moved.g * gram.shift) * inverse,
+      n,
+      cancelled.astype(n.dtype),
+    ]
+  )
+  norms = []
+  for part, c in zip(parts, _split(coefficients, parts, broadcast=True), strict=True):
+    on_x, on_g, on_w, previous, flags = c
+
+    def explicit(part=part, on_x=on_x, on_g=on_g, on_w=on_w):
+      b = on_x * part.x + on_g * part.g + on_w * part.w
+      return manifold.column_norm(b, part.layout.point, part.layout.point_mesh)
+
+    norms.append(jax.lax.cond(jnp.any(flags > 0), explicit, lambda previous=previous: previous))
+  unscaled = jnp.concatenate([x.reshape(-1) for x in norms])
+  return jnp.where(cancelled, scale * unscaled, n)
+
+
+PointStep = Callable[[Gram, dict[str, jax.Array], Callable], tuple[Step, dict[str, jax.Array]]]
 
 
 def _fused_step(
@@ -378,11 +427,12 @@ def _fused_step(
 
   ``per_point`` holds, per leaf, its per-point state: the values named ``names`` stacked on a
   leading axis (the :class:`Basis`, then the rule's own); ``radii`` the radius of every point per
-  leaf (batch-shaped) with ``radius='init'``, else None. ``point_step(gram, vectors)`` gets them
-  as vectors over the points (``radius`` among them where given) and returns the :class:`Step`
-  and the new values of ``names``, in that order. Points whose gradient is not finite keep their
-  state. Returns the updates, the new buffers (trees) and the new per-point state (a list over
-  the leaves, stacked as ``per_point``).
+  leaf (batch-shaped) with ``radius='init'``, else None. ``point_step(gram, vectors, norm_of)``
+  gets them as vectors over the points (``radius`` among them where given), and
+  ``norm_of(moved)`` gives the norm of a moved buffer (:func:`_moved_norm`); it returns the
+  :class:`Step` and the new values of ``names``, in that order. Points whose gradient is not
+  finite keep their state. Returns the updates, the new buffers (trees) and the new per-point
+  state (a list over the leaves, stacked as ``per_point``).
   """
   g_leaves, treedef = jax.tree.flatten(updates)
   x_leaves, w_leaves = (treedef.flatten_up_to(tree) for tree in (buffers, params))
@@ -406,7 +456,7 @@ def _fused_step(
     vectors = {name: table[index] for index, name in enumerate(names)}
     if radii is not None:
       vectors['radius'] = _flat([part.stack.pick(radii) for part in group_parts], gram.ww.dtype)
-    step, held = point_step(gram, vectors)
+    step, held = point_step(gram, vectors, functools.partial(_moved_norm, gram, parts=group_parts))
     part_updates, part_buffers = _write(gram, step, group_parts)
     finite = jnp.isfinite(gram.gg)
     for index, part in enumerate(group_parts):
@@ -589,7 +639,7 @@ def _transform(
   ``init_state(params, layouts, per_point, radii)`` builds the state; ``buffer_field`` names its
   buffer and ``own_fields`` its per-point values after the :class:`Basis` (Adam-G's ``nu``, which
   starts at 0), the rows of its ``per_point`` field in that order.
-  ``point_rule(gram, basis, own, radius, lr, count)`` returns the :class:`Step` and the new
+  ``point_rule(gram, basis, own, radius, lr, count, norm_of)`` returns the :class:`Step` and the new
   values of ``own`` (a dict of per-point vectors).
   """
   checks.check_hyperparameters(learning_rate=learning_rate)
@@ -615,10 +665,11 @@ def _transform(
     radii = treedef.flatten_up_to(state.radius) if isinstance(radius, str) else None
     scalar_radius = None if isinstance(radius, str) else radius
 
-    def point_step(gram, vectors):
+    def point_step(gram, vectors, norm_of):
       basis = Basis(*(vectors[f] for f in Basis._fields))
       own = {f: vectors[f] for f in own_fields}
-      step, own = point_rule(gram, basis, own, vectors.get('radius', scalar_radius), lr, count)
+      point_radius = vectors.get('radius', scalar_radius)
+      step, own = point_rule(gram, basis, own, point_radius, lr, count, norm_of)
       return step, {**step.basis._asdict(), **own}
 
     new_updates, new_buffers, per_point = _fused_step(
@@ -707,12 +758,13 @@ def grassmann_sgd(
       radius=radii,
     )
 
-  def point_rule(gram, basis, own, point_radius, lr, count):
+  def point_rule(gram, basis, own, point_radius, lr, count, norm_of):
     del count
     k, _ = clipped_gradient(gram, grad_clip)
     moved = moved_buffer(gram, basis, momentum, 1.0, k)
     sigma = jnp.asarray(lr, gram.ww.dtype)
-    return geodesic_step(gram, moved, sigma, point_radius, own_direction=True), own
+    step = geodesic_step(gram, moved, sigma, point_radius, own_direction=True, norm=norm_of(moved))
+    return step, own
 
   return _transform(
     'grassmann_sgd',
@@ -793,14 +845,15 @@ def grassmann_adam(
       radius=radii,
     )
 
-  def point_rule(gram, basis, own, point_radius, lr, count):
+  def point_rule(gram, basis, own, point_radius, lr, count, norm_of):
     k, h_sq = clipped_gradient(gram, grad_clip)
     moved = moved_buffer(gram, basis, b1, 1 - b1, k)
     nu = b2 * own['nu'] + (1 - b2) * h_sq
     t = count.astype(nu.dtype)
     correction = jnp.sqrt(manifold.bias_correction(b2, t)) / manifold.bias_correction(b1, t)
     sigma = lr * correction / jnp.sqrt(nu + eps)
-    return geodesic_step(gram, moved, sigma, point_radius, own_direction=False), {'nu': nu}
+    step = geodesic_step(gram, moved, sigma, point_radius, own_direction=False, norm=norm_of(moved))
+    return step, {'nu': nu}
 
   return _transform(
     'grassmann_adam',
