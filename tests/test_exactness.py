@@ -466,7 +466,7 @@ def test_the_update_is_differentiable_at_a_zero_buffer_and_a_zero_gradient_colum
   np.testing.assert_allclose(jnp.sum(grad * direction), numeric, rtol=2e-2)
 
 
-@pytest.mark.parametrize('b2', [0.99, 0.999, 0.9999])
+@pytest.mark.parametrize('b2', [0.99, 0.999, 0.9999, np.array(0.999)], ids=str)
 @pytest.mark.parametrize('route', ['step', 'alias'])
 def test_the_adam_step_length_has_float32_precision_from_the_first_step(route, b2):
   """(A7) in float32: ``1 − β2**t`` rounded β2 first (relative error 1.3e-5 at β2 = 0.999, t = 1)
@@ -522,3 +522,46 @@ def test_a_moment_that_cancels_the_gradient_keeps_the_point_on_the_sphere(name):
   # B itself, formed in float32, keeps κ times fewer digits, as the originals' (2.5e-5 and 1e-3
   # from the products; 3e-6 from B).
   np.testing.assert_allclose(np.linalg.norm(moved, axis=0), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_derivatives_at_a_learning_rate_of_zero_are_finite(name):
+  """A warm-up from 0: the step's coefficients once divided ε by |σ|, whose derivative at σ = 0
+  was 0·∞."""
+  rs = np.random.RandomState(12)
+  w = jnp.asarray(unit_columns(rs), jnp.float32)
+  g = jnp.asarray(rs.randn(N, P), jnp.float32)
+
+  def moved(lr, g):
+    tx = step(name, lr)
+    updates, _ = tx.update(g, tx.init(w), w)
+    return jnp.sum(jnp.sin(3 * optax.apply_updates(w, updates)))
+
+  by_rate, by_gradient = jax.jit(jax.grad(moved, argnums=(0, 1)))(jnp.float32(0.0), g)
+  assert bool(jnp.isfinite(by_rate)) and bool(jnp.all(jnp.isfinite(by_gradient)))
+
+
+def test_the_explicit_norm_is_read_for_cancelled_buffers_only(monkeypatch):
+  """An infinite gradient makes its point's lengths infinite; such a point is held, and must not
+  send its dtype group to the second read."""
+  from grassmann_optax._src import manifold
+
+  reads = []
+  real = manifold.column_norm
+
+  def counted(x, *args, **kwargs):
+    jax.debug.callback(lambda: reads.append(1))
+    return real(x, *args, **kwargs)
+
+  monkeypatch.setattr(manifold, 'column_norm', counted)
+  rs = np.random.RandomState(13)
+  w = jnp.asarray(unit_columns(rs), jnp.float32)
+  g = jnp.asarray(rs.randn(N, P), jnp.float32)
+  tx = go.grassmann_adam(0.1)
+  updates, state = tx.update(g, tx.init(w), w)
+  w = optax.apply_updates(w, updates)
+  for gradient, expected in ((g.at[0, 3].set(jnp.inf), 0), (-(1 - 1e-3) * 0.9 * g, 1)):
+    reads.clear()
+    jax.block_until_ready(tx.update(gradient, state, w))
+    jax.effects_barrier()
+    assert len(reads) == expected

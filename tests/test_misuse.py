@@ -736,6 +736,8 @@ def test_complex_gradients_are_refused_by_every_transform(build):
     ('0.1', TypeError, 'returned'),
     (None, TypeError, 'returned'),
     (True, TypeError, 'returned'),
+    (jnp.array(0.1 + 0.1j), TypeError, r'returned \(0.1\d*\+0.1\d*j\) \(a complex64 array\)'),
+    (np.array('x'), TypeError, "returned 'x'"),
   ],
 )
 @pytest.mark.parametrize('name', ['grassmann_sgd', 'grassmann_adam', 'hyperball_step'])
@@ -789,6 +791,7 @@ def test_a_weight_decay_mask_that_is_no_tree_of_bools_is_refused():
     go.euclidean_sgd(0.1, weight_decay_mask='x')
   with pytest.raises(TypeError, match='weight_decay_mask'):
     go.sgdg(0.1, 0.1, weight_decay_mask={'w': 1.0})
+  go.euclidean_sgd(0.1, weight_decay=None, weight_decay_mask='x')  # never read: not checked
   params = {'w': jnp.ones((2, 2)), 'b': jnp.ones(2)}
   partial = go.euclidean_sgd(0.1, weight_decay=0.5, weight_decay_mask={'b': False})
   with pytest.raises(ValueError, match='weight_decay_mask does not match the params'):

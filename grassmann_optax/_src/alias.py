@@ -81,11 +81,13 @@ def euclidean_sgd(
   """
   if weight_decay_mask is None:
     weight_decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
-  checks.check_mask(weight_decay_mask, 'weight_decay_mask')
+  decays = weight_decay is not None and not (
+    isinstance(weight_decay, (int, float)) and weight_decay == 0
+  )
+  if decays:  # a mask without decay is never read
+    checks.check_mask(weight_decay_mask, 'weight_decay_mask')
   decay = (
-    optax.identity()
-    if weight_decay is None or (isinstance(weight_decay, (int, float)) and weight_decay == 0)
-    else optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
+    optax.add_decayed_weights(weight_decay, mask=weight_decay_mask) if decays else optax.identity()
   )
   checks.check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
   if momentum is not None:  # None: no momentum, as in optax.sgd
@@ -95,7 +97,9 @@ def euclidean_sgd(
     checks.checked_schedule(learning_rate, 'euclidean_sgd'), momentum=momentum, nesterov=nesterov
   )
   tx = _checked_against_init(optax.chain(decay, sgd), 'euclidean_sgd')
-  return tx if callable(weight_decay_mask) else _mask_checked_at_init(tx, weight_decay_mask)
+  if not decays or callable(weight_decay_mask):
+    return tx
+  return _mask_checked_at_init(tx, weight_decay_mask)
 
 
 def _mask_checked_at_init(

@@ -348,7 +348,7 @@ def _concrete(value, name: str = 'value') -> float | None:
       'every point.'
     )
   if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-    raise TypeError(f'{name}={value!r}: expected a real number, got dtype {dtype}.')
+    raise TypeError(f'{name}={_shown(value)}: expected a real number, got dtype {dtype}.')
   return float(value)
 
 
@@ -416,8 +416,8 @@ def check_hyperparameters(**values) -> None:
 def _shown(value) -> str:
   """``value`` for a message: a 0-d array as its number and dtype (``optax.inject_hyperparams``
   hands the hyper-parameters over as float32 arrays, rounded)."""
-  if isinstance(value, np.ndarray | jax.Array):
-    return f'{float(value)!r} (a {np.dtype(value.dtype).name} array)'
+  if isinstance(value, np.ndarray | jax.Array) and np.shape(value) == ():
+    return f'{value.item()!r} (a {np.dtype(value.dtype).name} array)'
   return repr(value)
 
 

@@ -103,21 +103,25 @@ def clip_coefficient(norm: jax.Array, max_norm, scale=1) -> jax.Array:
 def bias_correction(decay, t: jax.Array) -> jax.Array:
   """(A7), (F14) ``1 − β^t`` for the step count ``t`` (a float array, t ≥ 1), to the precision of
   ``t``'s dtype: ``−expm1(t·log β)``, with ``log β`` taken in double precision where ``β`` is a
-  Python or NumPy number (a traced ``β``, an array, gets ``log1p(−(1 − β))``, whose ``1 − β``
-  is exact for ``β ≥ 1/2``).
+  Python or NumPy number or a 0-d NumPy array; a JAX array (a traced ``β``) gets
+  ``log1p(−(1 − β))``, whose ``1 − β`` is exact for ``β ≥ 1/2``.
 
   ``1 − β**t`` in float32 rounds ``β`` before the subtraction: for ``β = 0.999`` its relative
   error at ``t = 1`` is 1.3e-5, and Adam-G's step length would carry it (the originals compute
   it in double precision). ``β = 0`` gives 1.
   """
-  if isinstance(decay, numbers.Real | np.generic):
+  if isinstance(decay, numbers.Real | np.generic) or (
+    isinstance(decay, np.ndarray) and decay.shape == ()
+  ):
     if float(decay) == 0:
       return jnp.ones_like(t)
     log_decay = jnp.asarray(math.log1p(-(1 - float(decay))), t.dtype)
   else:
     decay = jnp.asarray(decay, t.dtype)
-    log_decay = jnp.log1p(-(1 - decay))
-    return jnp.where(decay == 0, 1, -jnp.expm1(t * log_decay)).astype(t.dtype)
+    zero = decay == 0
+    # log1p(−1) = −∞ would make the derivative NaN through the unused branch of the where.
+    log_decay = jnp.log1p(-(1 - jnp.where(zero, 0.5, decay)))
+    return jnp.where(zero, 1, -jnp.expm1(t * log_decay)).astype(t.dtype)
   return -jnp.expm1(t * log_decay)
 
 

@@ -182,9 +182,10 @@ def geodesic_step(
   n = moved.norm(gram) if norm is None else norm
   theta = jnp.abs(sigma) * n
   cos, sin = jnp.cos(theta), jnp.sin(theta)
-  # |σ|/(θ + ε) without 1/(θ + ε), which is below the smallest float32 (and flushed to 0) for an
-  # angle above 8.5e37: the point would shrink to |cos θ|. σ = 0 gives 0.
-  inverse = 1 / (n + manifold.UNIT_EPS / jnp.abs(sigma))
+  # |σ|/(θ + ε), not |σ|·(1/(θ + ε)): 1/(θ + ε) is below the smallest float32 (and flushed to 0)
+  # for an angle above 8.5e37, and the point would shrink to |cos θ|. σ = 0 gives 0, and a
+  # derivative of 0 (ε/|σ| would give 0·∞ in it).
+  inverse = jnp.abs(sigma) / (theta + manifold.UNIT_EPS)
   r = n * inverse  # θ/(θ + ε)
   q = jnp.sign(sigma) * sin * inverse  # S / n
   s_big = q * n  # S
@@ -394,7 +395,9 @@ def _moved_norm(gram: Gram, moved: Combination, parts: list[_Part]) -> jax.Array
     + jnp.abs(moved.g) * manifold.safe_sqrt(gram.gg)
     + jnp.abs(moved.w) * manifold.safe_sqrt(gram.ww)
   )
-  cancelled = lengths * _CANCELLED_BELOW > n  # False where not finite: those points are held
+  # Not where the gradient is not finite (an infinite one gives an infinite length): those points
+  # are held.
+  cancelled = jnp.isfinite(gram.gg) & (lengths * _CANCELLED_BELOW > n)
   # The coefficients divided by a power of two near the largest, as Combination.norm divides them.
   peak = jnp.maximum(jnp.maximum(jnp.abs(moved.x), jnp.abs(moved.g)), jnp.abs(moved.w))
   scale, inverse = manifold.power_of_two_near(jax.lax.stop_gradient(peak))
