@@ -291,7 +291,7 @@ def scheduled(learning_rate, count, name: str):
       'for every point. Return a scalar.'
     )
   if isinstance(value, jax.core.Tracer):
-    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+    if not _is_real(value.dtype):
       raise TypeError(f'{returned} a value of dtype {value.dtype}; return a real number.')
     return value
   try:
@@ -324,6 +324,11 @@ def check_mask(mask: Any, name: str) -> None:
       )
 
 
+def _is_real(dtype) -> bool:
+  """A dtype whose values are real numbers: floating-point or integer (not bool or complex)."""
+  return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+
+
 def _concrete(value, name: str = 'value') -> float | None:
   """``value`` as a Python float if it is a concrete real number; ``None`` if it is traced.
 
@@ -347,7 +352,7 @@ def _concrete(value, name: str = 'value') -> float | None:
       f'{name} is an array of shape {shape}: expected one real number (a scalar), the same for '
       'every point.'
     )
-  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+  if not _is_real(dtype):
     raise TypeError(f'{name}={_shown(value)}: expected a real number, got dtype {dtype}.')
   return float(value)
 

@@ -94,16 +94,18 @@ class Combination(NamedTuple):
   def dot_w(self, gram: Gram) -> jax.Array:
     return self.x * gram.wx + self.g * gram.wg + self.w * gram.ww
 
-  def norm(self, gram: Gram) -> jax.Array:
-    """Its norm, from the Gram matrix of ``(x, ĝ, w)``.
-
-    The coefficients are divided by a power of two near the largest of them, and the norm
-    multiplied back (both exact): an unclipped gradient rescued by (F10) has a coefficient as
-    large as its scale, whose square would overflow (a NaN step for a finite gradient).
-    """
+  def rescaled(self) -> tuple[jax.Array, 'Combination']:
+    """``(s, c/s)``: the coefficients divided by a power of two ``s`` near the largest of them
+    (exact). An unclipped gradient rescued by (F10) has a coefficient as large as its scale,
+    whose square would overflow (a NaN step for a finite gradient)."""
     peak = jnp.maximum(jnp.maximum(jnp.abs(self.x), jnp.abs(self.g)), jnp.abs(self.w))
     scale, inverse = manifold.power_of_two_near(jax.lax.stop_gradient(peak))
-    x, g, w = self.x * inverse, self.g * inverse, self.w * inverse
+    return scale, Combination(self.x * inverse, self.g * inverse, self.w * inverse)
+
+  def gram_norm(self, gram: Gram) -> jax.Array:
+    """Its norm, from the Gram matrix of ``(x, ĝ, w)``; of :meth:`rescaled` coefficients, so that
+    their squares cannot overflow (the norm is then ``s`` times this)."""
+    x, g, w = self
     sq = (
       x**2 * gram.xx
       + g**2 * gram.gg
@@ -112,7 +114,7 @@ class Combination(NamedTuple):
       + 2 * x * w * gram.wx
       + 2 * g * w * gram.wg
     )
-    return scale * manifold.safe_sqrt(jnp.maximum(sq, 0))
+    return manifold.safe_sqrt(jnp.maximum(sq, 0))
 
 
 class Basis(NamedTuple):
@@ -163,7 +165,7 @@ def moved_buffer(gram: Gram, basis: Basis, decay, grad_weight, k) -> Combination
 
 
 def geodesic_step(
-  gram: Gram, moved: Combination, sigma, radius, *, own_direction: bool, norm=None
+  gram: Gram, moved: Combination, n: jax.Array, sigma, radius, *, own_direction: bool
 ) -> Step:
   """(F6)-(F9), (F12) The step ``d = −σ·B`` along the geodesic, ``B`` = ``moved``, and the buffer
   ``B`` transported along it.
@@ -176,10 +178,8 @@ def geodesic_step(
   about a right angle, where that would divide by ``κ ≈ 0``) the stored buffer is
   ``B + sign(S)·n·y``, from which both the update and, at the next step, the transported buffer
   follow with factors no larger than about 3. With ``radius`` ``R`` (per point, or None for 1)
-  the new point is stored as ``R·y'``. ``norm`` is ``n`` where the caller has it (from
-  :func:`_moved_norm`); else it is taken from the products.
+  the new point is stored as ``R·y'``. ``n`` comes from :func:`_moved_norm`.
   """
-  n = moved.norm(gram) if norm is None else norm
   theta = jnp.abs(sigma) * n
   cos, sin = jnp.cos(theta), jnp.sin(theta)
   # |σ|/(θ + ε), not |σ|·(1/(θ + ε)): 1/(θ + ε) is below the smallest float32 (and flushed to 0)
@@ -381,7 +381,7 @@ def _write(gram: Gram, step: Step, parts: list[_Part]) -> tuple[list, list]:
 def _moved_norm(gram: Gram, moved: Combination, parts: list[_Part]) -> jax.Array:
   """``n = ‖B‖`` of every point of ``parts``, ``B = moved`` (F6), to the precision of ``B``.
 
-  From the products (:meth:`Combination.norm`) where ``B`` is not much shorter than its parts;
+  From the products (:meth:`Combination.gram_norm`) where ``B`` is not much shorter than its parts;
   where some point has ``‖B‖ < Σ|cᵢ|‖vᵢ‖/8`` (a first moment that nearly cancels the new
   gradient), the norms of such points are taken from ``B`` itself, formed from the arrays (a
   rare branch: a second read of the group's arrays, as (F13)'s of a part's). One ``lax.cond``
@@ -389,34 +389,27 @@ def _moved_norm(gram: Gram, moved: Combination, parts: list[_Part]) -> jax.Array
   reduction), and one cond compiles in about two thirds of the time (WRN-28-10: 1.7 s more
   than without the branch, against 2.4 s).
   """
-  n = moved.norm(gram)
+  scale, c = moved.rescaled()
+  n = c.gram_norm(gram)  # ‖B‖/scale
   lengths = (
-    jnp.abs(moved.x) * manifold.safe_sqrt(gram.xx)
-    + jnp.abs(moved.g) * manifold.safe_sqrt(gram.gg)
-    + jnp.abs(moved.w) * manifold.safe_sqrt(gram.ww)
+    jnp.abs(c.x) * manifold.safe_sqrt(gram.xx)
+    + jnp.abs(c.g) * manifold.safe_sqrt(gram.gg)
+    + jnp.abs(c.w) * manifold.safe_sqrt(gram.ww)
   )
   # Not where the gradient is not finite (an infinite one gives an infinite length): those points
   # are held.
   cancelled = jnp.isfinite(gram.gg) & (lengths * _CANCELLED_BELOW > n)
-  # The coefficients divided by a power of two near the largest, as Combination.norm divides them.
-  peak = jnp.maximum(jnp.maximum(jnp.abs(moved.x), jnp.abs(moved.g)), jnp.abs(moved.w))
-  scale, inverse = manifold.power_of_two_near(jax.lax.stop_gradient(peak))
-  coefficients = jnp.stack(
-    [
-      moved.x * inverse,
-      moved.g * inverse * gram.inverse,  # on g: ĝ = g/scale − shift·w
-      (moved.w - moved.g * gram.shift) * inverse,
-    ]
-  )
+  # On the stored g: ĝ = g/scale − shift·w.
+  coefficients = jnp.stack([c.x, c.g * gram.inverse, c.w - c.g * gram.shift])
 
   def explicit():
     norms = []
-    for part, c in zip(parts, _split(coefficients, parts, broadcast=True), strict=True):
-      b = c[0] * part.x + c[1] * part.g + c[2] * part.w
+    for part, on in zip(parts, _split(coefficients, parts, broadcast=True), strict=True):
+      b = on[0] * part.x + on[1] * part.g + on[2] * part.w
       norms.append(manifold.column_norm(b, part.layout.point, part.layout.point_mesh).reshape(-1))
-    return scale * jnp.concatenate(norms)
+    return jnp.concatenate(norms)
 
-  return jnp.where(cancelled, jax.lax.cond(jnp.any(cancelled), explicit, lambda: n), n)
+  return scale * jnp.where(cancelled, jax.lax.cond(jnp.any(cancelled), explicit, lambda: n), n)
 
 
 PointStep = Callable[[Gram, dict[str, jax.Array], Callable], tuple[Step, dict[str, jax.Array]]]
@@ -765,8 +758,8 @@ def grassmann_sgd(
     k, _ = clipped_gradient(gram, grad_clip)
     moved = moved_buffer(gram, basis, momentum, 1.0, k)
     sigma = jnp.asarray(lr, gram.ww.dtype)
-    step = geodesic_step(gram, moved, sigma, point_radius, own_direction=True, norm=norm_of(moved))
-    return step, own
+    n = norm_of(moved)
+    return geodesic_step(gram, moved, n, sigma, point_radius, own_direction=True), own
 
   return _transform(
     'grassmann_sgd',
@@ -854,8 +847,8 @@ def grassmann_adam(
     t = count.astype(nu.dtype)
     correction = jnp.sqrt(manifold.bias_correction(b2, t)) / manifold.bias_correction(b1, t)
     sigma = lr * correction / jnp.sqrt(nu + eps)
-    step = geodesic_step(gram, moved, sigma, point_radius, own_direction=False, norm=norm_of(moved))
-    return step, {'nu': nu}
+    n = norm_of(moved)
+    return geodesic_step(gram, moved, n, sigma, point_radius, own_direction=False), {'nu': nu}
 
   return _transform(
     'grassmann_adam',
