@@ -128,7 +128,8 @@ _integer('k', 'k of the top-k error')
 # Where things go.
 _string(
   'train_dir',
-  'log root: the run goes to <train_dir>/<data>_<arch>_<optimizer> and resumes from the '
+  'log root: the run goes to <train_dir>/<data>_<arch>_<optimizer> (-euclidean after sgdg or '
+  'adamg without --grassmann, -x<scale> after a VGG of another --width_scale) and resumes from the '
   'checkpoint there, if any (other settings are not in the name: use --train_path)',
 )
 _string('train_path', 'run directory, used as is (overrides --train_dir)')
