@@ -52,9 +52,12 @@ def test_the_documents_have_code_to_check():
 def test_python_blocks_run(block, tmp_path):
   document, _, code, run = block
   # Examples that write a run directory under /tmp write it in this test's own directory, and
-  # those that train for 10 steps train for 3: the suite compiles without LLVM's optimisations
+  # those that train for 10 steps train the training tests' tiny network for 3 (whose programs
+  # they then find in the compilation cache): the suite compiles without LLVM's optimisations
   # (conftest.py), where a step of the default model takes seconds.
-  code = code.replace("'/tmp/", f"'{tmp_path}/").replace('max_steps=10,', 'max_steps=3,')
+  code = code.replace("'/tmp/", f"'{tmp_path}/").replace(
+    'max_steps=10,', 'max_steps=3, widen_factor=1, batch_size=8, vali_batch_size=150,'
+  )
   compiled = compile(code, document, 'exec')
   if not run:
     return
