@@ -108,6 +108,7 @@ def test_second_process_on_a_busy_run_directory_refuses_and_touches_nothing(
   finally:
     holder.kill()
     holder.wait()
+    holder.stdout.close()
   # The lock died with its process: the next run proceeds.
   assert run_main([*SAVE_EVERY_STEP, '--max_steps=4', f'--train_path={run}']) == 0
   assert checkpoint_steps(run) == [2, 3, 4]

@@ -241,7 +241,7 @@ def restore_state(
   with _reading(manager, step, 'state'):
     # Whole arrays on this process's first device, whatever layout saved them (a run with its
     # state split over devices and processes, --parallel=fsdp, too); the program lays them out.
-    whole = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    whole = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     abstract = jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=whole), saved
     )
