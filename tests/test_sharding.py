@@ -96,6 +96,39 @@ def test_jit_over_a_sharded_leaf_all_reduces_a_gram_and_gathers_no_leaf(mesh, sp
   np.testing.assert_allclose(sharded['w'], expected['w'], atol=1e-6)
 
 
+@pytest.mark.parametrize('spec', [P('model', None), P(None, 'model')], ids=['rows', 'columns'])
+def test_without_jax_private_layout_decoder_the_sharded_update_is_still_right(
+  mesh, spec, monkeypatch
+):
+  """The sharding rule decodes an operand's layout with a private jax function; should a jax
+  release move it, the operand is taken whole and the update is the same."""
+  from jax._src import sharding_impls
+
+  calls = []
+
+  def moved(*args):
+    calls.append(args)
+    raise AttributeError('parse_flatten_op_sharding moved')
+
+  monkeypatch.setattr(sharding_impls, 'parse_flatten_op_sharding', moved)
+  # Compiled here, not found in the persistent compilation cache, so that the rule runs.
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    params, grads = params_and_grads(40, 20)
+    sharding = {'w': NamedSharding(mesh, spec), 'b': NamedSharding(mesh, P())}
+    params_s, grads_s = jax.device_put(params, sharding), jax.device_put(grads, sharding)
+    tx = go.sgdg(0.01, 0.2, omega=0.1, param_labels=LABELS)
+    sharded, _ = jax.jit(lambda p, s, g: tx.update(g, s, p))(
+      params_s, jax.jit(tx.init)(params_s), grads_s
+    )
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cached)
+  assert calls, 'the sharding rule did not run'
+  expected, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(sharded['w'], expected['w'], atol=1e-6)
+
+
 @pytest.mark.parametrize(
   'spec', [P(None, None, 'model', None), P(None, None, None, 'model')], ids=['rows', 'columns']
 )

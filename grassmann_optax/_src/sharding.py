@@ -282,17 +282,20 @@ def operand_spec(mesh, shape) -> tuple:
   flattened beside those of a leaf split four ways), which no PartitionSpec can say, and jax's
   decoding of such a result raised before the partitioner ran. Here an operand is decoded as
   jax decodes it; one that cannot be is taken whole (XLA gathers it), and each result takes the
-  layout that follows from the operands, whatever XLA had proposed for it.
+  layout that follows from the operands, whatever XLA had proposed for it. The decoding is jax's
+  private function: should a later jax move or change it, operands are taken whole (the same
+  results, with a gather) instead of failing.
   """
-  from jax._src.sharding_impls import parse_flatten_op_sharding
-
   sharding = shape.sharding
   if isinstance(sharding, NamedSharding):
     spec = tuple(sharding.spec)
   else:
     try:
+      from jax._src.sharding_impls import parse_flatten_op_sharding
+
       spec = tuple(parse_flatten_op_sharding(sharding._hlo_sharding, mesh)[0])
-    except ValueError:  # jax's IndivisibleError is a ValueError
+    except (ImportError, AttributeError, TypeError, ValueError):
+      # ValueError: jax's IndivisibleError; the others: a jax without this private API.
       spec = ()
   return spec + (None,) * (len(shape.shape) - len(spec))
 
