@@ -600,6 +600,13 @@ def test_transformer_labels_refuse_what_they_cannot_classify(params, match):
     go.transformer_labels(params)
 
 
+def test_an_integer_head_kernel_is_refused_when_the_head_goes_on_the_hyperball():
+  params = {'lm_head': {'kernel': jnp.ones((4, 8), jnp.int32)}}
+  assert go.transformer_labels(params) == {'lm_head': {'kernel': 'euclidean'}}
+  with pytest.raises(ValueError, match=r"'lm_head/kernel' has dtype int32"):
+    go.transformer_labels(params, head=True)
+
+
 @pytest.mark.parametrize(
   'params, match',
   [

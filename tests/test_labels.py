@@ -239,10 +239,17 @@ def test_label_tree_that_does_not_match_the_params():
     go.adamg(0.1, 0.1, param_labels=extra).init(PARAMS)
 
 
-def test_unknown_label():
+def test_unknown_label_and_unfit_leaf_name_the_optimizer_and_the_leaf():
   labels = {'conv': {'kernel': 'grassman'}, 'head': {'bias': 'euclidean'}}
-  with pytest.raises(ValueError, match=r"Unknown label 'grassman' for the leaf 'conv/kernel'"):
+  with pytest.raises(
+    ValueError, match=r"^sgdg: unknown label 'grassman' for the leaf 'conv/kernel'"
+  ):
     go.sgdg(0.1, 0.1, param_labels=labels).init(PARAMS)
+  one_row = {'w': jnp.ones((1, 4))}
+  with pytest.raises(ValueError, match=r"^adamg: the grassmann leaf 'w' of shape \(1, 4\)"):
+    go.adamg(0.1, 0.1, param_labels={'w': 'grassmann'}).init(one_row)
+  with pytest.raises(ValueError, match=r"^orthogonality_penalty: the grassmann leaf 'w'"):
+    go.orthogonality_penalty(one_row, {'w': 'grassmann'}, 0.1)
 
 
 def test_grassmann_leaf_with_fewer_than_two_rows():

@@ -81,15 +81,13 @@ def euclidean_sgd(
   """
   if weight_decay_mask is None:
     weight_decay_mask = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
-  decays = weight_decay is not None and not (
-    isinstance(weight_decay, (int, float)) and weight_decay == 0
-  )
+  checks.check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
+  decays = weight_decay is not None and not transforms.is_static_zero(weight_decay)
   if decays:  # a mask without decay is never read
     checks.check_mask(weight_decay_mask, 'weight_decay_mask')
   decay = (
     optax.add_decayed_weights(weight_decay, mask=weight_decay_mask) if decays else optax.identity()
   )
-  checks.check_hyperparameters(learning_rate=learning_rate, weight_decay=weight_decay)
   if momentum is not None:  # None: no momentum, as in optax.sgd
     checks.check_hyperparameters(momentum=momentum)
   checks.check_bool(nesterov=nesterov)
@@ -196,7 +194,7 @@ def _partition(
 
   def init_fn(params):
     labels = label_fn(params)
-    points.check_names(params, point_axes)
+    points.check_names(params, point_axes, name)
     labels_lib.check_labels(
       params,
       labels,
@@ -204,6 +202,7 @@ def _partition(
       mesh_axes=mesh_axes,
       require_undercomplete=require_undercomplete,
       undercomplete_hint=undercomplete_hint,
+      name=name,
     )
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)

@@ -48,11 +48,6 @@ _TOKEN = re.compile(r'^(?P<indent>[ \t]*)(?P<before>.*?)\{\{(?P<name>\w+)\}\}', 
 F = TypeVar('F', bound=Callable)
 
 
-def _indented(text: str, indent: str) -> str:
-  first, *rest = text.split('\n')
-  return '\n'.join([first, *(f'{indent}  {line}' if line else line for line in rest)])
-
-
 def fill(fn: F) -> F:
   """Replaces the ``{{name}}`` tokens of ``fn.__doc__`` by the shared text of that name."""
 
@@ -60,7 +55,7 @@ def fill(fn: F) -> F:
     indent, before = match['indent'], match['before']
     text = SHARED[match['name']]
     # An Args entry continues one level deeper than its first line; a block stays level.
-    body = _indented(text, indent) if before else _block(text, indent)
+    body = _block(text, indent + '  ' if before else indent)
     return f'{indent}{before}{body}'
 
   fn.__doc__ = _TOKEN.sub(replace, fn.__doc__ or '')
@@ -68,5 +63,6 @@ def fill(fn: F) -> F:
 
 
 def _block(text: str, indent: str) -> str:
+  """``text`` with every line after the first indented by ``indent``."""
   first, *rest = text.split('\n')
   return '\n'.join([first, *(f'{indent}{line}' if line else line for line in rest)])

@@ -31,7 +31,7 @@ def _partition(
 
   def init_fn(params):
     labels = label_fn(params)
-    points.check_names(params, point_axes)  # a key that names no leaf is a typo
+    points.check_names(params, point_axes, name)  # a key that names no leaf is a typo
     labels_lib.check_known(labels, name)
     if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
       message = _NO_HYPERBALL_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
@@ -179,8 +179,8 @@ def muonh(
     b \leftarrow \mu b + g, \quad u = \mathrm{NS}(\mu b + g), \qquad
     W \leftarrow R\,\mathrm{Norm}\Big(y - \eta_H \frac{u}{\max(\lVert u\rVert, 10^{-10})}\Big)
 
-  (``NS``: five Newton–Schulz iterations, :func:`scale_by_matrix_sign`) with
-  ``retraction='normalize'`` (the published MuonH), or along the great circle by
+  (``NS``: ``ns_steps`` Newton–Schulz iterations, five by default, :func:`scale_by_matrix_sign`)
+  with ``retraction='normalize'`` (the published MuonH), or along the great circle by
   ``arctan(η_H)`` with the momentum transported, with ``'geodesic'`` (:func:`hyperball_muon`).
   Every other leaf gets ``optax.adamw(learning_rate, b1, b2, eps, weight_decay)``, decay as in
   :func:`adamh`. It is :func:`adamh`'s partition with :func:`hyperball_muon` on the hyperball.

@@ -24,14 +24,6 @@ Predicate = Callable[[Any, Any], bool]
 ParamLabels = Any | Callable[[Any], Any]
 
 
-def _is_array_leaf(x) -> bool:
-  return hasattr(x, 'shape') and hasattr(x, 'dtype')
-
-
-def _flatten(tree):
-  return jax.tree_util.tree_flatten_with_path(tree)
-
-
 def is_undercomplete_conv(path, leaf) -> bool:
   """The paper's rule ((L1) of ``docs/algorithm.md``): a conv kernel with fan-in > outputs.
 
@@ -391,30 +383,35 @@ def check_labels(
   point_axes: points.PointAxes = None,
   mesh_axes: Any = None,
   undercomplete_hint: str = '',
+  name: str | None = None,
 ) -> None:
   """Raises a ValueError naming the leaf if a label is unknown or a manifold leaf is unfit.
 
   A manifold leaf must be real floating-point with points of at least 2 elements and, with
   ``require_undercomplete``, more elements per point than its groups have points (for the
-  columns of a kernel: fan-in > outputs).
+  columns of a kernel: fan-in > outputs). ``name``: the function the message starts with.
   """
-  check_known(labels)
+  check_known(labels, name)
+  prefix = f'{name}: the' if name else 'The'
   # The manifold leaves only, as optax.partition hands them to the step: point_axes need not
   # fit the other leaves (point_axes=1 and a bias).
   masked = manifold_leaves(params, labels)
   layouts = points.resolve(masked, point_axes, mesh_axes)
-  for (path, leaf), layout in zip(_flatten(masked)[0], layouts, strict=True):
-    name = checks.leaf_name(path)
+  for (path, leaf), layout in zip(
+    jax.tree_util.tree_leaves_with_path(masked), layouts, strict=True
+  ):
+    leaf_name = checks.leaf_name(path)
     shape = tuple(jnp.shape(leaf))
     problem = checks.manifold_leaf_problem(getattr(leaf, 'dtype', None), layout.point_size(shape))
     if problem:
       raise ValueError(
-        f'The grassmann leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
-        'Label it euclidean.'
+        f'{prefix} grassmann leaf {leaf_name!r} of shape {shape} cannot lie on G(1, n): it '
+        f'{problem}. Label it euclidean.'
       )
     undercomplete = checks.undercomplete_problem(shape, layout) if require_undercomplete else None
     if undercomplete:
       raise ValueError(
-        f'The grassmann leaf {name!r} of shape {shape} {undercomplete}, so the paper keeps such '
-        f'kernels Euclidean. Label it euclidean, or choose other point_axes.{undercomplete_hint}'
+        f'{prefix} grassmann leaf {leaf_name!r} of shape {shape} {undercomplete}, so the paper '
+        'keeps such kernels Euclidean. Label it euclidean, or choose other point_axes.'
+        f'{undercomplete_hint}'
       )

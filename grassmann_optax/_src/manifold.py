@@ -12,7 +12,7 @@ inner products of one pass over the stored point, the gradient and the buffer. N
 products reduce over the point axes with ``keepdims``, so no layout needs a reshape or a
 transpose.
 
-The labels (G1)-(G7) and (R2) are those of ``docs/algorithm.md``, the project's write-up of the
+The labels (G1)-(G5) and (R2) are those of ``docs/algorithm.md``, the project's write-up of the
 per-vector operations of Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017
 (arXiv:1709.09603), Eqs. 6-9, as the original implementations compute them.
 
@@ -272,16 +272,6 @@ def exp_map(w: jax.Array, d: jax.Array, axes=None, radius=None, mesh=()) -> jax.
   return on_w * w + on_d * d
 
 
-def transport(y: jax.Array, a: jax.Array, d: jax.Array, axes=None, mesh=()) -> jax.Array:
-  """(G7, paper Eq. 8) tangent ``a`` transported along the geodesic of ``d``.
-
-  ``pt_y(a; d) = a − (uᵀa) (y sin θ + u (1 − cos θ))``, ``u = d/(θ + ε)``, ``θ = ‖d‖``.
-  """
-  theta = column_norm(d, axes, mesh)
-  u = d / (theta + UNIT_EPS)
-  return a - column_dot(u, a, axes, mesh) * (y * jnp.sin(theta) + u * (1 - jnp.cos(theta)))
-
-
 def group_matrices(x: jax.Array, axes=None) -> tuple[jax.Array, callable]:
   """``x`` as a stack of matrices ``(groups, n, p)``: one column per point, one matrix per group.
 
@@ -319,8 +309,8 @@ def orthogonality_gradient(w: jax.Array, omega, axes=None, mesh=(), members=()) 
   y, _ = unit(w, axes, mesh)
   stack, back = group_matrices(y, axes)
   if members and mesh:
-    n, p = stack.shape[1] * _size(mesh), stack.shape[2] * _size(members)
-    if n * p / _size(mesh) + p * p <= n * p / _size(members) + n * n:
+    n, p = stack.shape[1] * sharding.axis_size(mesh), stack.shape[2] * sharding.axis_size(members)
+    if n * p / sharding.axis_size(mesh) + p * p <= n * p / sharding.axis_size(members) + n * n:
       full = jax.lax.all_gather(stack, members, axis=2, tiled=True)
       gram = sharding.psum(jnp.einsum('gnp,gnq->gpq', full, full), mesh)
       return back(2 * omega * (_local_columns(full, gram, members) - stack))
@@ -334,13 +324,9 @@ def orthogonality_gradient(w: jax.Array, omega, axes=None, mesh=(), members=()) 
   return back(2 * omega * (jnp.einsum('gnp,gpq->gnq', stack, gram) - stack))
 
 
-def _size(names: tuple[str, ...]) -> int:
-  return math.prod(jax.lax.axis_size(name) for name in names)
-
-
 def _local_columns(full, gram, members):
   """``Y G`` for this device's columns of ``full = Y`` (gathered along ``members``)."""
-  width = gram.shape[2] // _size(members)
+  width = gram.shape[2] // sharding.axis_size(members)
   start = jax.lax.axis_index(members) * width
   local = jax.lax.dynamic_slice_in_dim(gram, start, width, axis=2)
   return jnp.einsum('gnp,gpq->gnq', full, local)
@@ -348,7 +334,7 @@ def _local_columns(full, gram, members):
 
 def _local_rows(outer, full, mesh):
   """``H Y`` for this device's rows, ``H = Y Yᵀ`` of ``full = Y`` (gathered along ``mesh``)."""
-  height = outer.shape[1] // _size(mesh)
+  height = outer.shape[1] // sharding.axis_size(mesh)
   start = jax.lax.axis_index(mesh) * height
   local = jax.lax.dynamic_slice_in_dim(outer, start, height, axis=1)
   return jnp.einsum('gnm,gmp->gnp', local, full)

@@ -46,7 +46,6 @@ import contextlib
 import functools
 import importlib
 import itertools
-import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -88,7 +87,7 @@ class _Kernel(NamedTuple):
 
 
 def _switched_off() -> bool:
-  return os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'false', 'no', 'off')
+  return tuning.switched_off(ENV_SWITCH)
 
 
 def _release(version: str) -> tuple[int, int, int] | None:

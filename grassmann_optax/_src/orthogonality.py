@@ -21,9 +21,10 @@ def orthogonality_penalty(
 
   over the leaves labelled ``'grassmann'``, each viewed as ``W = w.reshape(-1, p)`` ((R1); the
   poster's "Regularization on G(1,n)"). Since the columns are unit, it penalises the squared
-  cosines between the weight vectors of different output units. Its gradient
-  ``2ω(WWᵀW − W)`` is what :func:`add_orthogonality_gradient` adds, so add this value to the loss
-  only if you leave that transform out (``omega=0`` in the aliases); otherwise log it.
+  cosines between the weight vectors of different output units. Its gradient is ``2ω(WWᵀW − W)``;
+  :func:`add_orthogonality_gradient` adds ``2ω(YYᵀY − Y)`` with ``Y = unit(W)`` ((R2)), the same
+  for unit columns. So add this value to the loss only if you leave that transform out
+  (``omega=0`` in the aliases); otherwise log it.
 
   Args:
     params: a parameter pytree.
@@ -45,7 +46,13 @@ def orthogonality_penalty(
   """
   labels = labels_lib.resolve_labels(params, labels)
   checks.check_hyperparameters(omega=omega)
-  labels_lib.check_labels(params, labels, require_undercomplete=False, point_axes=point_axes)
+  labels_lib.check_labels(
+    params,
+    labels,
+    require_undercomplete=False,
+    point_axes=point_axes,
+    name='orthogonality_penalty',
+  )
   # The manifold leaves only, as the aliases read them: point_axes need not fit the others
   # (point_axes=1 and a bias).
   masked = labels_lib.manifold_leaves(params, labels)

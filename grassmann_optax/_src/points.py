@@ -215,12 +215,16 @@ def resolve(tree: Any, point_axes: PointAxes, mesh_axes: Any = None) -> list[Lay
   ]
 
 
-def check_names(params: Any, point_axes: PointAxes) -> None:
-  """A pytree of specs must name only leaves of ``params`` (a typo would pass silently)."""
+def check_names(params: Any, point_axes: PointAxes, name: str | None = None) -> None:
+  """A pytree of specs must name only leaves of ``params`` (a typo would pass silently).
+
+  ``name``: the function the message starts with.
+  """
   point_axes = specs_for(params, point_axes)
   if is_spec(point_axes):
     return
   names = set(checks.unique_names(params, 'the params, matched to point_axes by name'))
   extra = sorted(set(_named_specs(point_axes)) - names)
   if extra:
-    raise ValueError(f'point_axes names {extra[0]!r}, which is not a leaf of the params.')
+    start = f'{name}: point_axes' if name else 'point_axes'
+    raise ValueError(f'{start} names {extra[0]!r}, which is not a leaf of the params.')

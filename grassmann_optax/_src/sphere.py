@@ -138,13 +138,9 @@ def initial_radius(tree: Any, layouts: list[points.Layout], name: str) -> Any:
   return jax.tree.unflatten(jax.tree.structure(tree), out)
 
 
-def dot(a: jax.Array, b: jax.Array, axes) -> jax.Array:
-  """Per-point inner product, 1 on the point axes."""
-  return jnp.sum(a * b, axis=axes, keepdims=True)
-
-
 def norm_of(x: jax.Array, axes) -> jax.Array:
-  return manifold.safe_sqrt(dot(x, x, axes))
+  """Per-point Euclidean norm, 1 on the point axes."""
+  return manifold.column_norm(x, axes)
 
 
 def products(w: jax.Array, u: jax.Array, m: jax.Array, axes, *, allow_kernel: bool = True):

@@ -91,9 +91,6 @@ class Combination(NamedTuple):
   g: jax.Array
   w: jax.Array
 
-  def dot_w(self, gram: Gram) -> jax.Array:
-    return self.x * gram.wx + self.g * gram.wg + self.w * gram.ww
-
   def rescaled(self) -> tuple[jax.Array, 'Combination']:
     """``(s, c/s)``: the coefficients divided by a power of two ``s`` near the largest of them
     (exact). An unclipped gradient rescued by (F10) has a coefficient as large as its scale,
@@ -416,7 +413,16 @@ PointStep = Callable[[Gram, dict[str, jax.Array], Callable], tuple[Step, dict[st
 
 
 def _fused_step(
-  updates, buffers, params, per_point: list, names, radii, *, point_axes, mesh_axes, point_step
+  updates,
+  buffers,
+  params,
+  per_point: list,
+  names,
+  radii,
+  *,
+  point_axes,
+  mesh_axes,
+  point_step: PointStep,
 ):
   """One step of every manifold leaf of ``updates``.
 
@@ -631,7 +637,7 @@ def _transform(
 ) -> optax.GradientTransformationExtraArgs:
   """The transformation of a fused step; what differs between SGD-G and Adam-G is passed in.
 
-  ``init_state(params, layouts, per_point, radii)`` builds the state; ``buffer_field`` names its
+  ``init_state(params, per_point, radii)`` builds the state; ``buffer_field`` names its
   buffer and ``own_fields`` its per-point values after the :class:`Basis` (Adam-G's ``nu``, which
   starts at 0), the rows of its ``per_point`` field in that order.
   ``point_rule(gram, basis, own, radius, lr, count, norm_of)`` returns the :class:`Step` and the new
@@ -645,12 +651,12 @@ def _transform(
     layouts = check_init(params, name, point_axes, mesh_axes)
     warn_if_wrapped(name)
     radii = initial_radius(params, layouts, name) if isinstance(radius, str) else None
-    return init_state(params, layouts, per_point_init(params, layouts, initial), radii)
+    return init_state(params, per_point_init(params, layouts, initial), radii)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     require_params(params)
-    checks.check_state(state, ('count', buffer_field), name)
+    checks.check_state(state, ('count', 'per_point', 'radius', buffer_field), name)
     buffers = getattr(state, buffer_field)
     checks.check_update_trees(updates, params, buffers, name)
     sharding.check_split(params, sharding.resolve(params, mesh_axes), name)
@@ -744,8 +750,7 @@ def grassmann_sgd(
   points.check_spec_tree(point_axes)
   sharding.check_spec_tree(mesh_axes)
 
-  def init_state(params, layouts, per_point, radii):
-    del layouts
+  def init_state(params, per_point, radii):
     return GrassmannSgdState(
       count=jnp.zeros([], jnp.int32),
       trace=jax.tree.map(jnp.zeros_like, params),
@@ -831,8 +836,7 @@ def grassmann_adam(
   points.check_spec_tree(point_axes)
   sharding.check_spec_tree(mesh_axes)
 
-  def init_state(params, layouts, per_point, radii):
-    del layouts
+  def init_state(params, per_point, radii):
     return GrassmannAdamState(
       count=jnp.zeros([], jnp.int32),
       mu=jax.tree.map(jnp.zeros_like, params),

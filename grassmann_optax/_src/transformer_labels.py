@@ -84,10 +84,11 @@ def _classify(path, leaf, head: bool) -> str:
   if ndim <= 1 or last in ('bias', 'scale'):
     return labels_lib.EUCLIDEAN
   if _is_head(parts):
-    return labels_lib.GRASSMANN if head and last == 'kernel' and ndim <= 3 else labels_lib.EUCLIDEAN
-  if _is_embedding(parts):
+    if not (head and last == 'kernel' and ndim <= 3):
+      return labels_lib.EUCLIDEAN
+  elif _is_embedding(parts):
     return labels_lib.EUCLIDEAN
-  if last != 'kernel':
+  elif last != 'kernel':
     raise ValueError(
       f'transformer_labels: cannot classify the leaf {name!r} of shape {tuple(leaf.shape)}: it is '
       "neither a 'kernel' nor an embedding, head, norm scale or bias by name. Pass param_labels "
@@ -178,7 +179,7 @@ def point_axes(params: Any) -> dict[str, tuple[int, int]] | None:
 
 
 def transformer_point_axes(params: Any) -> dict[str, tuple[int, int]]:
-  """The point axes of every leaf that :func:`adamh` and :func:`muonh` put on the hyperball.
+  """The point axes of the leaves of two axes or more, as :func:`adamh` and :func:`muonh` read them.
 
   With their default ``point_axes``, the Hyperball aliases read each matrix of two axes or more
   as its last two axes (one point per layer of a stacked kernel), and the ``DenseGeneral``

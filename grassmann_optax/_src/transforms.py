@@ -288,8 +288,8 @@ def exp_map_update(
 
   Args:
     point_axes: {{point_axes}}
-    mesh_axes: {{mesh_axes}}
     radius: {{radius}}
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` that needs ``params``.
@@ -391,7 +391,12 @@ def project_params(
   # Unknown labels, and manifold leaves that cannot hold points (integer, complex, points of
   # one element), are refused as the aliases' init refuses them.
   labels_lib.check_labels(
-    params, labels, require_undercomplete=False, point_axes=point_axes, mesh_axes=mesh_axes
+    params,
+    labels,
+    require_undercomplete=False,
+    point_axes=point_axes,
+    mesh_axes=mesh_axes,
+    name='project_params',
   )
   leaves, treedef = jax.tree.flatten(params)
   on = [label == labels_lib.GRASSMANN for label in treedef.flatten_up_to(labels)]

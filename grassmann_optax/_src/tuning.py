@@ -45,11 +45,16 @@ SMALL_LEAF = 1 << 16
 _off_here = threading.local()
 
 
+def switched_off(variable: str) -> bool:
+  """Whether the environment variable ``variable`` says off (``0``, ``false``, ``no``, ``off``)."""
+  return os.environ.get(variable, '1').strip().lower() in ('0', 'false', 'no', 'off')
+
+
 def enabled() -> bool:
   """Whether the tuning applies to what is traced now, in this thread."""
   if getattr(_off_here, 'value', False):
     return False
-  return os.environ.get(ENV_SWITCH, '1').strip().lower() not in ('0', 'false', 'no', 'off')
+  return not switched_off(ENV_SWITCH)
 
 
 @contextlib.contextmanager
