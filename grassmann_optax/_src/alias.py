@@ -187,13 +187,8 @@ def _partition(
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`grassmann_partition`; ``undercomplete_hint`` ends the message for a leaf whose
   points cannot be mutually orthogonal (what the aliases know of ``omega``)."""
-  label_fn = lambda params: labels_lib.resolve_labels(params, param_labels)
-  inner = optax.partition(
-    {labels_lib.GRASSMANN: grassmann, labels_lib.EUCLIDEAN: euclidean}, label_fn
-  )
 
-  def init_fn(params):
-    labels = label_fn(params)
+  def check_init(params, labels):
     points.check_names(params, point_axes, name)
     labels_lib.check_labels(
       params,
@@ -204,18 +199,15 @@ def _partition(
       undercomplete_hint=undercomplete_hint,
       name=name,
     )
-    if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
-      message = _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
-      checks.warn(message)
-    return inner.init(params)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    checks.check_state(state, ('inner_states',), name)
-    if params is not None:
-      checks.check_same_tree(updates, params, 'the updates', 'the params', name)
-    return inner.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return labels_lib.checked_partition(
+    name,
+    grassmann,
+    euclidean,
+    lambda params: labels_lib.resolve_labels(params, param_labels),
+    check_init,
+    _NO_MANIFOLD_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN),
+  )
 
 
 @docstrings.fill

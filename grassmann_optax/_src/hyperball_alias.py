@@ -1,6 +1,5 @@
 """AdamH and MuonH as complete optimizers: projection matrices on the hyperball, the rest AdamW."""
 
-import jax
 import optax
 from jax.typing import ArrayLike
 
@@ -24,27 +23,19 @@ def _partition(
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.partition`` of the hyperball leaves (``'grassmann'``) and the rest, checked."""
   rule = transformer.transformer_labels if param_labels is None else param_labels
-  label_fn = lambda params: labels_lib.resolve_labels(params, rule)
-  inner = optax.partition(
-    {labels_lib.GRASSMANN: sphere_step, labels_lib.EUCLIDEAN: euclidean}, label_fn
-  )
 
-  def init_fn(params):
-    labels = label_fn(params)
+  def check_init(params, labels):
     points.check_names(params, point_axes, name)  # a key that names no leaf is a typo
     labels_lib.check_known(labels, name)
-    if labels_lib.GRASSMANN not in jax.tree.leaves(labels):
-      message = _NO_HYPERBALL_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN)
-      checks.warn(message)
-    return inner.init(params)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    checks.check_state(state, ('inner_states',), name)
-    if params is not None:
-      checks.check_same_tree(updates, params, 'the updates', 'the params', name)
-    return inner.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return labels_lib.checked_partition(
+    name,
+    sphere_step,
+    euclidean,
+    lambda params: labels_lib.resolve_labels(params, rule),
+    check_init,
+    _NO_HYPERBALL_LEAF.format(name=name, grassmann=labels_lib.GRASSMANN),
+  )
 
 
 def _adamw(name, learning_rate, b1, b2, eps, weight_decay):

@@ -415,3 +415,35 @@ def check_labels(
         'keeps such kernels Euclidean. Label it euclidean, or choose other point_axes.'
         f'{undercomplete_hint}'
       )
+
+
+def checked_partition(
+  name: str,
+  grassmann: optax.GradientTransformation,
+  euclidean: optax.GradientTransformation,
+  label_fn: Callable[[Any], Any],
+  check_init: Callable[[Any, Any], None],
+  no_manifold_leaf: str,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.partition`` of the ``'grassmann'`` leaves and the rest, as the aliases check it.
+
+  ``init`` calls ``check_init(params, labels)`` and warns ``no_manifold_leaf`` where no leaf is
+  labelled ``'grassmann'``; ``update`` refuses another optimizer's state and updates that do not
+  fit the params, naming ``name``. Extra arguments (``value=``) reach both branches.
+  """
+  inner = optax.partition({GRASSMANN: grassmann, EUCLIDEAN: euclidean}, label_fn)
+
+  def init_fn(params):
+    labels = label_fn(params)
+    check_init(params, labels)
+    if GRASSMANN not in jax.tree.leaves(labels):
+      checks.warn(no_manifold_leaf)
+    return inner.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    checks.check_state(state, ('inner_states',), name)
+    if params is not None:
+      checks.check_same_tree(updates, params, 'the updates', 'the params', name)
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
