@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,32 +218,55 @@ def test_signal_saves_the_current_step_and_the_next_start_resumes_exactly(tmp_pa
   assert_trees_close(resumed, straight, rtol=0, atol=0)
 
 
-def test_sigint_outside_the_training_loop_ends_in_one_line(tmp_path, capsys, monkeypatch):
-  """Ctrl-C while the program imports and starts (or evaluates): exit 130 and one line, in a
-  process of its own and from Python."""
-  # The signal arrives while the program imports JAX, seconds before the training loop.
+def _program_interrupting_itself(setup: str, run: Path) -> subprocess.CompletedProcess:
+  """Runs ``python -m train`` on ``run`` after ``setup``, which sends the process a SIGINT."""
   code = (
-    'import builtins, os, runpy, signal, sys\n'
-    'real_import = builtins.__import__\n'
-    'def importing(name, *args, **kwargs):\n'
-    "  if name == 'jax':\n"
-    '    os.kill(os.getpid(), signal.SIGINT)\n'
-    '  return real_import(name, *args, **kwargs)\n'
-    'builtins.__import__ = importing\n'
+    f'import os, runpy, signal, sys\n{setup}'
     "sys.argv = ['train', *sys.argv[1:]]\n"
     "runpy.run_module('train', run_name='__main__', alter_sys=True)\n"
   )
-  process = subprocess.run(
-    [sys.executable, '-c', code, *TINY, f'--train_path={tmp_path / "run"}'],
+  return subprocess.run(
+    [sys.executable, '-c', code, *TINY, f'--train_path={run}'],
     cwd=REPOSITORY,
     capture_output=True,
     text=True,
     timeout=SUBPROCESS_TIMEOUT_S,
   )
-  assert process.returncode == 130, process.stderr
+
+
+def test_sigint_outside_the_training_loop_ends_in_one_line(tmp_path, capsys, monkeypatch):
+  """Ctrl-C while the program imports and starts (or evaluates): exit 130 and one line, in a
+  process of its own and from Python."""
   expected = 'stopped by SIGINT outside the training loop; nothing was saved'
+  # The signal arrives while the program imports JAX, seconds before the training loop.
+  process = _program_interrupting_itself(
+    'import builtins\n'
+    'real_import = builtins.__import__\n'
+    'def importing(name, *args, **kwargs):\n'
+    "  if name == 'jax':\n"
+    '    os.kill(os.getpid(), signal.SIGINT)\n'
+    '  return real_import(name, *args, **kwargs)\n'
+    'builtins.__import__ = importing\n',
+    tmp_path / 'run',
+  )
+  assert process.returncode == 130, process.stderr
   assert process.stderr.strip() == expected and not process.stdout
   assert not (tmp_path / 'run').exists()
+
+  # And while it restores and loads the data, after it took the run directory: no step is
+  # trained or saved (not the first step, trained and saved as if the signal came in the loop).
+  process = _program_interrupting_itself(
+    'from train import train\n'
+    'load = train._load_dataset\n'
+    'def loading(config):\n'
+    '  os.kill(os.getpid(), signal.SIGINT)\n'
+    '  return load(config)\n'
+    'train._load_dataset = loading\n',
+    tmp_path / 'started',
+  )
+  assert process.returncode == 130, process.stderr
+  assert process.stderr.strip() == expected and not process.stdout
+  assert checkpoint_steps(tmp_path / 'started') == []
 
   def interrupted(config):
     raise KeyboardInterrupt

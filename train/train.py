@@ -413,12 +413,12 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
   _check_omega(config, shapes, labels)
   run_dir = workdir.run_directory(config)
   lock = workdir.locked(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock, interrupts.deferred() as stop:
+  with lock:
     workdir.check_directory(os.path.join(run_dir, 'checkpoints'))
-    return _train(config, devices, run_dir, stop, model, labels)
+    return _train(config, devices, run_dir, model, labels)
 
 
-def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
+def _train(config, devices, run_dir, model, labels) -> dict[str, Any]:
   info = input_pipeline.DATASETS[config.data]
   input_shape = (1, *info.image_shape)
   learning_rate_fns = create_learning_rate_fns(config, info.num_train)
@@ -460,45 +460,48 @@ def _train(config, devices, run_dir, stop, model, labels) -> dict[str, Any]:
     pending = None
     started = time.perf_counter()
     with writer, progress:
-      for step in range(start_step, num_steps):
-        batch = input_pipeline.train_batch(train_ds, step, config.batch_size, config.seed)
-        state, metrics = parallel.train_step(state, *parallel.put_batch(*batch), rng)
-        done = step + 1
-        window.append(done, metrics)
-        progress.update()
-        report = done % config.report_freq == 0 or done == num_steps
-        test = done % config.vali_freq == 0 or done == num_steps
-        save = done % config.save_freq == 0 or done == num_steps
-        signum = _stop_signal(stop, report)
-        if not (report or test or save or signum or pending):
-          continue
-        found = window.first_non_finite()
-        if found is not None:
-          raise diverged(found[0], f'training loss={found[1]}')
-        if save or signum or pending:
-          host_state = _finite_host_state(parallel, state, done, diverged)
-        if pending:
-          checkpoints.save(manager, *pending)
-          pending = None
-        if report:
-          summary = _train_summary(window, step, state, learning_rate_fns, orthogonality)
-          writer.write(done, 'train', summary)
-          progress.set_postfix(
-            loss=f'{summary["loss"]:.4f}',
-            error=f'{summary["error"]:.4f}',
-            lr=f'{summary["learning_rate"]:.3g}',
-          )
-        if test:
-          test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
-          if not math.isfinite(test_metrics['loss']):
-            raise diverged(done, f'test loss={test_metrics["loss"]}')
-          writer.write(done, 'test', test_metrics)
-        if signum or done == num_steps:  # no next step to wait for; the test loss was finite
-          checkpoints.save(manager, done, host_state, _with_window(saved_config, window))
-        elif save:
-          pending = (done, host_state, _with_window(saved_config, window))
-        if signum:
-          raise interrupts.Interrupted(signum, done, checkpoints.directory(manager))
+      # SIGINT and SIGTERM stop at a step boundary, after saving it, only in the loop: before it
+      # (restoring, loading the data) and after it, SIGINT ends the program at once.
+      with interrupts.deferred() as stop:
+        for step in range(start_step, num_steps):
+          batch = input_pipeline.train_batch(train_ds, step, config.batch_size, config.seed)
+          state, metrics = parallel.train_step(state, *parallel.put_batch(*batch), rng)
+          done = step + 1
+          window.append(done, metrics)
+          progress.update()
+          report = done % config.report_freq == 0 or done == num_steps
+          test = done % config.vali_freq == 0 or done == num_steps
+          save = done % config.save_freq == 0 or done == num_steps
+          signum = _stop_signal(stop, report)
+          if not (report or test or save or signum or pending):
+            continue
+          found = window.first_non_finite()
+          if found is not None:
+            raise diverged(found[0], f'training loss={found[1]}')
+          if save or signum or pending:
+            host_state = _finite_host_state(parallel, state, done, diverged)
+          if pending:
+            checkpoints.save(manager, *pending)
+            pending = None
+          if report:
+            summary = _train_summary(window, step, state, learning_rate_fns, orthogonality)
+            writer.write(done, 'train', summary)
+            progress.set_postfix(
+              loss=f'{summary["loss"]:.4f}',
+              error=f'{summary["error"]:.4f}',
+              lr=f'{summary["learning_rate"]:.3g}',
+            )
+          if test:
+            test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
+            if not math.isfinite(test_metrics['loss']):
+              raise diverged(done, f'test loss={test_metrics["loss"]}')
+            writer.write(done, 'test', test_metrics)
+          if signum or done == num_steps:  # no next step to wait for; the test loss was finite
+            checkpoints.save(manager, done, host_state, _with_window(saved_config, window))
+          elif save:
+            pending = (done, host_state, _with_window(saved_config, window))
+          if signum:
+            raise interrupts.Interrupted(signum, done, checkpoints.directory(manager))
       elapsed = time.perf_counter() - started
       if test_metrics is None:  # nothing was left to train
         test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
