@@ -119,6 +119,12 @@ def test_the_divergence_advice_names_only_flags_that_can_help(flags, advice):
   assert message.startswith('training diverged at step 5 (training loss=nan); no checkpoint')
   assert ('--grad_clip' in message) == advice, message
   assert ('--learnRateG' in message) == (flags['optimizer'] != 'sgd'), message
+  # A run that started from --load starts from it again, not afresh.
+  loaded = str(
+    train_lib._diverged(config_lib.get_config(**flags, load='/runs/b'), Manager(), 5, '-')
+  )
+  assert '; the run started from --load=/runs/b; to start from it again, run again' in loaded
+  assert 'afresh' not in loaded and '--allow_changed=learnRate' in loaded
 
 
 def test_a_diverging_run_keeps_a_checkpoint_that_resumes(tmp_path, three_steps, four_steps, capsys):

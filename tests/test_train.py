@@ -695,6 +695,16 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, one_device_run,
   )
   assert code == 2 and 'this run is vgg11' in err, err
   assert directory_snapshot(one_device_run, exclude=['lock']) == before
+  # Evaluated: the advice is to leave the flags out, and only flags are named as flags.
+  code, _, err = run_main(['--task=test', f'--load={one_device_run}', '--depth=16'], capsys)
+  assert code == 2 and '(--depth=10 -> 16)' in err, err
+  assert err.strip().endswith(
+    'leave out the architecture flags: --task=test reads them from the checkpoint'
+  )
+  saved = config_lib.to_json(config_lib.get_config(), 10)
+  with pytest.raises(config_lib.ConfigError, match=r'\(--data=digits -> cifar100, ') as refused:
+    config_lib.check_architecture(saved, config_lib.get_config(data='cifar100'), 100)
+  assert 'num_classes' not in str(refused.value) and 'with 100 classes' in str(refused.value)
   # The new run directory holds its lock file and nothing else.
   assert os.listdir(tmp_path / 'new') == ['lock']
 

@@ -553,21 +553,27 @@ def _check_rates(config: Config) -> None:
       )
 
 
-def check_architecture(saved: dict[str, Any], config: Config, num_classes: int) -> None:
-  """Raises ConfigError naming each difference if ``saved`` settings describe another network."""
+def check_architecture(
+  saved: dict[str, Any],
+  config: Config,
+  num_classes: int,
+  advice: str = "give the checkpoint's values, or start a new run with --train_path",
+) -> None:
+  """Raises ConfigError naming each difference if ``saved`` settings describe another network.
+
+  ``advice`` ends the message: what to do instead.
+  """
   expected = {**architecture(config), 'num_classes': num_classes}
   found = {name: saved.get(name, 1.0 if name == 'width_scale' else None) for name in expected}
   if found != expected:
-    differ = ', '.join(
-      f'--{name}={found[name]} -> {expected[name]}'
-      for name in expected
-      if found[name] != expected[name]
-    )
+    names = [name for name in expected if found[name] != expected[name]]
+    if names != ['num_classes']:  # it follows from --data, named then; it is no flag
+      names = [name for name in names if name != 'num_classes']
+    differ = ', '.join(f'--{name}={found[name]} -> {expected[name]}' for name in names)
     raise ConfigError(
       f'checkpoint was written for {describe_architecture(saved)} with '
       f'{saved.get("num_classes")} classes; this run is {describe_architecture(expected)} with '
-      f'{num_classes} classes ({differ}); its state does not fit this network: give the '
-      "checkpoint's values, or start a new run with --train_path"
+      f'{num_classes} classes ({differ}); its state does not fit this network: {advice}'
     )
 
 

@@ -627,7 +627,14 @@ def _diverged(config: Config, manager, step: int, what: str) -> TrainingDiverged
   if config.optimizer == 'sgd':
     lower.pop('learnRateG')
   flags = ' '.join(f'--{name}={value:g}' for name, value in lower.items())
-  if newest is None:
+  allow = f'--allow_changed={",".join(lower)}'
+  if newest is None and config.load:
+    kept = (
+      f'no checkpoint was saved in {checkpoints.directory(manager)}; the run started from '
+      f'--load={config.load}'
+    )
+    advice = f'to start from it again, run again with lower learning rates, e.g. {flags} {allow}'
+  elif newest is None:
     kept = f'no checkpoint was saved in {checkpoints.directory(manager)}'
     advice = f'run again with lower learning rates (e.g. {flags}) to start afresh'
   else:
@@ -635,10 +642,7 @@ def _diverged(config: Config, manager, step: int, what: str) -> TrainingDiverged
       f'the newest checkpoint in {checkpoints.directory(manager)} is step {newest}, whose next '
       'step was still finite'
     )
-    advice = (
-      f'to continue from it, run again with lower learning rates, e.g. {flags} '
-      f'--allow_changed={",".join(lower)}'
-    )
+    advice = f'to continue from it, run again with lower learning rates, e.g. {flags} {allow}'
   if config.optimizer != 'sgd' and config.grad_clip is None:  # it clips the manifold's gradient
     advice += ' (or set --grad_clip)'
   return TrainingDivergedError(f'training diverged at step {step} ({what}); {kept}; {advice}')
@@ -740,7 +744,12 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
   }
   config = config_lib.get_config(**inherited, **given)
   info = input_pipeline.DATASETS[config.data]
-  config_lib.check_architecture(saved, config, info.num_classes)
+  config_lib.check_architecture(
+    saved,
+    config,
+    info.num_classes,
+    advice='leave out the architecture flags: --task=test reads them from the checkpoint',
+  )
   devices = parallel_lib.select_devices(config)
   _, test_ds, _ = _load_dataset(config)
   model = create_model(config, info.num_classes)
