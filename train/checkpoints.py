@@ -152,8 +152,7 @@ def save(
     kept = f'the newest checkpoint is still step {max(earlier)}' if earlier else 'none was saved'
     raise workdir.WriteError(
       f'cannot write checkpoint {step} in {directory(manager)} ({workdir.reason(error)}); '
-      f'{kept}. Fix the cause (free space, raise the file-size limit, make the folder writable) '
-      'and run the same command to resume'
+      f'{kept}. {workdir.FIX_THE_CAUSE} and run the same command to resume'
     ) from error
 
 

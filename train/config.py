@@ -577,16 +577,6 @@ def check_architecture(
     )
 
 
-def changed_settings(saved: dict[str, Any], config: Config) -> list[str]:
-  """``name: old -> new`` for each training setting that differs from the ``saved`` one."""
-  now = to_json(config, 0)
-  return [
-    f'{name}: {saved[name]} -> {now[name]}'
-    for name in TRAINING_FIELDS
-    if name in saved and saved[name] != now[name]
-  ]
-
-
 def check_resume(saved: dict[str, Any], config: Config) -> list[str]:
   """The changed training settings (``name: old -> new``) if ``--allow_changed`` names them all.
 

@@ -297,16 +297,6 @@ def train_batch(
   return _normalise(ds, images), ds.labels[indices]
 
 
-def train_batches(
-  ds: ArrayDataset, batch_size: int, seed: int, start_step: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless training batches from ``start_step`` on; resuming at step s repeats no sample."""
-  step = start_step
-  while True:
-    yield train_batch(ds, step, batch_size, seed)
-    step += 1
-
-
 def eval_batches(
   ds: ArrayDataset, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -25,7 +25,7 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.summary import scalar
 
 from train import parallel as parallel_lib
-from train.workdir import WriteError, reason, replace_whole
+from train.workdir import FIX_THE_CAUSE, WriteError, reason, replace_whole
 
 
 class TrainWindow:
@@ -189,6 +189,5 @@ def _writing(directory: str) -> Iterator[None]:
   except OSError as error:
     raise WriteError(
       f'cannot write the metrics in {directory} ({reason(error)}); no checkpoint was touched. '
-      'Fix the cause (free space, raise the file-size limit, make the folder writable) and run '
-      'the same command to resume'
+      f'{FIX_THE_CAUSE} and run the same command to resume'
     ) from error

@@ -293,10 +293,6 @@ def _fsdp_parallel(devices, train_step, eval_step) -> Parallel:
       )
     return compiled[key](state, images, labels, rng)
 
-  def compile_scalar(fn):
-    compiled_fn = jax.jit(fn, out_shardings=replicated)
-    return lambda tree: float(_any_copy(compiled_fn(tree)))
-
   return sharded._replace(
     put_state=put_state,
     # The variables arrive split like the state; the batch is split, the sums come back whole.
@@ -309,7 +305,6 @@ def _fsdp_parallel(devices, train_step, eval_step) -> Parallel:
     # it waits).
     get_state=_device_copy,
     train_step=None if train_step is None else step,
-    compile_scalar=compile_scalar,
   )
 
 

@@ -675,7 +675,7 @@ def _restore(
   if found is None:
     return state, None
   _, restored, saved = found
-  changes = config_lib.changed_settings(saved, config)
+  changes = config_lib.check_resume(saved, config)  # passed in restore: only lists them
   if changes:
     print(
       'note: continuing with changed settings (--allow_changed): ' + '; '.join(changes),

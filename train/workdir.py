@@ -35,6 +35,10 @@ class WriteError(RuntimeError):
   """A file of the run could not be written; the message names it, the reason and what is kept."""
 
 
+# What a write error asks of the user, before "and run the same command ...".
+FIX_THE_CAUSE = 'Fix the cause (free space, raise the file-size limit, make the folder writable)'
+
+
 def reason(error: BaseException) -> str:
   """What went wrong, in a few words: the operating system's reason where the error carries one
   (``No space left on device``; TensorStore, which writes Orbax's arrays, puts its code at the end
