@@ -254,14 +254,7 @@ def find_scale_invariant(
 
   {{references}}
   """
-  if groupings not in ('any', 'columns'):
-    raise ValueError(f"groupings={groupings!r}: expected 'any' or 'columns'.")
-  for name, value in (('draws', draws), ('seed', seed)):
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-      raise TypeError(f'find_scale_invariant: {name}={value!r}: expected an integer.')
-  if draws < 1:
-    raise ValueError(f'draws={draws}: at least one gradient is needed.')
-  checks.check_hyperparameters(tol=tol)
+  _check_search(groupings, draws, seed, tol)
   at = [params] + [_perturbed(params, seed + k) for k in range(draws - 1)]
   leaves, treedef = jax.tree.flatten(params)
   gradients = _float_gradients(loss_fn, args)
@@ -284,32 +277,52 @@ def find_scale_invariant(
           'params where it is finite.'
         )
 
-  def find(pairs):
-    w, g = pairs[0]
-    if g is None or w.ndim < 2 or not all(np.any(g != 0) for _, g in pairs):
-      return EUCLIDEAN, None
-    pairs = [(np.asarray(w, np.float64), g) for w, g in pairs]
-    w = pairs[0][0]
-    candidates = _candidate_layouts(w.ndim)[: 1 if groupings == 'columns' else None]
-    best = None
-    for axes in candidates:
-      layout = points.Layout.of(w.shape, axes)
-      if layout.point_size(w.shape) < 2:
-        continue
-      better = best is None or layout.num_points(w.shape) > best.num_points(w.shape)
-      if better and all(_invariant_points(w, g, layout, tol) for w, g in pairs):
-        best = layout
-    # The finest invariant grouping decides; a coarser one is not taken in its place.
-    if best is None or (undercomplete_only and checks.undercomplete_problem(w.shape, best)):
-      return EUCLIDEAN, None
-    default = best.point == tuple(range(w.ndim - 1))
-    return GRASSMANN, None if default else best.point
-
-  found = [find([draw[index] for draw in per_leaf]) for index in range(len(leaves))]
+  found = [
+    _finest_invariant_layout([draw[index] for draw in per_leaf], groupings, tol, undercomplete_only)
+    for index in range(len(leaves))
+  ]
   return ScaleInvariance(
     param_labels=treedef.unflatten([label for label, _ in found]),
     point_axes=treedef.unflatten([axes for _, axes in found]),
   )
+
+
+def _check_search(groupings: str, draws: int, seed: int, tol) -> None:
+  """The arguments of :func:`find_scale_invariant` other than the function and its inputs."""
+  if groupings not in ('any', 'columns'):
+    raise ValueError(f"find_scale_invariant: groupings={groupings!r}: expected 'any' or 'columns'.")
+  for name, value in (('draws', draws), ('seed', seed)):
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+      raise TypeError(f'find_scale_invariant: {name}={value!r}: expected an integer.')
+  if draws < 1:
+    raise ValueError(f'find_scale_invariant: draws={draws}: at least one gradient is needed.')
+  checks.check_hyperparameters(tol=tol)
+
+
+def _finest_invariant_layout(
+  pairs: list, groupings: str, tol, undercomplete_only: bool
+) -> tuple[str, tuple[int, ...] | None]:
+  """``(label, point_axes)`` of one leaf from its ``(w, g)`` at every draw: the grouping with the
+  most points in which every point is scale-invariant at every draw (``None``: the columns)."""
+  w, g = pairs[0]
+  if g is None or w.ndim < 2 or not all(np.any(g != 0) for _, g in pairs):
+    return EUCLIDEAN, None
+  pairs = [(np.asarray(w, np.float64), g) for w, g in pairs]
+  w = pairs[0][0]
+  candidates = _candidate_layouts(w.ndim)[: 1 if groupings == 'columns' else None]
+  best = None
+  for axes in candidates:
+    layout = points.Layout.of(w.shape, axes)
+    if layout.point_size(w.shape) < 2:
+      continue
+    better = best is None or layout.num_points(w.shape) > best.num_points(w.shape)
+    if better and all(_invariant_points(w, g, layout, tol) for w, g in pairs):
+      best = layout
+  # The finest invariant grouping decides; a coarser one is not taken in its place.
+  if best is None or (undercomplete_only and checks.undercomplete_problem(w.shape, best)):
+    return EUCLIDEAN, None
+  default = best.point == tuple(range(w.ndim - 1))
+  return GRASSMANN, None if default else best.point
 
 
 def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:

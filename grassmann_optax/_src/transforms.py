@@ -356,12 +356,12 @@ def project_params(
     param_labels: its labels (a tree or a callable ``params -> labels``, as the aliases take
       them); ``None`` for :func:`grassmann_labels`.
     point_axes: {{point_axes}}
-    mesh_axes: {{mesh_axes}}
     radius: ``None`` (unit points), a positive number, or a pytree with the structure of the
       manifold leaves' radii as a step's state holds them (``state.radius`` with
       ``radius='init'``, and a Hyperball step's; inside an alias's state,
       ``optax.tree_utils.tree_get(state, 'radius')``), one value per point; give ``point_axes`` as
       that step has them (a Hyperball alias's, by default: :func:`transformer_point_axes`).
+    mesh_axes: {{mesh_axes}}
 
   Returns:
     ``params`` with every point of every manifold leaf at its radius.
@@ -405,36 +405,10 @@ def project_params(
   masked = labels_lib.manifold_leaves(params, labels)
   layouts = _layouts(masked, point_axes, mesh_axes, 'project_params')
   named = checks.named_leaves(masked)
-  scales = [1 if radius is None else radius] * len(named)
   if per_point:
-    given = jax.tree.leaves(radius)
-    if len(given) != len(named):
-      raise ValueError(
-        f'project_params: radius holds {len(given)} arrays of radii, but params have '
-        f'{len(named)} manifold leaves. Pass the state.radius of the step (with '
-        "radius='init') that holds these params (optax.tree_utils.tree_get(state, 'radius') "
-        "for an alias's state), or a number."
-      )
-    scales = []
-    for (name, w), layout, r in zip(named, layouts, given, strict=True):
-      points_in_leaf = layout.num_points(w.shape)
-      if jnp.size(r) != points_in_leaf:
-        raise ValueError(
-          f'project_params: the radii given for leaf {name!r} (shape {jnp.shape(r)}) are not '
-          f'one per point: the leaf {tuple(w.shape)} has {points_in_leaf} points with these '
-          "point_axes. Pass the state.radius of the step (with radius='init') that holds these "
-          "params, and the point_axes that step uses (a Hyperball alias's: the last two axes, "
-          '(-2, -1), but a head of an attention kernel).'
-        )
-      if not isinstance(r, jax.core.Tracer) and not bool(
-        np.all(np.isfinite(np.asarray(r)) & (np.asarray(r) > 0))
-      ):
-        raise ValueError(
-          f'project_params: the radii given for leaf {name!r} are not all positive and finite: '
-          'a point lies on a sphere of radius > 0.'
-        )
-      scales.append(jnp.reshape(r, layout.per_point_shape(w.shape)))
-
+    scales = _per_point_radii(radius, named, layouts)
+  else:
+    scales = [1 if radius is None else radius] * len(named)
   placed = []
   for (_, w), layout, scale in zip(named, layouts, scales, strict=True):
     direction = manifold.normalized(manifold.upcast(w), layout.point, layout.point_mesh)
@@ -443,3 +417,36 @@ def project_params(
   return treedef.unflatten(
     [next(placed) if here else w for w, here in zip(leaves, on, strict=True)]
   )
+
+
+def _per_point_radii(radius: Any, named: list, layouts: list[points.Layout]) -> list[jax.Array]:
+  """The radii of :func:`project_params`, one array per manifold leaf shaped to broadcast
+  against it, after checking that they are one positive finite value per point."""
+  given = jax.tree.leaves(radius)
+  if len(given) != len(named):
+    raise ValueError(
+      f'project_params: radius holds {len(given)} arrays of radii, but params have '
+      f'{len(named)} manifold leaves. Pass the state.radius of the step (with '
+      "radius='init') that holds these params (optax.tree_utils.tree_get(state, 'radius') "
+      "for an alias's state), or a number."
+    )
+  scales = []
+  for (name, w), layout, r in zip(named, layouts, given, strict=True):
+    points_in_leaf = layout.num_points(w.shape)
+    if jnp.size(r) != points_in_leaf:
+      raise ValueError(
+        f'project_params: the radii given for leaf {name!r} (shape {jnp.shape(r)}) are not '
+        f'one per point: the leaf {tuple(w.shape)} has {points_in_leaf} points with these '
+        "point_axes. Pass the state.radius of the step (with radius='init') that holds these "
+        "params, and the point_axes that step uses (a Hyperball alias's: the last two axes, "
+        '(-2, -1), but a head of an attention kernel).'
+      )
+    if not isinstance(r, jax.core.Tracer) and not bool(
+      np.all(np.isfinite(np.asarray(r)) & (np.asarray(r) > 0))
+    ):
+      raise ValueError(
+        f'project_params: the radii given for leaf {name!r} are not all positive and finite: '
+        'a point lies on a sphere of radius > 0.'
+      )
+    scales.append(jnp.reshape(r, layout.per_point_shape(w.shape)))
+  return scales
