@@ -12,7 +12,7 @@ import math
 import numbers
 import sys
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,19 +117,40 @@ def fan_in_and_out(shape: tuple[int, ...]) -> tuple[int, int]:
   return math.prod(shape[:-1]), shape[-1]
 
 
-def manifold_leaf_problem(dtype, point_size: int) -> str | None:
-  """Why a leaf of this dtype, with points of ``point_size`` elements, cannot lie on G(1, n)."""
+class PointKind(NamedTuple):
+  """How the messages of a geometry name its points."""
+
+  point: str  # what one point is
+  default: str  # what the default point axes make a point
+  refused: str  # what a leaf that cannot hold them cannot do
+
+
+GRASSMANN_POINTS = PointKind(
+  'a point of G(1, n)',
+  'with the default point axes, the columns of reshape(-1, shape[-1]) need at least 2 rows',
+  'cannot lie on G(1, n)',
+)
+HYPERBALL_POINTS = PointKind(
+  'a hyperball point',
+  'by default a point is the matrix of the last two axes',
+  'cannot be a hyperball point',
+)
+
+
+def manifold_leaf_problem(dtype, point_size: int, kind: PointKind = GRASSMANN_POINTS) -> str | None:
+  """Why a leaf of this dtype, with points of ``point_size`` elements, cannot hold points of
+  ``kind``."""
+  point, default, _ = kind
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-    kind = 'complex' if jnp.issubdtype(dtype, jnp.complexfloating) else 'not floating-point'
+    number = 'complex' if jnp.issubdtype(dtype, jnp.complexfloating) else 'not floating-point'
     return (
-      f'has dtype {jnp.dtype(dtype).name} ({kind}); the manifold optimizers move real unit '
-      'vectors and need a real floating-point leaf (float32, bfloat16, float64, ...)'
+      f'has dtype {jnp.dtype(dtype).name} ({number}); {point} is a real vector, and needs a real '
+      'floating-point leaf (float32, bfloat16, float64, ...)'
     )
   if point_size < 2:
     return (
-      f'has points of {point_size} element along its point axes, and a point of G(1, n) needs '
-      'at least 2 (with the default point axes, the columns of reshape(-1, shape[-1]) need at '
-      'least 2 rows)'
+      f'has points of {point_size} element along its point axes, and {point} needs at least 2 '
+      f'({default})'
     )
   return None
 
@@ -155,21 +176,27 @@ def undercomplete_problem(shape: tuple[int, ...], layout) -> str | None:
 
 
 def check_manifold_leaves(
-  tree: Any, transform_name: str, layouts, *, undercomplete: bool = False
+  tree: Any,
+  transform_name: str,
+  layouts,
+  *,
+  undercomplete: bool = False,
+  kind: PointKind = GRASSMANN_POINTS,
 ) -> None:
   """Every leaf must be real floating-point, with points of at least 2 elements.
 
   ``layouts``: the :class:`points.Layout` of each leaf, in order. With ``undercomplete``, the
-  points of each group must also have more elements than the group has points.
+  points of each group must also have more elements than the group has points. ``kind``: the
+  geometry, as :func:`manifold_leaf_problem` takes it.
   """
   for (name, leaf), layout in zip(named_leaves(tree), layouts, strict=True):
     shape = tuple(getattr(leaf, 'shape', ()))
-    problem = manifold_leaf_problem(getattr(leaf, 'dtype', None), layout.point_size(shape))
+    problem = manifold_leaf_problem(getattr(leaf, 'dtype', None), layout.point_size(shape), kind)
     if problem is None and undercomplete:
       problem = undercomplete_problem(shape, layout)
     if problem:
       raise ValueError(
-        f'{transform_name}: leaf {name!r} of shape {shape} cannot lie on G(1, n): it {problem}. '
+        f'{transform_name}: leaf {name!r} of shape {shape} {kind.refused}: it {problem}. '
         'Label it as euclidean, or choose other point_axes.'
       )
 

@@ -184,7 +184,7 @@ def _transform(
 
   def init_fn(params):
     layouts = sphere.resolve(params, point_axes)
-    sphere.check_points(params, layouts, name)
+    checks.check_manifold_leaves(params, name, layouts, kind=checks.HYPERBALL_POINTS)
     steps.warn_if_wrapped(name)
     radius = sphere.initial_radius(params, layouts, name)
     buffers = [_zeros(params) for _ in buffer_fields]

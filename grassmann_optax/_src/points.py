@@ -190,10 +190,17 @@ def specs_for(tree: Any, point_axes: PointAxes) -> PointAxes:
   return point_axes
 
 
-def resolve(tree: Any, point_axes: PointAxes, mesh_axes: Any = None) -> list[Layout]:
+def resolve(
+  tree: Any,
+  point_axes: PointAxes,
+  mesh_axes: Any = None,
+  default: Callable[[int], tuple[int, ...]] | None = None,
+) -> list[Layout]:
   """The layout of every leaf of ``tree``, in the order of ``jax.tree.leaves(tree)``.
 
   ``mesh_axes`` (see :mod:`sharding`) says which mesh axes split each leaf inside ``shard_map``.
+  ``default(ndim)`` gives the point axes of a leaf whose spec is ``None`` (else the columns); a
+  scalar leaf then has no point axes.
 
   Raises:
     TypeError: ``point_axes`` (or what a callable returns) is not a spec or a pytree of specs.
@@ -209,10 +216,16 @@ def resolve(tree: Any, point_axes: PointAxes, mesh_axes: Any = None) -> list[Lay
     specs = [spec] * len(leaves)
   else:
     specs = [_as_spec(s) for s in checks.entries_by_name(tree, point_axes, 'point_axes', is_spec)]
-  return [
-    Layout.of(tuple(getattr(leaf, 'shape', ())), spec, repr(name), split)
-    for (name, leaf), spec, split in zip(leaves, specs, splits, strict=True)
-  ]
+  layouts = []
+  for (name, leaf), spec, split in zip(leaves, specs, splits, strict=True):
+    shape = tuple(getattr(leaf, 'shape', ()))
+    if spec is None and default is not None:
+      if not shape:
+        layouts.append(Layout((), ()))
+        continue
+      spec = default(len(shape))
+    layouts.append(Layout.of(shape, spec, repr(name), split))
+  return layouts
 
 
 def check_names(params: Any, point_axes: PointAxes, name: str | None = None) -> None:

@@ -63,48 +63,7 @@ def resolve(tree: Any, point_axes: points.PointAxes) -> list[points.Layout]:
   ``point_axes`` is read as :mod:`points` reads it (a spec, a pytree of specs matched to the
   leaves by path, or a callable ``params -> pytree``); only the default differs.
   """
-  leaves = checks.named_leaves(tree)
-  point_axes = points.specs_for(tree, point_axes)
-  if points.is_spec(point_axes):
-    specs = [point_axes] * len(leaves)
-  else:
-    specs = checks.entries_by_name(tree, point_axes, 'point_axes', points.is_spec)
-  layouts = []
-  for (name, leaf), spec in zip(leaves, specs, strict=True):
-    shape = tuple(getattr(leaf, 'shape', ()))
-    if spec is None and not shape:
-      layouts.append(points.Layout((), ()))
-      continue
-    spec = matrix_axes(len(shape)) if spec is None else spec
-    layouts.append(points.Layout.of(shape, spec, repr(name)))
-  return layouts
-
-
-def point_problem(dtype, point_size: int) -> str | None:
-  """Why a leaf of this dtype, with points of ``point_size`` elements, cannot be on a sphere."""
-  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-    return (
-      f'has dtype {jnp.dtype(dtype).name}; a hyperball point is a real floating-point matrix '
-      '(float32, bfloat16, float64, ...)'
-    )
-  if point_size < 2:
-    return (
-      f'has points of {point_size} element along its point axes, and a sphere needs at least 2 '
-      '(by default a point is the matrix of the last two axes)'
-    )
-  return None
-
-
-def check_points(tree: Any, layouts: list[points.Layout], name: str) -> None:
-  """Every leaf must be real floating-point, with points of at least 2 elements."""
-  for (leaf_name, leaf), layout in zip(checks.named_leaves(tree), layouts, strict=True):
-    shape = tuple(getattr(leaf, 'shape', ()))
-    problem = point_problem(getattr(leaf, 'dtype', None), layout.point_size(shape))
-    if problem:
-      raise ValueError(
-        f'{name}: leaf {leaf_name!r} of shape {shape} cannot be a hyperball point: it {problem}. '
-        'Label it euclidean, or choose other point_axes.'
-      )
+  return points.resolve(tree, point_axes, default=matrix_axes)
 
 
 def check_not_split(tree: Any, name: str, what: str = 'leaf') -> None:
