@@ -154,7 +154,7 @@ def _sphere_rule(base: Callable, retraction: str) -> LeafRule:
 
   def geodesic(leaf, w, g, *buffers):
     ww, wg = leaf.products(w, g, g)[:2]
-    (c,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
+    (c,) = tuning.per_point(leaf.after_previous(sphere.radial_coefficient(ww, wg)))
     u, (m, *rest) = base(leaf, g - c * w, *buffers)
     _, wu, uu, wm, um, _ = leaf.products(w, u, m)
     on, transport = sphere.geodesic_step(ww, wu, uu, leaf.radius, leaf.lr)
@@ -419,7 +419,7 @@ def hyperball_adam(
     tangent = None
     if geodesic:
       ww, wg = leaf.products(w, g, g)[:2]
-      (tangent,) = tuning.per_point(leaf.after_previous(sphere.tangent_coefficient(ww, wg)))
+      (tangent,) = tuning.per_point(leaf.after_previous(sphere.radial_coefficient(ww, wg)))
     moments = native.adam_products(
       w, g, mu, nu, b1=b1, b2=b2, eps=eps, t=leaf.t, point_axes=axes, tangent=tangent
     )

@@ -750,11 +750,12 @@ def column_products(
 ) -> tuple[jax.Array, ...]:
   """``(wᵀw, wᵀg, gᵀg, wᵀb, gᵀb, bᵀb)`` per point, each of ``w``'s shape with point axes 1.
 
-  The inner products of (F1) in ``docs/algorithm.md``, from which every per-point coefficient of
-  a fused step follows (Cho & Lee, NeurIPS 2017, arXiv:1709.09603). A point (a unit vector of
-  the manifold) is made of the axes ``point_axes`` (an int or a tuple of ints, negative counting
-  from the end); every other axis indexes points. ``None`` means all axes but the last: the
-  columns of ``w.reshape(-1, p)``, each product of shape ``(1, ..., 1, p)``.
+  The inner products of (F1) in ``docs/algorithm.md`` (whose ``x`` is the stored buffer ``b``
+  here: the momentum of SGD-G, the first moment of Adam-G), from which every per-point
+  coefficient of a fused step follows (Cho & Lee, NeurIPS 2017, arXiv:1709.09603). A point (a
+  unit vector of the manifold) is made of the axes ``point_axes`` (an int or a tuple of ints,
+  negative counting from the end); every other axis indexes points. ``None`` means all axes but
+  the last: the columns of ``w.reshape(-1, p)``, each product of shape ``(1, ..., 1, p)``.
 
   Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays are float32 of one shape
   with at least one axis, the layout is one the kernel reads (see :func:`kernel_layout`: the

@@ -119,7 +119,7 @@ def _inverse(x: jax.Array) -> jax.Array:
   return manifold.safe_divide(jnp.ones_like(x), x)
 
 
-def tangent_coefficient(ww: jax.Array, wg: jax.Array) -> jax.Array:
+def radial_coefficient(ww: jax.Array, wg: jax.Array) -> jax.Array:
   """``c`` of ``g − (g·y) y = g − c·w``, ``y = w/‖w‖``: ``c = w·g/‖w‖²`` (0 for a zero point)."""
   return _inverse(ww) * wg
 

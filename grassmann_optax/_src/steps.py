@@ -130,8 +130,8 @@ class Step(NamedTuple):
   """Per-point coefficients of one step: the new stored buffer, the update and the new basis."""
 
   buffer: Combination  # the new stored buffer x' on (x, ĝ, w)
-  on_w: jax.Array  # update = on_w·w + on_buffer·x'
-  on_buffer: jax.Array
+  update_on_w: jax.Array  # update = update_on_w·w + update_on_buffer·x'
+  update_on_buffer: jax.Array
   basis: Basis
 
 
@@ -201,19 +201,20 @@ def geodesic_step(
   # Mixed basis x' = B + sign(S) n y; update = (a cos θ − 1 + |S| a) w − q x'.
   on_b = jnp.where(stored, kappa, 1)
   on_y = jnp.where(stored, n * lam, sign_s * n)
-  on_y_new = a * cos + jnp.where(stored, s_big * lam * a * inverse_kappa, jnp.abs(s_big) * a)
-  on_buffer = -q * jnp.where(stored, inverse_kappa, 1)
+  new_on_w = a * cos + jnp.where(stored, s_big * lam * a * inverse_kappa, jnp.abs(s_big) * a)
+  update_on_buffer = -q * jnp.where(stored, inverse_kappa, 1)
   # At the next step the transported buffer is on_buffer'·x' + on_point'·y' (F9).
   rest = lam - kappa * sign_s
   to_point = n * rest * inverse_d
   if radius is not None:
-    on_y_new, on_buffer, to_point = radius * on_y_new, radius * on_buffer, to_point / radius
+    new_on_w, update_on_buffer = radius * new_on_w, radius * update_on_buffer
+    to_point = to_point / radius
   basis = Basis(
     on_buffer=jnp.where(stored, 1, kappa + rest * s_big * inverse_d),
     on_point=jnp.where(stored, 0, to_point),
   )
   buffer = Combination(x=on_b * moved.x, g=on_b * moved.g, w=on_b * moved.w + on_y * a)
-  step = Step(buffer=buffer, on_w=on_y_new - 1, on_buffer=on_buffer, basis=basis)
+  step = Step(buffer, update_on_w=new_on_w - 1, update_on_buffer=update_on_buffer, basis=basis)
   return _degenerate_step(gram, moved, n, radius, step)
 
 
@@ -229,8 +230,8 @@ def _degenerate_step(gram: Gram, moved: Combination, n, radius, step: Step) -> S
     buffer=Combination(
       *(jnp.where(degenerate, m, s) for m, s in zip(moved, step.buffer, strict=True))
     ),
-    on_w=jnp.where(degenerate, jnp.where(n > 0, -1.0, 0.0), step.on_w),
-    on_buffer=jnp.where(degenerate, on_new, step.on_buffer),
+    update_on_w=jnp.where(degenerate, jnp.where(n > 0, -1.0, 0.0), step.update_on_w),
+    update_on_buffer=jnp.where(degenerate, on_new, step.update_on_buffer),
     basis=Basis(*(jnp.where(degenerate, zero, b) for b in step.basis)),
   )
 
@@ -361,8 +362,8 @@ def _write(gram: Gram, step: Step, parts: list[_Part]) -> tuple[list, list]:
     step.buffer.x,
     step.buffer.g,
     step.buffer.w - step.buffer.g * gram.shift,  # ĝ = g/scale − shift·w, on the stored g (F13)
-    jnp.where(finite, step.on_w, 0),
-    jnp.where(finite, step.on_buffer, 0),
+    jnp.where(finite, step.update_on_w, 0),
+    jnp.where(finite, step.update_on_buffer, 0),
     gram.inverse,
     finite.astype(gram.ww.dtype),
   )
