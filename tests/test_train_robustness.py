@@ -291,3 +291,18 @@ def test_evaluating_a_damaged_checkpoint_moves_nothing(tmp_path, three_steps, ca
   assert code == 0 and out.strip().splitlines()[-1].endswith('steps=2')
   assert f'warning: checkpoint {run}/checkpoints/3 is damaged: state/' in err
   assert checkpoint_steps(run) == [1, 2, 3] and not (run / 'checkpoints.damaged').exists()
+
+
+def test_evaluating_a_checkpoint_whose_test_loss_is_not_finite_fails(
+  three_steps, capsys, monkeypatch
+):
+  """``--task=test`` never prints a final line for a NaN loss: it exits 3 naming the checkpoint."""
+  evaluate = train_lib.evaluate
+
+  def nan_loss(*args, **kwargs):
+    return {**evaluate(*args, **kwargs), 'loss': float('nan')}
+
+  monkeypatch.setattr(train_lib, 'evaluate', nan_loss)
+  code, out, err = run_main(['--task=test', f'--load={three_steps}', '--verbose=0'], capsys)
+  assert code == 3 and not out
+  assert _one_error_line(err) == f'error: checkpoint step 3 in {three_steps}: test loss=nan'

@@ -224,16 +224,35 @@ def _float32(value: float) -> float:
 
 def validate(config: Config) -> None:
   """Raises :class:`ConfigError` for the first setting out of range, naming its flag."""
+  _check_choices(config)
+  _check_integers(config)
+  _check_numbers(config)
+  _check_paths(config)
+  _check_widths(config)
+  _check_decay_epochs(config)
+  _check_rates(config)
+  _check_allow_changed(config)
+  _check_process(config)
+  _check_augmentation(config)
+  _check_combinations(config)
+
+
+def _check_choices(config: Config) -> None:
+  """The named choices, and the architecture flags that the model takes."""
   for name, choices in (('task', TASKS), ('parallel', PARALLEL)):
     _check_choice(name, getattr(config, name), choices)
   if config.model != 'resnet':
-    for name in ('depth', 'widen_factor'):
+    for name in unused_fields(config.model):
       _check(
         name not in config.explicit,
         name,
         getattr(config, name),
         f'applies to the wide ResNet only; --model={config.model} takes --width_scale',
       )
+
+
+def _check_integers(config: Config) -> None:
+  """Counts and sizes: integers in their ranges, and a wide ResNet's depth of 6N+4."""
   at_least = {
     'batch_size': 1,
     'vali_batch_size': 1,
@@ -271,6 +290,10 @@ def validate(config: Config) -> None:
     )
   if config.model == 'resnet':
     _check((config.depth - 4) % 6 == 0, 'depth', config.depth, 'must be 6N+4 (10, 16, 22, 28, ...)')
+
+
+def _check_numbers(config: Config) -> None:
+  """Rates, decays and probabilities: finite numbers in range, also as float32 rounds them."""
   _check(
     _is_float32(config.epochs) and config.epochs > 0,
     'epochs',
@@ -322,6 +345,9 @@ def validate(config: Config) -> None:
     config.grad_clip,
     f'must be in (0, {FLOAT32_MAX:.4g}], also in float32, or None for no clipping',
   )
+
+
+def _check_paths(config: Config) -> None:
   for name in ('train_dir', 'train_path', 'load', 'data_dir'):
     value = getattr(config, name, None)
     _check(
@@ -330,6 +356,10 @@ def validate(config: Config) -> None:
       repr(value),
       'is empty: give a directory, or leave the flag out',
     )
+
+
+def _check_widths(config: Config) -> None:
+  """Width flags: each for its model, the widest layer within int32."""
   _check(
     _is_number(config.width_scale) and config.width_scale > 0,
     'width_scale',
@@ -356,6 +386,9 @@ def validate(config: Config) -> None:
     f'must be at most {INT32_MAX // 64} (the widest layer, 64 x widen_factor channels, must fit '
     'int32)',
   )
+
+
+def _check_decay_epochs(config: Config) -> None:
   for epoch in config.decay_epochs:
     _check(
       _is_int(epoch) and 0 <= epoch <= INT32_MAX,
@@ -363,7 +396,9 @@ def validate(config: Config) -> None:
       epoch,
       f'must be integers in [0, {INT32_MAX}]',
     )
-  _check_rates(config)
+
+
+def _check_allow_changed(config: Config) -> None:
   if 'batch_size' in config.allow_changed:
     raise ConfigError(
       '--allow_changed=batch_size: a resumed run keeps its batch size (its step counter, the '
@@ -376,6 +411,9 @@ def validate(config: Config) -> None:
       f'--allow_changed={",".join(config.allow_changed)}: {", ".join(unknown)} is not a setting '
       f'that a resumed run compares; choose among {", ".join(TRAINING_FIELDS)}'
     )
+
+
+def _check_process(config: Config) -> None:
   _check(
     config.process_id is None
     or (_is_int(config.process_id) and 0 <= config.process_id <= INT32_MAX),
@@ -390,6 +428,10 @@ def validate(config: Config) -> None:
       config.process_id,
       f'must be below --num_processes={config.num_processes}',
     )
+
+
+def _check_augmentation(config: Config) -> None:
+  """Padding and crop fit the dataset's images."""
   image_size = _AUGMENTED_IMAGE_SIZE.get(config.data)
   if image_size is not None:
     _check(
@@ -404,6 +446,9 @@ def validate(config: Config) -> None:
       config.crop_size,
       f'exceeds the padded image ({image_size} + 2 * --padding_size={config.padding_size})',
     )
+
+
+def _check_combinations(config: Config) -> None:
   if config.optimizer == 'sgd' and config.grassmann:
     raise ConfigError(
       '--grassmann=True needs a Riemannian optimizer: use --optimizer=sgdg or --optimizer=adamg'
@@ -427,15 +472,16 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+def unused_fields(model: str) -> tuple[str, ...]:
+  """The architecture fields that ``model`` does not take: a wide ResNet's width is
+  ``widen_factor``, a VGG's depth is its variant and its width ``width_scale``."""
+  return ('width_scale',) if model == 'resnet' else ('depth', 'widen_factor')
+
+
 def architecture(config: Config) -> dict[str, Any]:
   """The fields a checkpoint must agree on: resnet depth and width, or the VGG width scale."""
-  fields = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
-  if config.model == 'resnet':
-    fields.pop('width_scale')
-  else:
-    fields.pop('depth')
-    fields.pop('widen_factor')
-  return fields
+  unused = unused_fields(config.model)
+  return {name: getattr(config, name) for name in ARCHITECTURE_FIELDS if name not in unused}
 
 
 def describe_architecture(fields: dict[str, Any]) -> str:

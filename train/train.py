@@ -433,10 +433,7 @@ def _train(config, devices, run_dir, model, labels) -> dict[str, Any]:
     parallel = parallel_lib.create_parallel(
       config, devices, train_step, functools.partial(eval_step, apply_fn=model.apply, k=config.k)
     )
-    orthogonality = None
-    if go.GRASSMANN in jax.tree.leaves(labels) and config.omega:
-      penalty = lambda params: go.orthogonality_penalty(params, labels, config.omega)
-      orthogonality = parallel.compile_scalar(penalty)
+    orthogonality = _compiled_penalty(parallel, labels, config.omega)
     start_step, num_steps = int(state.step), num_train_steps(config, info.num_train)
     saved_config = config_lib.to_json(config, info.num_classes)
     summary_path = os.path.join(run_dir, 'summary.json')
@@ -492,9 +489,9 @@ def _train(config, devices, run_dir, model, labels) -> dict[str, Any]:
               lr=f'{summary["learning_rate"]:.3g}',
             )
           if test:
-            test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
-            if not math.isfinite(test_metrics['loss']):
-              raise diverged(done, f'test loss={test_metrics["loss"]}')
+            test_metrics = _finite_evaluation(
+              parallel, _variables(state), test_ds, config, functools.partial(diverged, done)
+            )
             writer.write(done, 'test', test_metrics)
           if signum or done == num_steps:  # no next step to wait for; the test loss was finite
             checkpoints.save(manager, done, host_state, _with_window(saved_config, window))
@@ -504,9 +501,9 @@ def _train(config, devices, run_dir, model, labels) -> dict[str, Any]:
             raise interrupts.Interrupted(signum, done, checkpoints.directory(manager))
       elapsed = time.perf_counter() - started
       if test_metrics is None:  # nothing was left to train
-        test_metrics = evaluate(parallel, _variables(state), test_ds, config.vali_batch_size)
-        if not math.isfinite(test_metrics['loss']):
-          raise diverged(start_step, f'test loss={test_metrics["loss"]}')
+        test_metrics = _finite_evaluation(
+          parallel, _variables(state), test_ds, config, functools.partial(diverged, start_step)
+        )
 
   final_step = max(start_step, num_steps)
   result = _result(
@@ -518,15 +515,35 @@ def _train(config, devices, run_dir, model, labels) -> dict[str, Any]:
     steps_per_second=(final_step - start_step) / elapsed if elapsed > 0 else 0.0,
   )
   if jax.process_index() == 0:
-    try:
-      workdir.write_json(summary_path, {**result, 'config': saved_config})
-    except workdir.WriteError as error:
-      raise workdir.WriteError(
-        f'{error}; training reached step {final_step}, whose checkpoint is kept. Fix the cause '
-        'and run the same command: it evaluates that checkpoint and writes the summary'
-      ) from error.__cause__
+    _write_summary(summary_path, {**result, 'config': saved_config}, final_step)
     print(_final_line(test_metrics, final_step), flush=True)
   return result
+
+
+def _compiled_penalty(parallel, labels: Any, omega: float | None):
+  """The orthogonality penalty of the params, compiled for reporting; None where there is none."""
+  if go.GRASSMANN not in jax.tree.leaves(labels) or not omega:
+    return None
+  return parallel.compile_scalar(lambda params: go.orthogonality_penalty(params, labels, omega))
+
+
+def _finite_evaluation(parallel, variables, test_ds, config: Config, error) -> dict[str, float]:
+  """The test metrics of ``variables``; raises ``error('test loss=...')`` if the loss is not
+  finite."""
+  metrics = evaluate(parallel, variables, test_ds, config.vali_batch_size)
+  if not math.isfinite(metrics['loss']):
+    raise error(f'test loss={metrics["loss"]}')
+  return metrics
+
+
+def _write_summary(path: str, summary: dict[str, Any], final_step: int) -> None:
+  try:
+    workdir.write_json(path, summary)
+  except workdir.WriteError as error:
+    raise workdir.WriteError(
+      f'{error}; training reached step {final_step}, whose checkpoint is kept. Fix the cause '
+      'and run the same command: it evaluates that checkpoint and writes the summary'
+    ) from error.__cause__
 
 
 def _with_window(saved_config: dict[str, Any], window: metrics_lib.TrainWindow) -> dict[str, Any]:
@@ -736,7 +753,7 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
   given = {name: getattr(config, name) for name in config.explicit}
   # Only the settings of the model evaluated: VGG takes no depth or widen factor, resnet no scale.
   model = given.get('model', saved.get('model'))
-  unused = ('width_scale',) if model == 'resnet' else ('depth', 'widen_factor')
+  unused = config_lib.unused_fields(model)
   inherited = {
     name: saved[name]
     for name in (*config_lib.ARCHITECTURE_FIELDS, 'keep_prob')
@@ -756,10 +773,12 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
   steps = functools.partial(eval_step, apply_fn=model.apply, k=config.k)
   parallel = parallel_lib.create_parallel(config, devices, None, steps)
   variables = parallel.put_state({'params': state['params'], 'batch_stats': state['batch_stats']})
-  metrics = evaluate(parallel, variables, test_ds, config.vali_batch_size)
-  if not math.isfinite(metrics['loss']):
-    raise TrainingDivergedError(
-      f'the test loss of checkpoint step {step} in {config.load} is {metrics["loss"]}'
-    )
+  metrics = _finite_evaluation(
+    parallel,
+    variables,
+    test_ds,
+    config,
+    lambda what: TrainingDivergedError(f'checkpoint step {step} in {config.load}: {what}'),
+  )
   print(_final_line(metrics, step), flush=True)
   return _result(metrics, config, step, checkpoint=config.load)
