@@ -44,27 +44,47 @@ def test_docstring_templates_are_filled():
   assert not unfilled, f'unfilled docstring templates: {unfilled}'
 
 
-def _documented_arguments(doc: str) -> set[str] | None:
-  """The names of a Google-style ``Args:`` section, or None where there is none."""
-  section = re.search(r'^Args:\n((?:(?:  .*)?\n)+)', doc + '\n', re.M)
+def _documented_arguments(doc: str, section: str = 'Args') -> set[str] | None:
+  """The names of a Google-style ``Args:`` (or other ``section``), or None where there is none."""
+  section = re.search(rf'^{section}:\n((?:(?:  .*)?\n)+)', doc + '\n', re.M)
   if section is None:
     return None
   return {name.lstrip('*') for name in re.findall(r'^  (\*{0,2}\w+)[^:\n]*:', section[1], re.M)}
 
 
+def _public_functions():
+  """``(name, function)`` for every public function: the package root's and ``cpu_kernel``'s."""
+  modules = (('', grassmann_optax), ('cpu_kernel.', grassmann_optax.cpu_kernel))
+  for prefix, module in modules:
+    for name in module.__all__:
+      obj = getattr(module, name)
+      if callable(obj) and not isinstance(obj, type):
+        yield prefix + name, obj
+
+
 def test_docstring_arguments_are_the_signature():
-  """Where a public function documents its arguments, it documents exactly those it takes: the
-  site shows both the signature and the ``Args:`` section."""
+  """Every public function that takes arguments documents exactly those it takes in an
+  ``Args:`` section: the site shows both the signature and that section."""
   wrong = {}
-  for name in grassmann_optax.__all__:
-    obj = getattr(grassmann_optax, name)
-    if not callable(obj) or isinstance(obj, type):
-      continue
-    documented = _documented_arguments(inspect.getdoc(obj) or '')
-    parameters = set(inspect.signature(obj).parameters)
-    if documented is not None and documented != parameters:
+  for name, function in _public_functions():
+    documented = _documented_arguments(inspect.getdoc(function) or '') or set()
+    parameters = set(inspect.signature(function).parameters)
+    if documented != parameters:
       wrong[name] = (sorted(documented - parameters), sorted(parameters - documented))
   assert not wrong, f'(documented but not taken, taken but not documented): {wrong}'
+
+
+def test_public_state_classes_describe_their_fields():
+  """Each field of a public named tuple (the optimizer states, :class:`ScaleInvariance`) has an
+  entry in its ``Attributes:`` section, which the site shows."""
+  wrong = {}
+  for name in grassmann_optax.__all__:
+    cls = getattr(grassmann_optax, name)
+    if isinstance(cls, type) and hasattr(cls, '_fields'):
+      documented = _documented_arguments(inspect.getdoc(cls) or '', 'Attributes') or set()
+      if documented != set(cls._fields):
+        wrong[name] = (sorted(documented - set(cls._fields)), sorted(set(cls._fields) - documented))
+  assert not wrong, f'(documented but no field, field but not documented): {wrong}'
 
 
 def test_documented_arguments_are_read():

@@ -7,12 +7,14 @@ changes the site without editing a page. Names are grouped by the private module
 them, under the first line of that module's docstring, in the order of ``:order:`` (module names;
 modules it does not name come after, and names it lists that no longer exist are ignored).
 A public submodule (``cpu_kernel``) gets a section of its own ``__all__``. Values that are not
-functions, classes or modules (string constants) come last.
+functions, classes or modules (string constants) come last, each described by the ``#:`` comment
+above its assignment.
 """
 
 import importlib
 import inspect
 import re
+from pathlib import Path
 
 from docutils import nodes
 from docutils.parsers.rst import directives
@@ -52,13 +54,24 @@ def _groups(module, order: list[str]) -> dict[str, list[str]]:
   return {home: groups[home] for home in sorted(groups, key=rank)}
 
 
-def _entry(module_name: str, name: str, obj) -> list[str]:
-  target = f'{module_name}.{name}'
+def _constant_doc(module, name: str) -> list[str]:
+  """The ``#:`` comment lines above ``name = ...`` in the module that assigns it, unindented."""
+  package = module.__name__.split('.')[0]
+  for path in sorted(Path(importlib.import_module(package).__file__).parent.rglob('*.py')):
+    found = re.search(rf'((?:^#:.*\n)+)^{name} = ', path.read_text(), re.M)
+    if found:
+      return [line[2:].strip() for line in found[1].splitlines()]
+  return []
+
+
+def _entry(module, name: str, obj) -> list[str]:
+  target = f'{module.__name__}.{name}'
   if inspect.isclass(obj):
     return [f'.. autoclass:: {target}', '']
   if callable(obj):
     return [f'.. autofunction:: {target}', '']
-  return [f'.. py:data:: {name}', f'   :value: {obj!r}', '']
+  doc = ['   ' + line for line in _constant_doc(module, name)]
+  return [f'.. py:data:: {name}', f'   :value: {obj!r}', '', *doc, '']
 
 
 class PublicApi(SphinxDirective):
@@ -70,7 +83,7 @@ class PublicApi(SphinxDirective):
     module = importlib.import_module(module_name)
     order = self.options.get('order', '').split()
     groups = _groups(module, order)
-    lines = ['.. currentmodule:: ' + module_name, '', '.. autosummary::', '']
+    lines = ['.. currentmodule:: ' + module_name, '', '.. autosummary::', '   :nosignatures:', '']
     for home, names in groups.items():
       for name in names:
         obj = getattr(module, name)
@@ -88,13 +101,13 @@ class PublicApi(SphinxDirective):
           lines += [title, '-' * len(title), '', f'.. py:module:: {obj.__name__}', '']
           lines += [f'.. currentmodule:: {obj.__name__}', '']
           for sub in obj.__all__:
-            lines += _entry(obj.__name__, sub, getattr(obj, sub))
+            lines += _entry(obj, sub, getattr(obj, sub))
           lines += [f'.. currentmodule:: {module_name}', '']
           break
       else:
         lines += [title, '-' * len(title), '']
         for name in names:
-          lines += _entry(module_name, name, getattr(module, name))
+          lines += _entry(module, name, getattr(module, name))
     container = nodes.section()
     container.document = self.state.document
     nested_parse_with_titles(self.state, StringList(lines, source='public-api'), container)

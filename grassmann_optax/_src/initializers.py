@@ -1,5 +1,8 @@
 """Initialisation of manifold kernels ((L1) of ``docs/algorithm.md``)."""
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -7,7 +10,7 @@ from grassmann_optax._src import docstrings, manifold
 
 
 @docstrings.fill
-def unit_initializer():
+def unit_initializer() -> Callable[..., jax.Array]:
   """A Flax initializer whose columns are random unit vectors.
 
   Draws a truncated normal (−2, 2) of the full shape and divides each column of
@@ -27,7 +30,7 @@ def unit_initializer():
   {{references}}
   """
 
-  def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     shape = tuple(shape)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(

@@ -16,7 +16,10 @@ import optax
 
 from grassmann_optax._src import checks, docstrings, points
 
+#: The label of a manifold leaf: each of its points is a unit vector of G(1, n) (a point of the
+#: hyperball for :func:`adamh` and :func:`muonh`).
 GRASSMANN = 'grassmann'
+#: The label of every other leaf: stepped by the aliases' Euclidean optimizer.
 EUCLIDEAN = 'euclidean'
 LABELS = (GRASSMANN, EUCLIDEAN)
 
@@ -24,11 +27,17 @@ Predicate = Callable[[Any, Any], bool]
 ParamLabels = Any | Callable[[Any], Any]
 
 
-def is_undercomplete_conv(path, leaf) -> bool:
+def is_undercomplete_conv(path: tuple[Any, ...], leaf: jax.Array) -> bool:
   """The paper's rule ((L1) of ``docs/algorithm.md``): a conv kernel with fan-in > outputs.
 
   ``leaf.ndim == 4`` (Flax ``[kh, kw, c_in, c_out]``) and ``kh·kw·c_in > c_out``: only then can
   the ``c_out`` unit columns be mutually orthogonal, the target of the orthogonality penalty.
+  An integer or complex leaf is never one.
+
+  Args:
+    path: the leaf's key path in the params (unused: the rule looks at the shape only), as
+      :func:`grassmann_labels` passes it to a predicate.
+    leaf: the parameter array, or anything with a ``shape`` and a dtype.
 
   Example:
     >>> import jax.numpy as jnp, grassmann_optax as go
@@ -86,6 +95,11 @@ class ScaleInvariance(NamedTuple):
   """What :func:`find_scale_invariant` found: labels and point axes, as the aliases take them.
 
   ``go.adamg(lr, lr_g, **found._asdict())`` passes both.
+
+  Attributes:
+    param_labels: a pytree of ``'grassmann'`` and ``'euclidean'`` with the params' structure.
+    point_axes: a pytree of the same structure holding, for each manifold leaf, its point axes
+      (``None`` for the columns), and ``None`` elsewhere.
   """
 
   param_labels: Any
@@ -188,7 +202,7 @@ def _float_gradients(loss_fn, args) -> Callable[[Any], list]:
 def find_scale_invariant(
   loss_fn: Callable[..., jax.Array],
   params: Any,
-  *args,
+  *args: Any,
   tol: float = 1e-3,
   undercomplete_only: bool = True,
   groupings: str = 'any',
@@ -236,7 +250,7 @@ def find_scale_invariant(
     seed: seed of the nearby points.
 
   Returns:
-    A :class:`ScaleInvariance`: ``param_labels``, a label pytree with the structure of
+    A :class:`ScaleInvariance` of ``param_labels``, a label pytree with the structure of
     ``params``, and ``point_axes``, a pytree of the same structure holding for each manifold
     leaf its point axes (``None`` for the columns) and ``None`` elsewhere.
 

@@ -753,20 +753,28 @@ def column_products(
   The inner products of (F1) in ``docs/algorithm.md`` (whose ``x`` is the stored buffer ``b``
   here: the momentum of SGD-G, the first moment of Adam-G), from which every per-point
   coefficient of a fused step follows (Cho & Lee, NeurIPS 2017, arXiv:1709.09603). A point (a
-  unit vector of the manifold) is made of the axes ``point_axes`` (an int or a tuple of ints,
-  negative counting from the end); every other axis indexes points. ``None`` means all axes but
-  the last: the columns of ``w.reshape(-1, p)``, each product of shape ``(1, ..., 1, p)``.
+  unit vector of the manifold) is made of the axes ``point_axes``; every other axis indexes
+  points. By default the points are the columns of ``w.reshape(-1, p)``, each product of shape
+  ``(1, ..., 1, p)``.
 
   Uses the one-pass CPU kernel when ``allow_kernel``, the three arrays are float32 of one shape
-  with at least one axis, the layout is one the kernel reads (see :func:`kernel_layout`: the
-  columns, rows, whole array, heads of a ``DenseGeneral`` kernel and stacks of those all are)
-  and the kernel is installed and switched on (:func:`available`), and no array differs between
-  the devices of a ``shard_map``; otherwise six XLA reductions,
-  which give the same results up to float rounding. Callers pass ``allow_kernel=False``
-  for arrays upcast from a narrower storage dtype, whose conversion XLA fuses into its own
-  reductions but would have to write out for the kernel. Differentiable; runs per member under
-  ``vmap``; keeps ``jit`` shardings local (on a mesh with explicit axes, it returns the products
-  replicated). Public as ``grassmann_optax.cpu_kernel.column_products``.
+  with at least one axis, the layout is one the kernel reads (the columns, rows, whole array,
+  heads of a ``DenseGeneral`` kernel and stacks of those all are; ``docs/kernel.md``) and the
+  kernel is installed and switched on (:func:`available`), and no array differs between the
+  devices of a ``shard_map``; otherwise six XLA reductions, which give the same results up to
+  float rounding. Differentiable; runs per member under ``vmap``; keeps ``jit`` shardings local
+  (on a mesh with explicit axes, it returns the products replicated). Public as
+  ``grassmann_optax.cpu_kernel.column_products``.
+
+  Args:
+    w: the points (the weights), float, of any shape with at least one axis.
+    g: the gradient, of ``w``'s shape.
+    b: the buffer, of ``w``'s shape.
+    point_axes: the axes that make one point: an int or a tuple of ints, negative counting
+      from the end; ``None``, all axes but the last.
+    allow_kernel: whether the CPU kernel may be used. Callers pass ``False`` for arrays upcast
+      from a narrower storage dtype, whose conversion XLA fuses into its own reductions but
+      would have to write out for the kernel.
 
   Raises:
     TypeError: a point axis is not an integer.

@@ -120,6 +120,11 @@ class Basis(NamedTuple):
   ``(1, 0)``, the stored buffer itself, except after a step of about a right angle, where the
   stored buffer is kept in a mixed basis ((F9) of ``docs/algorithm.md``), and after the step of
   a point shorter than ε, whose buffer starts again from zero (F12).
+
+  Attributes:
+    on_buffer: the coefficient of the stored buffer ``x``, per point (shaped to broadcast
+      against the leaf), or a scalar.
+    on_point: the coefficient of the point ``w``, likewise.
   """
 
   on_buffer: Any

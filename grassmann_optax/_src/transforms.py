@@ -260,7 +260,12 @@ def grassmann_clip(
 
 
 class ExpMapUpdateState(NamedTuple):
-  """State of :func:`exp_map_update`: the radius of every point (``radius='init'`` only)."""
+  """State of :func:`exp_map_update` with ``radius='init'`` (otherwise its state is
+  :class:`optax.EmptyState`).
+
+  Attributes:
+    radius: the norm of every point at ``init``, per leaf, shaped by the axes that index points.
+  """
 
   radius: optax.Params
 
