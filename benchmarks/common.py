@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,14 +23,28 @@ import optax
 
 import grassmann_optax as go
 
-# Parameter trees, as shapes ------------------------------------------------------------------
+# Command lines -------------------------------------------------------------------------------
 
 
 def check_names(parser: argparse.ArgumentParser, flag: str, value: str, choices) -> None:
-  """Stops with a usage error naming each comma-separated name in ``value`` not in ``choices``."""
-  unknown = set(value.split(',')) - set(choices)
+  """Stops with a usage error naming each comma-separated name in ``value`` not in ``choices``,
+  or named twice."""
+  names = value.split(',')
+  unknown = set(names) - set(choices)
   if unknown:
     parser.error(f'{flag}: unknown {sorted(unknown)}; choose from {",".join(choices)}')
+  twice = sorted({name for name in names if names.count(name) > 1})
+  if twice:
+    parser.error(f'{flag}: {",".join(twice)} named twice')
+
+
+def check_json(parser: argparse.ArgumentParser, path: Path | None) -> None:
+  """Stops with a usage error before any timing where ``--json`` could not be written at the end."""
+  if path is not None and (path.is_dir() or not path.parent.is_dir()):
+    parser.error(f'--json={path}: give a file in an existing folder')
+
+
+# Parameter trees, as shapes ------------------------------------------------------------------
 
 
 def wide_resnet_shapes(depth: int = 28, widen_factor: int = 10, classes: int = 10) -> dict:
@@ -202,7 +217,7 @@ def compile_updates(candidates: Mapping[str, Callable], params: Any, grads: Sequ
     return run
 
   out = {}
-  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+  with concurrent.futures.ThreadPoolExecutor(max_workers=usable_cores()) as pool:
     for name, compiled, box, seconds in pool.map(build, candidates.items()):
       out[name] = (runner(compiled, box), seconds)
   return out
@@ -232,6 +247,22 @@ def ratio(times: Mapping[str, Any], num: str, den: str) -> dict:
   }
 
 
+def usable_cores() -> int:
+  """The cores this process may run on (``taskset`` and cgroups included), not the machine's."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def machine_line(m: Mapping[str, Any]) -> str:
+  """The first line of every report: what ran it (:func:`machine`)."""
+  load = m['load_average']
+  load = 'unknown' if load is None else ', '.join(f'{value:.2f}' for value in load)
+  return (
+    f'machine: {m["processor"]} ({m["cpu_count"]} cores), backend {m["backend"]} '
+    f'({m["devices"]} × {m["device"]}), jax {m["jax"]}, optax {m["optax"]}, '
+    f'CPU kernel {m["cpu_kernel"]}, load average {load}'
+  )
+
+
 def machine() -> dict[str, Any]:
   processor = platform.processor()
   if os.path.exists('/proc/cpuinfo'):
@@ -241,12 +272,12 @@ def machine() -> dict[str, Any]:
   devices = jax.devices()
   return {
     'processor': processor,
-    'cpu_count': os.cpu_count(),
+    'cpu_count': usable_cores(),
     'backend': jax.default_backend(),
     'device': devices[0].device_kind if devices else '',
     'devices': len(devices),
     'jax': jax.__version__,
     'optax': optax.__version__,
-    'cpu_kernel': go.cpu_kernel.variant() if hasattr(go, 'cpu_kernel') else None,
+    'cpu_kernel': go.cpu_kernel.variant(),
     'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
   }

@@ -20,25 +20,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import common
+import grassmann_optax as go
+from benchmarks import common, update
 from train import config as config_lib
 from train import parallel as parallel_lib
 from train import train as train_lib
 
-DECAY = 5e-4
-RECIPES = {  # the paper's CIFAR recipes
-  'sgd': dict(
-    optimizer='sgd',
-    grassmann=False,
-    learnRate=0.1,
-    weightDecay=DECAY,
-    biasDecay=DECAY,
-    gammaDecay=DECAY,
-    betaDecay=DECAY,
-  ),
-  'sgdg': dict(optimizer='sgdg', grassmann=True, learnRate=0.01, learnRateG=0.2, omega=0.1),
-  'adamg': dict(optimizer='adamg', grassmann=True, learnRate=0.01, learnRateG=0.05, omega=0.1),
-}
+OPTIMIZERS = ('sgd', 'sgdg', 'adamg')  # each with the training program's CIFAR-10 recipe
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -49,17 +37,14 @@ def layouts() -> tuple[str, ...]:
 def training_step(name: str, parallel: str, depth: int, width: int, batch: int, devices):
   """A compiled training step of ``name`` in layout ``parallel``; returns ``run(n)`` (s/step)."""
   config = config_lib.get_config(
+    data='cifar10',
+    optimizer=name,
     model='resnet',
     depth=depth,
     widen_factor=width,
-    keep_prob=0.7,
-    grad_clip=0.1,
-    weightDecay=DECAY,
     batch_size=batch,
     parallel=parallel,
     num_devices=len(devices),
-    data='cifar10',
-    **{key: value for key, value in RECIPES[name].items() if key != 'weightDecay'},
   )
   model = train_lib.create_model(config, num_classes=10)
   shapes = train_lib.parameter_shapes(model, (1, *IMAGE_SHAPE))
@@ -97,7 +82,7 @@ def train_section(depth, width, batch, *, repeats, sample_s, parallels=None) -> 
   parallels = parallels or layouts()
   runs, compile_s = {}, {}
   for parallel in parallels:
-    for name in RECIPES:
+    for name in OPTIMIZERS:
       key = f'{name}, {parallel}'
       runs[key], compile_s[key] = training_step(name, parallel, depth, width, batch, devices)
   times = common.time_interleaved(runs, repeats=repeats, sample_s=sample_s)
@@ -113,8 +98,6 @@ def train_section(depth, width, batch, *, repeats, sample_s, parallels=None) -> 
 
 
 def run(quick: bool, parallels=None, with_update: bool = True) -> dict[str, Any]:
-  from benchmarks import update
-
   repeats, sample_s = (3, 0.05) if quick else (7, 0.5)
   depth, width, batch = (10, 1, 16) if quick else (28, 10, 128)
   report: dict[str, Any] = {'machine': common.machine(), 'quick': quick}
@@ -124,7 +107,7 @@ def run(quick: bool, parallels=None, with_update: bool = True) -> dict[str, Any]
   if not with_update:
     return report
   shapes = common.wide_resnet_shapes(depth, width)
-  labels = update.go.grassmann_labels(shapes)
+  labels = go.grassmann_labels(shapes)
   candidates = update.wide_resnet_candidates()
   report[f'update, WRN-{depth}-{width}'] = update.section(
     shapes, labels, None, candidates, update.WIDE_RESNET_RATIOS, repeats=repeats, sample_s=sample_s
@@ -133,7 +116,7 @@ def run(quick: bool, parallels=None, with_update: bool = True) -> dict[str, Any]
 
 
 def format_report(report: dict) -> str:
-  lines = [update_header(report['machine'])]
+  lines = [common.machine_line(report['machine'])]
   for title, result in report.items():
     if not isinstance(result, dict) or title == 'machine':
       continue
@@ -148,17 +131,8 @@ def format_report(report: dict) -> str:
           f'  time per step, {key:<22} {r["ratio"]:.3f} ({r["low"]:.3f}-{r["high"]:.3f})'
         )
     else:
-      from benchmarks import update
-
       lines += update.format_report({'machine': report['machine'], title: result}).split('\n')[1:]
   return '\n'.join(lines)
-
-
-def update_header(m: dict) -> str:
-  return (
-    f'machine: {m["processor"]} ({m["cpu_count"]} cores), backend {m["backend"]} '
-    f'({m["devices"]} × {m["device"]}), jax {m["jax"]}, optax {m["optax"]}'
-  )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -170,6 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.layouts:
     common.check_names(parser, '--layouts', args.layouts, layouts())
+  common.check_json(parser, args.json)
   return args
 
 

@@ -1,9 +1,9 @@
-"""The Hyperball optimizers against their unconstrained twins: update time, compile time and state.
+r"""The Hyperball optimizers against their unconstrained twins: update time, compile time and state.
 
   python -m benchmarks.hyperball               # GPT-2 small (124M parameters), both retractions
   python -m benchmarks.hyperball --stacked     # the same with the layers stacked, (12, ...) kernels
-  python -m benchmarks.hyperball --layers 2 --d_model 64 --heads 2 --vocab 512 --context 64
-                                               # a small tree (0.1M parameters), in seconds
+  python -m benchmarks.hyperball --layers 2 --d_model 64 --heads 4 --vocab 512 --context 64 \
+    --repeats 3                                # a small tree (0.1M parameters), in seconds
 
 Each candidate is a jitted ``update`` + ``apply_updates`` with params and state donated, timed as
 the median of interleaved repeats after a warm-up, so that every ratio compares samples taken in
@@ -30,6 +30,7 @@ from benchmarks import common, update
 LR, LR_HYPERBALL, LR_MUON = 3e-4, 0.02, 0.02
 B1, B2, WEIGHT_DECAY = 0.9, 0.95, 0.1
 GOAL = 1.1
+REFERENCE = 'AdamH in plain JAX'  # the published formula, in plain JAX and Optax
 RETRACTIONS = ('geodesic', 'normalize')
 SECTIONS = ('adam', 'muon')
 
@@ -177,9 +178,6 @@ def muon_candidates(labels: Any, shapes: Any) -> dict[str, Any]:
   return candidates
 
 
-REFERENCE = 'AdamH in plain JAX'
-
-
 def twin_ratios(candidates: dict[str, Any]) -> dict[str, tuple[str, str, float | None]]:
   """``{name: (numerator, denominator, goal)}``: each hyperball candidate over the first (its
   twin), held to the goal; the published formula in plain JAX, where there is one, over the
@@ -281,8 +279,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
   args = parser.parse_args(argv)
   common.check_names(parser, '--sections', args.sections, SECTIONS)
-  if args.heads < 1 or args.d_model < 1:
-    parser.error('--heads and --d_model must be positive')
+  common.check_json(parser, args.json)
+  for name in ('layers', 'd_model', 'heads', 'vocab', 'context', 'repeats'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name}={getattr(args, name)} must be at least 1')
+  if not args.sample_s > 0:
+    parser.error(f'--sample_s={args.sample_s} must be positive')
   if args.d_model % args.heads:
     parser.error(f'--heads={args.heads} does not divide --d_model={args.d_model}')
   return args

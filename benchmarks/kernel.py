@@ -42,12 +42,12 @@ def run(quick: bool) -> dict:
   kernel = go.cpu_kernel.column_products
   read = lambda w, g, b: jnp.sum(w * g + b * b, axis=columns)
   runs = {}
-  for leaves, count in ((1, '1 leaf'), (2, '2 leaves')):
+  for leaves, label in ((1, '1 leaf'), (2, '2 leaves')):
     args = arrays[: 3 * leaves]
     for name, fn in (('kernel', kernel), ('XLA read', read)):
       step = jax.jit(lambda *a, fn=fn: [fn(*a[i : i + 3]) for i in range(0, len(a), 3)])
       jax.block_until_ready(step(*args))
-      runs[f'{name}, {count}'] = _runner(step, args)
+      runs[f'{name}, {label}'] = _runner(step, args)
   times = common.time_interleaved(runs, repeats=3 if quick else 15, sample_s=0.05 if quick else 0.3)
   gigabytes = 3 * 4 * jnp.size(arrays[0]) / 1e9
   return {
@@ -65,10 +65,8 @@ def run(quick: bool) -> dict:
 
 
 def format_report(report: dict) -> str:
-  m = report['machine']
   lines = [
-    f'machine: {m["processor"]} ({m["cpu_count"]} cores), jax {m["jax"]}, CPU kernel '
-    f'{m["cpu_kernel"]}, load {m["load_average"]}',
+    common.machine_line(report['machine']),
     f'leaves of {report["shape"]}, three float32 arrays each',
   ]
   for name, seconds in report['times'].items():

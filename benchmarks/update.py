@@ -151,25 +151,21 @@ def _gpt2(report, quick, repeats, sample_s) -> None:
 
 
 def format_report(report: dict) -> str:
-  m = report['machine']
-  lines = [
-    f'machine: {m["processor"]} ({m["cpu_count"]} cores), backend {m["backend"]} '
-    f'({m["devices"]} × {m["device"]}), jax {m["jax"]}, optax {m["optax"]}, '
-    f'CPU kernel {m["cpu_kernel"]}, load {m["load_average"]}',
-  ]
+  lines = [common.machine_line(report['machine'])]
   for title, result in report.items():
     if not isinstance(result, dict) or 'ms' not in result:
       continue
     lines += ['', f'{title}: {result["parameters"]:,} parameters in {result["leaves"]} leaves']
     for name, ms in result['ms'].items():
       lines.append(f'  {name:<28} {ms:10.2f} ms/step   compile {result["compile_s"][name]:6.1f} s')
+    width = max(map(len, result['ratios']), default=0)
     for name, r in result['ratios'].items():
       goal = (
         ''
         if r['goal'] is None
         else f'  goal ≤ {r["goal"]}: {"met" if r["ratio"] <= r["goal"] else "NOT MET"}'
       )
-      lines.append(f'  {name:<44} {r["ratio"]:.3f} ({r["low"]:.3f}-{r["high"]:.3f}){goal}')
+      lines.append(f'  {name:<{width}} {r["ratio"]:.3f} ({r["low"]:.3f}-{r["high"]:.3f}){goal}')
     for name, size in result.get('state', {}).items():
       lines.append(f'  state of {name:<28} {size:.4f} × params')
   return '\n'.join(lines)
@@ -186,6 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   args = parser.parse_args(argv)
   common.check_names(parser, '--sections', args.sections, SECTIONS)
+  common.check_json(parser, args.json)
   return args
 
 

@@ -82,7 +82,7 @@ def test_the_device_report_names_every_layout_and_optimizer():
   assert {'pmap', 'sharded'} <= set(layouts)
   times = {
     f'{name}, {parallel}': {'median': 0.1 * (i + 1), 'samples': [0.1 * (i + 1)] * 2}
-    for i, name in enumerate(device.RECIPES)
+    for i, name in enumerate(device.OPTIMIZERS)
     for parallel in layouts
   }
   section = {
@@ -101,12 +101,19 @@ def test_the_device_report_names_every_layout_and_optimizer():
   assert device.parse_args(['--quick']).quick
 
 
-def test_a_misspelt_section_or_layout_is_refused_by_name(capsys):
-  from benchmarks import device
+def test_a_misspelt_section_or_layout_is_refused_by_name(capsys, tmp_path):
+  """Refused before anything is timed: a report that could not be completed or written."""
+  from benchmarks import device, hyperball
 
   for parse, argv, name in (
     (update.parse_args, ['--sections', 'wrn,wrm'], "--sections: unknown ['wrm']"),
     (device.parse_args, ['--layouts', 'shard'], "--layouts: unknown ['shard']"),
+    (hyperball.parse_args, ['--sections', 'adam,adam'], '--sections: adam named twice'),
+    (hyperball.parse_args, ['--layers', '0'], '--layers=0 must be at least 1'),
+    (hyperball.parse_args, ['--repeats', '-3'], '--repeats=-3 must be at least 1'),
+    (hyperball.parse_args, ['--sample_s', '0'], '--sample_s=0.0 must be positive'),
+    (update.parse_args, ['--json', str(tmp_path / 'no' / 'r.json')], 'give a file in an existing'),
+    (device.parse_args, ['--json', str(tmp_path)], 'give a file in an existing folder'),
   ):
     with pytest.raises(SystemExit) as exit_info:
       parse(argv)

@@ -81,6 +81,7 @@ def test_the_commands_of_the_documents_parse():
   """Every ``python -m benchmarks.hyperball ...`` of the page and of the module is accepted."""
   command = re.compile(r'python -m benchmarks\.hyperball([^`\n#]*)')
   texts = [(ROOT / 'docs' / 'hyperball.md').read_text(), hyperball.__doc__]
+  texts = [re.sub(r'\\\n\s*', ' ', text) for text in texts]  # a command continued on the next line
   found = [argv for text in texts for argv in command.findall(text)]
   assert len(found) >= 4 and any(argv.strip() for argv in found)
   for argv in found:
