@@ -600,6 +600,39 @@ def test_transformer_labels_refuse_what_they_cannot_classify(params, match):
     go.transformer_labels(params)
 
 
+def test_the_head_option_takes_the_head_kernels_only():
+  """``head=True`` puts a head's kernel of at most three axes on the hyperball; another head
+  leaf (a table named ``w``, a bias) and a four-axis head kernel stay Euclidean."""
+  params = {
+    'lm_head': {'kernel': jnp.ones((8, 50)), 'w': jnp.ones((8, 50)), 'bias': jnp.ones(50)},
+    'classifier': {'kernel': jnp.ones((2, 2, 8, 10))},
+    'mlp': {'kernel': jnp.ones((8, 8))},
+  }
+  labels = go.transformer_labels(params, head=True)
+  assert labels['lm_head'] == {'kernel': 'grassmann', 'w': 'euclidean', 'bias': 'euclidean'}
+  assert labels['classifier']['kernel'] == 'euclidean'
+  assert labels['mlp']['kernel'] == 'grassmann'
+
+
+@pytest.mark.parametrize('name', ['adamh', 'muonh'])
+def test_the_hyperball_aliases_decay_the_euclidean_matrices_only(name):
+  """AdamW's decay reaches the Euclidean matrices (embeddings), not the biases and norm scales,
+  whatever their number of axes: with zero gradients the update is ``−η·λ·w`` there, 0 elsewhere."""
+  params = {
+    'wte': {'embedding': jnp.ones((8, 4))},
+    'ln': {'scale': jnp.ones((2, 4))},
+    'attn': {'query': {'bias': jnp.ones((2, 4))}},
+    'mlp': {'kernel': jax.random.normal(jax.random.key(0), (4, 6)), 'bias': jnp.ones(6)},
+  }
+  lr, decay = 0.1, 0.5
+  tx = getattr(go, name)(lr, 0.01, weight_decay=decay)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['wte']['embedding'], -lr * decay, rtol=1e-6)
+  for leaf in (updates['ln']['scale'], updates['attn']['query']['bias'], updates['mlp']['bias']):
+    np.testing.assert_array_equal(leaf, 0.0)
+
+
 def test_an_integer_head_kernel_is_refused_when_the_head_goes_on_the_hyperball():
   params = {'lm_head': {'kernel': jnp.ones((4, 8), jnp.int32)}}
   assert go.transformer_labels(params) == {'lm_head': {'kernel': 'euclidean'}}

@@ -389,6 +389,69 @@ def test_many_equal_small_leaves_step_as_each_leaf_alone(name):
   chex.assert_trees_all_close(stacked, alone, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_equal_small_leaves_of_two_dtypes_step_as_each_leaf_alone(name):
+  """Leaves of one shape but different dtypes are not stacked together: each keeps its dtype
+  and the step equals that of each leaf alone."""
+  from grassmann_optax._src import tuning
+
+  keys = jax.random.split(jax.random.key(0), 6)
+  dtypes = (jnp.float32, jnp.bfloat16)
+  params = {f'w{i}': random_columns(k, (9, 4), dtypes[i % 2]) for i, k in enumerate(keys)}
+  labels = jax.tree.map(lambda _: go.GRASSMANN, params)
+  grads = jax.tree.map(lambda p: jnp.cos(3 * p.astype(jnp.float32)).astype(p.dtype), params)
+
+  def run():
+    tx = getattr(go, name)(0.01, 0.05, param_labels=labels, omega=0.1)
+    return jax.jit(tx.update)(grads, tx.init(params), params)
+
+  updates, state = run()
+  with tuning.disabled():
+    alone_updates, alone_state = run()
+  assert jax.tree.map(lambda x: x.dtype, updates) == jax.tree.map(lambda x: x.dtype, params)
+  assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, alone_state)
+  as32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+  chex.assert_trees_all_close(as32(updates), as32(alone_updates), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('mask', ['default', 'vectors'])
+@pytest.mark.parametrize('nesterov', [True, False])
+@pytest.mark.parametrize('name', ['sgdg', 'adamg'])
+def test_the_aliases_hand_their_euclidean_options_on(name, nesterov, mask):
+  """``nesterov`` and ``weight_decay_mask`` reach the Euclidean part: over three steps its
+  updates are those of ``go.euclidean_sgd`` with the same options."""
+  params = {
+    'conv': random_columns(jax.random.key(1), (3, 3, 4, 8)),
+    'dense': jax.random.normal(jax.random.key(2), (8, 4)),
+    'bias': jnp.ones(4),
+  }
+  decay_mask = None
+  if mask == 'vectors':  # the opposite of the default
+    decay_mask = lambda p: jax.tree.map(lambda x: jnp.ndim(x) == 1, p)
+  options = dict(momentum=0.9, nesterov=nesterov, weight_decay=0.1, weight_decay_mask=decay_mask)
+  tx = getattr(go, name)(0.05, 0.01, **options)
+  reference = go.euclidean_sgd(0.05, **options)
+  euclidean = {'dense': params['dense'], 'bias': params['bias']}
+  state, reference_state = tx.init(params), reference.init(euclidean)
+  for k in range(3):
+    grads = jax.tree.map(lambda x, k=k: jnp.sin(x + k), params)
+    updates, state = tx.update(grads, state, params)
+    expected, reference_state = reference.update(
+      {'dense': grads['dense'], 'bias': grads['bias']}, reference_state, euclidean
+    )
+    for leaf in ('dense', 'bias'):
+      np.testing.assert_allclose(updates[leaf], expected[leaf], rtol=1e-6, atol=1e-7)
+
+
+def test_the_penalty_of_a_bfloat16_leaf_is_computed_in_float32():
+  w = random_columns(jax.random.key(3), (3, 3, 8, 16), jnp.bfloat16)
+  labels = {'w': go.GRASSMANN}
+  got = go.orthogonality_penalty({'w': w}, labels, 0.1)
+  expected = go.orthogonality_penalty({'w': w.astype(jnp.float32)}, labels, 0.1)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+
+
 def test_the_state_has_as_many_arrays_as_adamw():
   """Each array of the state is a buffer that every jitted step hands over, whatever its size:
   Adam-G keeps its per-point values in one array per leaf, so it has AdamW's count of arrays."""

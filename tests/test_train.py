@@ -10,6 +10,7 @@ Reference: Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017
 arXiv:1709.09603 (the TF program's flags and recipes).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -143,6 +144,62 @@ def test_readme_vgg_command_gets_no_dropout_and_the_cifar_schedule():
 def test_recipes_fill_unspecified_flags(data, optimizer, expected):
   config = config_lib.get_config(data=data, optimizer=optimizer)
   assert {name: getattr(config, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize('command', [c for c in README_COMMANDS if '--task=test' not in c])
+def test_the_recipes_are_the_readme_commands(command):
+  """Given only the model, the optimizer and the dataset of a README command, the recipes supply
+  every other setting the command spells out."""
+  choices = ('model', 'depth', 'widen_factor', 'optimizer', 'data', 'vali_batch_size', 'num_gpus')
+  tokens = command.split()
+  full = flags_lib.parse(tokens)
+  bare = flags_lib.parse([token for token in tokens if token[2:].split('=')[0] in choices])
+  assert dataclasses.replace(bare, explicit=()) == dataclasses.replace(full, explicit=())
+
+
+@pytest.mark.parametrize('eps', [1e-8, 0.5])
+def test_adams_settings_reach_adamg(eps):
+  """``--adam_eps`` and ``--adam_beta2`` reach Adam-G: the program's optimizer steps as
+  ``go.adamg`` with those settings."""
+  config = config_lib.get_config(
+    optimizer='adamg', adam_eps=eps, adam_beta2=0.9, omega=None, weightDecay=None
+  )
+  params = {'conv': {'kernel': go.unit_initializer()(jax.random.key(0), (3, 3, 4, 8))}}
+  labels = {'conv': {'kernel': go.GRASSMANN}}
+  rates = {name: (lambda count: 0.01) for name in train_lib.create_learning_rate_fns(config, 100)}
+  tx = train_lib.create_optimizer(config, rates, labels)
+  expected = go.adamg(
+    0.01,
+    0.01,
+    b1=config.momentum,
+    b2=0.9,
+    eps=eps,
+    grad_clip=config.grad_clip,
+    omega=0.0,
+    weight_decay=None,
+    param_labels=labels,
+  )
+  grads = jax.tree.map(lambda x: 0.01 * jnp.cos(3 * x), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  reference, _ = expected.update(grads, expected.init(params), params)
+  np.testing.assert_allclose(
+    updates['conv']['kernel'], reference['conv']['kernel'], rtol=1e-6, atol=1e-8
+  )
+
+
+@pytest.mark.parametrize('count', [1, 2, 4])
+def test_the_processes_rows_tile_the_global_batch(monkeypatch, count):
+  """Each process puts its own block of the global batch on its devices (the two-process runs
+  of ``test_multiprocess`` are slow)."""
+  from train import parallel as parallel_lib
+
+  batch = np.arange(8 * 3).reshape(8, 3)
+  blocks = []
+  monkeypatch.setattr(jax, 'process_count', lambda: count)
+  for index in range(count):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    blocks.append(parallel_lib._process_rows(batch))
+  np.testing.assert_array_equal(np.concatenate(blocks), batch)
 
 
 def test_explicit_flags_override_recipes_and_defaults():
