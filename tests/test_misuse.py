@@ -731,6 +731,52 @@ def test_complex_gradients_are_refused_by_every_transform(build):
     tx.update(_real_and_imaginary(KERNEL.shape), tx.init(KERNEL), KERNEL)
 
 
+@pytest.mark.parametrize('dtype', [jnp.complex64, jnp.int32])
+def test_a_gradient_of_another_dtype_is_refused_for_its_dtype_inside_the_partitions(dtype):
+  """optax.partition calls a label function on the updates, where go.grassmann_labels does not
+  label a complex or integer kernel 'grassmann': the step then refused a leaf missing since init.
+  The aliases and grassmann_partition label by the params; a plain optax.partition says why."""
+  params = {'conv': KERNEL, 'bias': jnp.zeros(8)}
+  grads = {'conv': jnp.ones(KERNEL.shape, dtype), 'bias': jnp.zeros(8)}
+  for tx in (
+    go.adamg(0.1, 0.1),
+    go.sgdg(0.1, 0.1, omega=0.0),
+    go.grassmann_partition(go.grassmann_adam(0.1), optax.sgd(0.1), None),
+    go.grassmann_partition(go.grassmann_sgd(0.1), optax.sgd(0.1), go.grassmann_labels),
+  ):
+    with pytest.raises(TypeError, match=f"leaf 'conv' has dtype {jnp.dtype(dtype).name}"):
+      tx.update(grads, tx.init(params), params)
+  chain = optax.partition(
+    {'grassmann': go.grassmann_adam(0.1), 'euclidean': optax.sgd(0.1)}, go.grassmann_labels
+  )
+  with pytest.raises(ValueError, match="no leaf 'conv'.*moved the leaf to another branch"):
+    chain.update(grads, chain.init(params), params)
+
+
+def test_callables_that_inject_hyperparams_would_call_as_schedules_say_to_name_them_static():
+  """Optax calls every callable argument with the step count: a mask gave one bool for every
+  leaf (no decay at all, silently), a point_axes function an empty dict."""
+  params = {'conv': KERNEL, 'dense': jnp.ones((8, 3)), 'bias': jnp.zeros(3)}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+  tx = optax.inject_hyperparams(go.adamg)(0.1, 0.05, weight_decay=0.5, weight_decay_mask=mask)
+  with pytest.raises(ValueError, match=r"single bool False .* static_args=\('weight_decay_mask',"):
+    tx.init(params)
+  tx = optax.inject_hyperparams(go.adamg, static_args=('weight_decay_mask',))(
+    0.1, 0.05, weight_decay=0.5, weight_decay_mask=mask
+  )
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(updates['dense'][0, 0]) == pytest.approx(-0.1 * 0.5 * 1.9)  # decay, with Nesterov
+  assert float(updates['bias'][0]) == 0.0
+  with pytest.raises(ValueError, match='single bool True'):  # the same without inject_hyperparams
+    go.sgdg(0.1, 0.1, weight_decay_mask=True).init(params)
+  go.sgdg(0.1, 0.1, weight_decay_mask=True).init({'conv': KERNEL})  # one leaf: the whole mask
+  gpt = {'mlp': {'kernel': jnp.ones((8, 16))}, 'ln': {'scale': jnp.ones(8)}}
+  tx = optax.inject_hyperparams(go.adamh)(0.1, 0.1, point_axes=go.transformer_point_axes)
+  with pytest.raises(TypeError, match=r"point_axes=\{\}: .*static_args=\('point_axes',"):
+    tx.init(gpt)
+
+
 @pytest.mark.parametrize(
   ('value', 'error', 'message'),
   [

@@ -107,6 +107,15 @@ def _mask_checked_at_init(
   params (Optax's own error names neither the argument nor the leaf)."""
 
   def init_fn(params):
+    num_leaves = len(jax.tree.leaves(params))
+    # The one bool a callable mask gives under inject_hyperparams, which calls it with the step
+    # count: it would turn the decay on or off for every leaf, silently.
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)) and num_leaves > 1:
+      raise ValueError(
+        f'euclidean_sgd: weight_decay_mask is the single bool {mask!r} for all {num_leaves} '
+        'leaves of the params. Give a tree of bools or a callable params -> such a tree '
+        '(weight_decay=None for no decay). ' + checks.static_args_hint('weight_decay_mask')
+      )
     try:
       jax.tree.map(lambda *_: None, mask, params)
     except ValueError as error:

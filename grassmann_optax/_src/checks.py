@@ -205,26 +205,41 @@ def _describe(tree: Any) -> dict[str, tuple[int, ...]]:
   return {name: tuple(getattr(leaf, 'shape', ())) for name, leaf in named_leaves(tree)}
 
 
-def check_same_tree(tree: Any, reference: Any, what: str, reference_what: str, name: str) -> None:
+def check_same_tree(
+  tree: Any, reference: Any, what: str, reference_what: str, name: str, hint: str = ''
+) -> None:
   """Raises a ValueError naming the first leaf where ``tree`` and ``reference`` differ.
 
   Compares the leaf paths and their shapes (a stand-in for the params at ``init``, such as a
-  buffer of the same shape, serves as ``reference``).
+  buffer of the same shape, serves as ``reference``). ``hint`` ends the message of a leaf that
+  one of them lacks.
   """
   got, expected = _describe(tree), _describe(reference)
   if got == expected and jax.tree.structure(tree) == jax.tree.structure(reference):
     return
+  hint = f' {hint}' if hint else ''
   for leaf, shape in expected.items():
     if leaf not in got:
-      raise ValueError(f'{name}: {what} have no leaf {leaf!r}, which {reference_what} have.')
+      raise ValueError(f'{name}: {what} have no leaf {leaf!r}, which {reference_what} have.{hint}')
     if got[leaf] != shape:
       raise ValueError(
         f'{name}: leaf {leaf!r} has shape {got[leaf]} in {what} but {shape} in {reference_what}.'
       )
   extra = next(iter(set(got) - set(expected)), None)
   if extra is not None:
-    raise ValueError(f'{name}: {what} have a leaf {extra!r} that {reference_what} do not have.')
+    raise ValueError(
+      f'{name}: {what} have a leaf {extra!r} that {reference_what} do not have.{hint}'
+    )
   raise ValueError(f'{name}: {what} and {reference_what} are different trees.')
+
+
+# Where a step's leaves at update are not those of init inside a partition.
+_RELABELLED = (
+  'Inside optax.partition this means the labels moved the leaf to another branch since init: '
+  'a callable label function is called on the updates at every update, so an update of another '
+  'dtype than its param (a complex or integer gradient) can change its label; '
+  'go.grassmann_partition and the aliases label by the params.'
+)
 
 
 def check_update_trees(updates: Any, params: Any, buffers: Any, name: str) -> None:
@@ -233,7 +248,7 @@ def check_update_trees(updates: Any, params: Any, buffers: Any, name: str) -> No
   ``buffers`` is the transform's state tree that has the shape of the params at ``init``.
   """
   check_same_tree(updates, params, 'the updates', 'the params', name)
-  check_same_tree(params, buffers, 'the params', 'the params given to init', name)
+  check_same_tree(params, buffers, 'the params', 'the params given to init', name, _RELABELLED)
   check_real_updates(updates, name)
 
 
@@ -279,6 +294,16 @@ def check_state(state: Any, fields: tuple[str, ...], name: str) -> None:
       f"that {name}'s init returns. Pass the state made by this optimizer's init (a state of "
       'another optimizer, or one restored from a checkpoint without a target, does not fit).'
     )
+
+
+def static_args_hint(argument: str) -> str:
+  """The advice for a callable ``argument`` that ``optax.inject_hyperparams`` called as a
+  schedule, with the step count, instead of passing it on."""
+  return (
+    f'Under optax.inject_hyperparams, name a callable {argument} in static_args (Optax treats '
+    'every callable as a schedule), e.g. inject_hyperparams(go.adamg, '
+    f"static_args=('{argument}',))."
+  )
 
 
 def check_real_updates(tree: Any, name: str) -> None:

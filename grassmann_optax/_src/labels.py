@@ -351,10 +351,8 @@ def resolve_labels(params: Any, param_labels: ParamLabels | None) -> Any:
   labels = param_labels(params) if callable(param_labels) else param_labels
   if isinstance(labels, str) and len(jax.tree.leaves(params)) > 1:
     raise ValueError(
-      f'The label tree does not match the params: got the single label {labels!r}. Under '
-      'optax.inject_hyperparams, name a callable param_labels in static_args (Optax treats '
-      'every callable as a schedule), e.g. '
-      "inject_hyperparams(go.adamg, static_args=('param_labels',))."
+      f'The label tree does not match the params: got the single label {labels!r}. '
+      + checks.static_args_hint('param_labels')
     )
   treedef = jax.tree.structure(params)
   if jax.tree.structure(labels) == treedef:
@@ -458,19 +456,24 @@ def checked_partition(
   labelled ``'grassmann'``; ``update`` refuses another optimizer's state and updates that do not
   fit the params, naming ``name``. Extra arguments (``value=``) reach both branches.
   """
-  inner = optax.partition({GRASSMANN: grassmann, EUCLIDEAN: euclidean}, label_fn)
+  transforms = {GRASSMANN: grassmann, EUCLIDEAN: euclidean}
 
   def init_fn(params):
     labels = label_fn(params)
     check_init(params, labels)
     if GRASSMANN not in jax.tree.leaves(labels):
       checks.warn(no_manifold_leaf)
-    return inner.init(params)
+    return optax.partition(transforms, labels).init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
     checks.check_state(state, ('inner_states',), name)
     if params is not None:
       checks.check_same_tree(updates, params, 'the updates', 'the params', name)
-    return inner.update(updates, state, params, **extra_args)
+    # Labelled by the params, as at init where they are given: optax.partition would call a
+    # label function on the updates, and an update of another dtype (a complex or integer
+    # gradient) would move its leaf to the other branch, to be refused there as a missing leaf
+    # instead of for its dtype.
+    labels = label_fn(updates if params is None else params)
+    return optax.partition(transforms, labels).update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

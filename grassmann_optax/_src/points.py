@@ -85,7 +85,8 @@ def check_spec_tree(point_axes, where: str = 'point_axes') -> None:
       f'({_EXPECTED}).'
     )
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(point_axes)):
-    raise TypeError(f'{where}={point_axes!r}: {_EXPECTED}.')
+    hint = f' {checks.static_args_hint(where)}' if where == 'point_axes' else ''
+    raise TypeError(f'{where}={point_axes!r}: {_EXPECTED}.{hint}')
   for path, spec in jax.tree_util.tree_flatten_with_path(point_axes, is_leaf=is_spec)[0]:
     if not is_spec(spec):
       raise TypeError(

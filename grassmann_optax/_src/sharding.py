@@ -59,7 +59,8 @@ def check_spec_tree(mesh_axes, where: str = 'mesh_axes') -> None:
   if isinstance(mesh_axes, tuple | list) and not hasattr(mesh_axes, '_fields'):
     raise TypeError(f'{where}={mesh_axes!r}: {_EXPECTED}.')
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(mesh_axes)):
-    raise TypeError(f'{where}={mesh_axes!r}: {_EXPECTED}.')
+    hint = f' {checks.static_args_hint(where)}' if where == 'mesh_axes' else ''
+    raise TypeError(f'{where}={mesh_axes!r}: {_EXPECTED}.{hint}')
   for path, spec in jax.tree_util.tree_flatten_with_path(mesh_axes, is_leaf=_is_spec)[0]:
     if not _is_spec(spec):
       raise TypeError(
