@@ -139,7 +139,9 @@ def test_a_diverging_run_keeps_a_checkpoint_that_resumes(tmp_path, three_steps, 
   line = _last_line(err)
   assert line.startswith('error: training diverged at step 5 (non-finite BatchNorm statistics')
   assert f'the newest checkpoint in {run}/checkpoints is step 3' in line
-  assert line.endswith('--allow_changed=learnRate,learnRateG'), line  # --grad_clip is set
+  assert '--allow_changed=learnRate,learnRateG; if the training loss had already grown' in line
+  assert line.endswith('that state is lost too: train anew with lower rates in a new --train_path')
+  assert '--grad_clip' not in line  # it is set
   assert checkpoint_steps(run) == [1, 2, 3]
   assert train_lib.non_finite_arrays(final_state(run)) == ''
   # The earlier run's summary is gone: it would describe a result that this run did not reach.
@@ -486,6 +488,19 @@ def test_a_read_only_checkpoints_folder_is_refused_at_once_and_ends_a_run_that_m
     _check_read_only_runs(run, process, flags, prefix)
   finally:
     (run / 'checkpoints').chmod(0o755)
+  # A read-only run directory whose lock and checkpoints can still be written: refused the same
+  # way, before a metrics file or summary.json meets it.
+  run.chmod(0o555)
+  try:
+    process = program(*flags, '--max_steps=100000', f'--train_path={run}', prefix=prefix)
+    _, err = _communicate(process)
+  finally:
+    run.chmod(0o755)
+  assert process.returncode == 2, err
+  assert _last_line(err) == (
+    f'error: cannot write {run} (read-only or not permitted); make it writable or choose another '
+    '--train_path'
+  )
 
 
 def _check_read_only_runs(run, process, flags, prefix):

@@ -271,6 +271,20 @@ def test_width_scale_narrows_vgg_and_is_part_of_the_architecture():
     config_lib.get_config(width_scale=0.5)
 
 
+def test_another_models_checkpoint_names_the_model_not_the_fields_it_does_not_take():
+  """A VGG checkpoint holds the defaults of --depth and --widen_factor, which describe no VGG: the
+  message names the model that differs, not those."""
+  resnet = config_lib.get_config(depth=10, widen_factor=4)
+  vgg = config_lib.get_config(model='vgg11', width_scale=0.5)
+  for saved, config, differ in (
+    (vgg, resnet, '(--model=vgg11 -> resnet)'),
+    (resnet, vgg, '(--model=resnet -> vgg11)'),
+  ):
+    with pytest.raises(config_lib.ConfigError) as raised:
+      config_lib.check_architecture(config_lib.to_json(saved, 10), config, 10)
+    assert differ in str(raised.value)
+
+
 def test_vgg_takes_no_resnet_flags():
   """A given --depth or --widen_factor would change nothing for VGG: refused, and no 6N+4 check.
   (test_tfds_datasets_and_models_run evaluates a VGG checkpoint with --task=test.)"""

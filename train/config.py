@@ -612,7 +612,9 @@ def check_architecture(
   expected = {**architecture(config), 'num_classes': num_classes}
   found = {name: saved.get(name, 1.0 if name == 'width_scale' else None) for name in expected}
   if found != expected:
-    names = [name for name in expected if found[name] != expected[name]]
+    # A field that the checkpoint's model does not take holds a flag's default there, no width.
+    ignored = unused_fields(found['model']) if found['model'] != expected['model'] else ()
+    names = [name for name in expected if found[name] != expected[name] and name not in ignored]
     if names != ['num_classes']:  # it follows from --data, named then; it is no flag
       names = [name for name in names if name != 'num_classes']
     differ = ', '.join(f'--{name}={found[name]} -> {expected[name]}' for name in names)

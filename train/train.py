@@ -22,7 +22,9 @@ A checkpoint is written only from a state that is finite and from which the next
 finite too: the state of step ``t`` is held on the host and saved after step ``t + 1`` (the last
 one after its test evaluation). A state can be finite and still lost (parameters near 1e19, whose
 BatchNorm variance overflows at the next step); so after a divergence the newest checkpoint is
-one that a run with a lower learning rate can continue.
+one that a run with a lower learning rate can continue, unless the loss had already grown far
+from where it started before that step (``metrics.jsonl`` shows it): a finite state is not always
+one that can still be trained.
 
 References:
   Cho & Lee, "Riemannian approach to batch normalization", NeurIPS 2017, arXiv:1709.09603.
@@ -414,7 +416,8 @@ def train_and_evaluate(config: Config) -> dict[str, Any]:
   run_dir = workdir.run_directory(config)
   lock = workdir.locked(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
-    workdir.check_directory(os.path.join(run_dir, 'checkpoints'))
+    for directory in (run_dir, os.path.join(run_dir, 'checkpoints')):
+      workdir.check_directory(directory)
     return _train(config, devices, run_dir, model, labels)
 
 
@@ -662,6 +665,11 @@ def _diverged(config: Config, manager, step: int, what: str) -> TrainingDiverged
     advice = f'to continue from it, run again with lower learning rates, e.g. {flags} {allow}'
   if config.optimizer != 'sgd' and config.grad_clip is None:  # it clips the manifold's gradient
     advice += ' (or set --grad_clip)'
+  if newest is not None:
+    advice += (
+      '; if the training loss had already grown far above its start by then (metrics.jsonl), '
+      'that state is lost too: train anew with lower rates in a new --train_path'
+    )
   return TrainingDivergedError(f'training diverged at step {step} ({what}); {kept}; {advice}')
 
 
