@@ -145,7 +145,9 @@ def grassmann_partition(
   unknown label, or put on the manifold a leaf that is not real floating-point, has points of
   fewer than two elements, or points of no more elements than a group has points (a conv
   kernel's fan-in not larger than its outputs); it warns when no leaf is on the manifold.
-  ``update`` raises a ValueError naming the leaf where the updates and params differ.
+  ``update`` raises a ValueError naming the leaf where the updates and params differ, and
+  labels the leaves by the params, as ``init`` does (``optax.partition`` calls a label function
+  on the updates, whose dtype may differ).
 
   Args:
     grassmann: the transformation of the manifold leaves (e.g. a chain of this library's

@@ -454,7 +454,8 @@ def checked_partition(
 
   ``init`` calls ``check_init(params, labels)`` and warns ``no_manifold_leaf`` where no leaf is
   labelled ``'grassmann'``; ``update`` refuses another optimizer's state and updates that do not
-  fit the params, naming ``name``. Extra arguments (``value=``) reach both branches.
+  fit the params, naming ``name``, and labels the leaves by the params where they are given, as
+  ``init`` does. Extra arguments (``value=``) reach both branches.
   """
   transforms = {GRASSMANN: grassmann, EUCLIDEAN: euclidean}
 
