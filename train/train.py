@@ -466,6 +466,8 @@ def _train(config, devices, run_dir, model, labels) -> dict[str, Any]:
         for step in range(start_step, num_steps):
           batch = input_pipeline.train_batch(train_ds, step, config.batch_size, config.seed)
           state, metrics = parallel.train_step(state, *parallel.put_batch(*batch), rng)
+          if step == start_step:  # compiled: the bar's rate and estimate leave the compilation out
+            progress.unpause()
           done = step + 1
           window.append(done, metrics)
           progress.update()
