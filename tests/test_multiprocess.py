@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.train_helpers import TINY, assert_trees_close, final_state, program, run_main
+from train import config as config_lib
 from train import parallel
 
 TIMEOUT_S = 180
@@ -97,3 +98,16 @@ def test_the_compilation_cache_is_turned_off_where_cached_collectives_hang(monke
     assert not parallel.avoid_cached_collectives()  # already off
   finally:
     jax.config.update('jax_enable_compilation_cache', True)
+
+
+def test_pmap_is_refused_in_a_run_of_several_processes(monkeypatch):
+  """pmap maps over one process's devices: each process trained a model of its own, exited 0,
+  and the first reported the metrics of its model on its part of the test set."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  for task in ('train', 'test'):
+    load = {'load': '/runs/a'} if task == 'test' else {}
+    config = config_lib.get_config(parallel='pmap', task=task, **load)
+    with pytest.raises(config_lib.ConfigError, match='each would train a model of its own'):
+      parallel.select_devices(config)
+    config = config_lib.get_config(parallel='sharded', task=task, **load)
+    assert parallel.select_devices(config) == jax.devices()

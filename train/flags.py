@@ -146,8 +146,8 @@ _bool('verbose', 'show a progress bar')
 _enum(
   'parallel',
   config_lib.PARALLEL,
-  'pmap (replicated state), sharded (jit over a mesh, replicated state) or fsdp (jit over a '
-  'mesh, parameters and optimizer state split over it)',
+  'pmap (replicated state; one process only), sharded (jit over a mesh, replicated state) or '
+  'fsdp (jit over a mesh, parameters and optimizer state split over it)',
 )
 _integer('num_devices', 'local devices to use; default: all', optional=True)
 flags.DEFINE_alias('num_gpus', 'num_devices')

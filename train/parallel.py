@@ -109,9 +109,17 @@ def select_devices(config: config_lib.Config) -> list[jax.Device]:
   """The devices of the run.
 
   Raises:
-    ConfigError: ``--num_devices`` is more than this process has, or the batch does not split
-      evenly over the devices.
+    ConfigError: ``--num_devices`` is more than this process has, the batch does not split
+      evenly over the devices, or ``--parallel=pmap`` in a run of several processes.
   """
+  if jax.process_count() > 1 and config.parallel == 'pmap':
+    # pmap over the local devices: each process would train, and test, a model of its own.
+    raise config_lib.ConfigError(
+      f'--parallel=pmap replicates over the devices of one process: in a run of '
+      f'{jax.process_count()} processes each would train a model of its own and test it on its '
+      'part of the test set; use --parallel=sharded or --parallel=fsdp, which use the devices of '
+      'all processes as one'
+    )
   local = jax.local_devices()
   count = config.num_devices or len(local)
   if count > len(local):
@@ -123,7 +131,7 @@ def select_devices(config: config_lib.Config) -> list[jax.Device]:
       raise config_lib.ConfigError(
         'multi-process runs use every local device; leave --num_devices unset'
       )
-    devices = local if config.parallel == 'pmap' else jax.devices()
+    devices = jax.devices()
   else:
     devices = local[:count]
   total = count * jax.process_count()

@@ -790,5 +790,6 @@ def evaluate_checkpoint(config: Config) -> dict[str, Any]:
     config,
     lambda what: TrainingDivergedError(f'checkpoint step {step} in {config.load}: {what}'),
   )
-  print(_final_line(metrics, step), flush=True)
+  if jax.process_index() == 0:  # as training prints it
+    print(_final_line(metrics, step), flush=True)
   return _result(metrics, config, step, checkpoint=config.load)
