@@ -3,6 +3,9 @@
   python -m benchmarks.device           # WRN-28-10 at batch 128, each layout and optimizer
   python -m benchmarks.device --quick   # WRN-10-1 at batch 16 (a check that it runs)
 
+The batch is split over the devices: by default as many of them as divide it (all 8 of a host of
+8, 4 of a host of 6), or ``--num_devices``.
+
 For each optimizer (the paper's SGD baseline, SGD-G and Adam-G with their CIFAR recipes, ω = 0.1)
 and each layout of the training program (``pmap``: the state replicated, the batch split over the
 devices; ``sharded``: one ``jit`` program, the batch split over a mesh; ``fsdp`` where the program
@@ -28,6 +31,13 @@ from train import train as train_lib
 
 OPTIMIZERS = ('sgd', 'sgdg', 'adamg')  # each with the training program's CIFAR-10 recipe
 IMAGE_SHAPE = (32, 32, 3)
+# (depth, widen factor, global batch)
+QUICK, FULL = (10, 1, 16), (28, 10, 128)
+
+
+def device_count(batch: int, available: int) -> int:
+  """The most devices, of ``available``, that split ``batch`` evenly."""
+  return max(count for count in range(1, available + 1) if batch % count == 0)
 
 
 def layouts() -> tuple[str, ...]:
@@ -77,8 +87,7 @@ def training_step(name: str, parallel: str, depth: int, width: int, batch: int, 
   return run, compile_s
 
 
-def train_section(depth, width, batch, *, repeats, sample_s, parallels=None) -> dict:
-  devices = jax.devices()
+def train_section(depth, width, batch, devices, *, repeats, sample_s, parallels=None) -> dict:
   parallels = parallels or layouts()
   runs, compile_s = {}, {}
   for parallel in parallels:
@@ -86,7 +95,13 @@ def train_section(depth, width, batch, *, repeats, sample_s, parallels=None) -> 
       key = f'{name}, {parallel}'
       runs[key], compile_s[key] = training_step(name, parallel, depth, width, batch, devices)
   times = common.time_interleaved(runs, repeats=repeats, sample_s=sample_s)
-  out = {'batch': batch, 'devices': len(devices), 'images_per_s': {}, 'compile_s': compile_s}
+  out = {
+    'batch': batch,
+    'devices': len(devices),
+    'devices_present': len(jax.devices()),
+    'images_per_s': {},
+    'compile_s': compile_s,
+  }
   for key, t in times.items():
     out['images_per_s'][key] = batch / t['median']
   out['ratios'] = {
@@ -97,12 +112,15 @@ def train_section(depth, width, batch, *, repeats, sample_s, parallels=None) -> 
   return out
 
 
-def run(quick: bool, parallels=None, with_update: bool = True) -> dict[str, Any]:
+def run(
+  quick: bool, parallels=None, with_update: bool = True, num_devices: int | None = None
+) -> dict[str, Any]:
   repeats, sample_s = (3, 0.05) if quick else (7, 0.5)
-  depth, width, batch = (10, 1, 16) if quick else (28, 10, 128)
+  depth, width, batch = QUICK if quick else FULL
+  devices = jax.devices()[: num_devices or device_count(batch, len(jax.devices()))]
   report: dict[str, Any] = {'machine': common.machine(), 'quick': quick}
   report[f'training step, WRN-{depth}-{width}'] = train_section(
-    depth, width, batch, repeats=repeats, sample_s=sample_s, parallels=parallels
+    depth, width, batch, devices, repeats=repeats, sample_s=sample_s, parallels=parallels
   )
   if not with_update:
     return report
@@ -121,7 +139,9 @@ def format_report(report: dict) -> str:
     if not isinstance(result, dict) or title == 'machine':
       continue
     if 'images_per_s' in result:
-      lines += ['', f'{title}: global batch {result["batch"]} on {result["devices"]} device(s)']
+      present = result.get('devices_present', result['devices'])
+      of = f' of {present}' if present != result['devices'] else ''
+      lines += ['', f'{title}: global batch {result["batch"]} on {result["devices"]}{of} device(s)']
       for key, value in result['images_per_s'].items():
         lines.append(
           f'  {key:<18} {value:10.1f} images/s   compile {result["compile_s"][key]:.1f} s'
@@ -141,10 +161,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--json', type=Path, help='also write the figures to this file')
   parser.add_argument('--layouts', help=f'comma-separated, of {",".join(layouts())} (default: all)')
   parser.add_argument('--no_update', action='store_true', help='the training step only')
+  parser.add_argument(
+    '--num_devices',
+    type=int,
+    help='devices to split the batch over (default: as many as divide it)',
+  )
   args = parser.parse_args(argv)
   if args.layouts:
     common.check_names(parser, '--layouts', args.layouts, layouts())
   common.check_json(parser, args.json)
+  if args.num_devices is not None:
+    batch, present = (QUICK if args.quick else FULL)[2], len(jax.devices())
+    if not 1 <= args.num_devices <= present:
+      parser.error(f'--num_devices={args.num_devices}: this process has {present} device(s)')
+    if batch % args.num_devices:
+      parser.error(f'--num_devices={args.num_devices} does not divide the global batch {batch}')
   return args
 
 
@@ -152,7 +183,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   start = time.perf_counter()
   parallels = tuple(args.layouts.split(',')) if args.layouts else None
-  report = run(args.quick, parallels, not args.no_update)
+  report = run(args.quick, parallels, not args.no_update, args.num_devices)
   report['seconds'] = time.perf_counter() - start
   print(format_report(report))
   if args.json:

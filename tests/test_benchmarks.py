@@ -101,6 +101,15 @@ def test_the_device_report_names_every_layout_and_optimizer():
   assert device.parse_args(['--quick']).quick
 
 
+def test_the_device_benchmark_splits_its_batch_over_as_many_devices_as_divide_it():
+  """The batch of 128 was handed to every device present: on a host of 6 the step raised
+  'cannot reshape array of size ... into shape (6, ...)'."""
+  from benchmarks import device
+
+  assert [device.device_count(128, n) for n in (1, 3, 6, 8, 12)] == [1, 2, 4, 8, 8]
+  assert device.device_count(16, 3) == 2
+
+
 def test_a_misspelt_section_or_layout_is_refused_by_name(capsys, tmp_path):
   """Refused before anything is timed: a report that could not be completed or written."""
   from benchmarks import device, hyperball
@@ -114,6 +123,8 @@ def test_a_misspelt_section_or_layout_is_refused_by_name(capsys, tmp_path):
     (hyperball.parse_args, ['--sample_s', '0'], '--sample_s=0.0 must be positive'),
     (update.parse_args, ['--json', str(tmp_path / 'no' / 'r.json')], 'give a file in an existing'),
     (device.parse_args, ['--json', str(tmp_path)], 'give a file in an existing folder'),
+    (device.parse_args, ['--num_devices', '0'], '--num_devices=0: this process has'),
+    (device.parse_args, ['--num_devices', '9999'], '--num_devices=9999: this process has'),
   ):
     with pytest.raises(SystemExit) as exit_info:
       parse(argv)
