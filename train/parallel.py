@@ -124,7 +124,7 @@ def select_devices(config: config_lib.Config) -> list[jax.Device]:
   count = config.num_devices or len(local)
   if count > len(local):
     raise config_lib.ConfigError(
-      f'--num_devices={count}, but this process sees {len(local)} device(s)'
+      f'--num_devices (--num_gpus)={count}, but this process sees {len(local)} device(s)'
     )
   if jax.process_count() > 1:
     if count != len(local):
