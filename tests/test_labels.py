@@ -265,7 +265,12 @@ def test_grassmann_leaf_with_fewer_than_two_rows():
 def test_grassmann_leaf_whose_fan_in_is_not_larger_than_its_outputs(outputs):
   params = {'wide': jnp.ones((3, 3, 16, outputs))}
   assert go.grassmann_labels(params) == {'wide': 'euclidean'}
-  with pytest.raises(ValueError, match=rf"'wide'.*fan-in 144 <= {outputs}"):
+  reason = (  # only fewer rows than outputs makes orthogonal columns impossible
+    'fan-in 144 = 144 points per group: the paper keeps such square groups Euclidean'
+    if outputs == 144
+    else 'fan-in 144 < 160 points per group: its 160 unit points cannot be mutually orthogonal'
+  )
+  with pytest.raises(ValueError, match=f"'wide'.*{reason}"):
     go.sgdg(0.1, 0.1, param_labels={'wide': 'grassmann'}).init(params)
   # One row fewer per output and the same kernel is a manifold leaf.
   narrower = {'wide': jnp.ones((3, 3, 16, 143))}
@@ -408,7 +413,7 @@ def test_none_means_none_where_optax_says_so():
 
 @pytest.mark.parametrize('zero', [0, 0.0, np.float32(0), np.array(0.0)])
 def test_a_zero_omega_of_any_static_kind_turns_the_orthogonality_term_off(zero):
-  # A square kernel needs omega = 0 (its points cannot be mutually orthogonal); NumPy zeros were
+  # A square kernel needs omega = 0 (the paper keeps square kernels Euclidean); NumPy zeros were
   # taken for values that could change, and the kernel was refused.
   params = {'w': jnp.eye(6)}
   tx = go.adamg(0.1, 0.1, omega=zero, param_labels={'w': 'grassmann'})

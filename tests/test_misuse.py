@@ -168,9 +168,9 @@ def test_a_stack_whose_layers_have_no_more_rows_than_points_is_refused_with_omeg
   """(layers, 6, 8) with point axes (1,): 8 points of 6 elements per layer cannot be orthogonal."""
   params = {'w': jnp.ones((4, 6, 8))}
   factory = getattr(go, name)
-  with pytest.raises(ValueError, match=r"'w'.*point size 6 <= 8"):
+  with pytest.raises(ValueError, match=r"'w'.*point size 6 < 8"):
     factory(0.1, 0.1, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(params)
-  with pytest.raises(ValueError, match=r"'<root>'.*point size 6 <= 8"):
+  with pytest.raises(ValueError, match=r"'<root>'.*point size 6 < 8"):
     go.add_orthogonality_gradient(0.1, point_axes=(1,)).init(params['w'])
   # Without the orthogonality term any layout is allowed.
   factory(0.1, 0.1, omega=0, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(params)

@@ -156,10 +156,11 @@ def manifold_leaf_problem(dtype, point_size: int, kind: PointKind = GRASSMANN_PO
 
 
 def undercomplete_problem(shape: tuple[int, ...], layout) -> str | None:
-  """Why the points of a group cannot be mutually orthogonal, the target of (R1); else None.
+  """Why a group of ``p`` points of ``n`` elements is refused where the rule of (L1) holds: unless
+  ``n > p`` (the paper's rule: a conv kernel's fan-in must exceed its outputs); else None.
 
-  ``p`` unit points of ``n`` elements can be orthogonal only if ``n > p`` (the paper's rule: a
-  conv kernel's fan-in must exceed its outputs).
+  With ``n < p`` the unit points cannot be mutually orthogonal, the target of (R1); with ``n = p``
+  they can (a square orthogonal matrix), and the refusal is the originals' rule alone.
   """
   from grassmann_optax._src import sharding  # sharding reads leaf names from here
 
@@ -169,9 +170,14 @@ def undercomplete_problem(shape: tuple[int, ...], layout) -> str | None:
   if n > p:
     return None
   what = 'fan-in' if layout.point == tuple(range(len(shape) - 1)) else 'point size'
+  if n < p:
+    return (
+      f'has {what} {n} < {p} points per group: its {p} unit points cannot be mutually '
+      f'orthogonal in R^{n}, the target of the orthogonality term'
+    )
   return (
-    f'has {what} {n} <= {p} points per group: its {p} unit points cannot be mutually '
-    f'orthogonal in R^{n}, the target of the orthogonality term'
+    f'has {what} {n} = {p} points per group: the paper keeps such square groups Euclidean (its '
+    'rule: more elements per point than points)'
   )
 
 

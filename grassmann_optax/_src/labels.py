@@ -30,8 +30,9 @@ ParamLabels = Any | Callable[[Any], Any]
 def is_undercomplete_conv(path: tuple[Any, ...], leaf: jax.Array) -> bool:
   """The paper's rule ((L1) of ``docs/algorithm.md``): a conv kernel with fan-in > outputs.
 
-  ``leaf.ndim == 4`` (Flax ``[kh, kw, c_in, c_out]``) and ``kh·kw·c_in > c_out``: only then can
-  the ``c_out`` unit columns be mutually orthogonal, the target of the orthogonality penalty.
+  ``leaf.ndim == 4`` (Flax ``[kh, kw, c_in, c_out]``) and ``kh·kw·c_in > c_out``, as in both
+  originals, which give no reason (the target of the orthogonality penalty, mutually orthogonal
+  unit columns, needs ``kh·kw·c_in >= c_out``).
   An integer or complex leaf is never one.
 
   Args:

@@ -92,7 +92,8 @@ def add_orthogonality_gradient(
   the original PyTorch optimizer does, leaves the loss untouched; use
   :func:`orthogonality_penalty` to log the value. A Python ``omega == 0`` returns
   :func:`optax.identity` and costs nothing. The ``p`` points of a group can be orthogonal only if
-  they have more than ``p`` elements each: ``init`` refuses a leaf where they cannot.
+  they have at least ``p`` elements each; ``init`` refuses a leaf with fewer, and, as the paper's
+  rule of fan-in larger than outputs does, a square one.
 
   Args:
     omega: penalty strength ω >= 0 (0.1 in every recipe of the paper).
