@@ -15,7 +15,8 @@ def unit_initializer() -> Callable[..., jax.Array]:
 
   Draws a truncated normal (−2, 2) of the full shape and divides each column of
   ``reshape(-1, shape[-1])`` by ``‖column‖ + 1e-8``, as the original TensorFlow code's
-  ``unit_initializer`` does: each output unit starts at a uniformly random point of G(1, n).
+  ``unit_initializer`` does: each output unit starts at a random point of G(1, n) (not uniform:
+  the truncated normal is not isotropic).
 
   Returns:
     ``init(key, shape, dtype=jnp.float32) -> jax.Array``, usable as ``kernel_init`` of

@@ -107,8 +107,9 @@ def bias_correction(decay, t: jax.Array) -> jax.Array:
   ``log1p(−(1 − β))``, whose ``1 − β`` is exact for ``β ≥ 1/2``.
 
   ``1 − β**t`` in float32 rounds ``β`` before the subtraction: for ``β = 0.999`` its relative
-  error at ``t = 1`` is 1.3e-5, and Adam-G's step length would carry it (the originals compute
-  it in double precision). ``β = 0`` gives 1.
+  error at ``t = 1`` is 1.3e-5, and Adam-G's step length would carry it (the PyTorch original
+  computes it in double precision; the TensorFlow original keeps ``β^t`` in float32 and has this
+  rounding). ``β = 0`` gives 1.
   """
   if isinstance(decay, numbers.Real | np.generic) or (
     isinstance(decay, np.ndarray) and decay.shape == ()

@@ -53,7 +53,7 @@ _RADIAL_BELOW = 1 / 64
 
 # A moved buffer whose norm is below this fraction of the sum of its parts' lengths (a first
 # moment that nearly cancels the new gradient) has its norm taken from the arrays themselves: from
-# the products it would keep κ² times fewer digits, with κ the ratio (F13).
+# the products it would keep ρ² times fewer digits, with ρ that ratio ((F13) of docs/algorithm.md).
 _CANCELLED_BELOW = 1 / 8
 
 
