@@ -199,9 +199,9 @@ def test_the_undercomplete_rule_counts_points_per_group():
   params = {'w': jnp.ones((6, 8))}
   # Rows: 6 points of 8 elements: fine. Columns: 8 points of 6 elements: refused.
   go.sgdg(0.1, 0.1, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(params)
-  with pytest.raises(ValueError, match='fan-in 6 <= 8'):
+  with pytest.raises(ValueError, match='fan-in 6 < 8'):
     go.sgdg(0.1, 0.1, param_labels={'w': 'grassmann'}).init(params)
-  with pytest.raises(ValueError, match='point size 8 <= 12'):
+  with pytest.raises(ValueError, match='point size 8 < 12'):
     go.sgdg(0.1, 0.1, param_labels={'w': 'grassmann'}, point_axes=(1,)).init(
       {'w': jnp.ones((12, 8))}
     )
